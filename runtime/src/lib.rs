@@ -1,0 +1,35 @@
+//! # Tiller
+//!
+//! Tiller is a runtime that an LLM inference server embeds in its own process to read
+//! sparse-dictionary features (sparse autoencoders, transcoders, crosscoders) out of the model's
+//! activations and to steer the model by editing those activations in place. Dictionaries are ONNX
+//! files (format v1, see [`dictionary`]) run by ONNX Runtime.
+//!
+//! ```no_run
+//! use tiller::{Dictionary, SessionOptions};
+//! # fn main() -> tiller::Result<()> {
+//! let dict = Dictionary::load("res12.onnx", &SessionOptions::default())?;
+//! let x = ndarray::Array2::<f32>::zeros((4, dict.meta().d_in));
+//! let encoded = dict.encode(x.view())?;
+//! println!("{} features per token", encoded.acts.ncols());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Core concepts and their costs:
+//! - [`DictionaryFile`]: a validated dictionary file; parsing it reads the whole file once.
+//! - [`Dictionary`]: ONNX Runtime sessions over one dictionary; building one costs milliseconds
+//!   to seconds (weights are prepacked), a call costs microseconds. Share it between threads.
+//! - [`onnxruntime`]: loads ONNX Runtime once per process, downloading the pinned wheel from PyPI
+//!   into a cache on first use.
+#![deny(missing_docs)]
+
+pub mod dictionary;
+mod error;
+pub mod graph;
+pub mod onnxruntime;
+mod session;
+
+pub use dictionary::{Activation, DictionaryFile, InputNorm, Kind, Meta, Weights};
+pub use error::{Error, Result};
+pub use session::{Dictionary, Encoded, SessionOptions};
