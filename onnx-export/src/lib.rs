@@ -1,1 +1,12 @@
-//! x
+//! The offline side of Tiller: import dictionaries trained elsewhere, inspect and run them.
+//!
+//! The binary `tiller-export` wraps these modules; see the README for its commands.
+#![deny(missing_docs)]
+
+mod error;
+pub mod import;
+pub mod npy;
+pub mod saelens;
+pub mod tensors;
+
+pub use error::{Error, Result};

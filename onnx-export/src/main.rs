@@ -1,1 +1,187 @@
-fn main() {}
+//! `tiller-export`: import, inspect and run Tiller dictionaries.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tiller::{Dictionary, DictionaryFile, SessionOptions};
+use tiller_export::import::{self, Format};
+use tiller_export::npy;
+
+#[derive(Parser)]
+#[command(name = "tiller-export", version, about = "Import, inspect and run sparse dictionaries for the Tiller runtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a checkpoint (SAELens, …) into a Tiller dictionary (.onnx).
+    Import {
+        /// The checkpoint: a folder or a file.
+        path: PathBuf,
+        /// The checkpoint's format.
+        #[arg(long, default_value = "auto")]
+        format: Format,
+        /// Feature labels: a JSON object {feature_id: label}.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// The dictionary to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Print what a dictionary is: kind, activation, sizes, hooks, source, exactness, opset.
+    Inspect {
+        /// The dictionary.
+        dict: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encode activations from a .npy file through the runtime.
+    Encode {
+        /// The dictionary.
+        dict: PathBuf,
+        /// `[n, d_in]` activations (float32, float16 or float64).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write the `[n, d_sae]` feature activations.
+        #[arg(long)]
+        output: PathBuf,
+        /// Where to write the `[n, d_out]` reconstruction.
+        #[arg(long)]
+        recon: Option<PathBuf>,
+        /// Rows per call.
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+    },
+    /// Download ONNX Runtime into the cache (done on first use otherwise) and print its path.
+    Setup,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Import { path, format, labels, output } => {
+            let (mut meta, weights) = import::read(&path, format)?;
+            if let Some(l) = labels {
+                let text = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
+                meta.labels = tiller::dictionary::parse_labels(&text).map_err(|e| anyhow::anyhow!("{}: {e}", l.display()))?;
+                if let Some(bad) = meta.labels.keys().find(|&&k| k as usize >= meta.d_sae) {
+                    anyhow::bail!("{}: feature {bad} is out of range (d_sae = {})", l.display(), meta.d_sae);
+                }
+            }
+            import::write(&meta, &weights, &output)?;
+            println!(
+                "wrote {}: {} {} {}x{} from {}",
+                output.display(),
+                meta.kind,
+                meta.activation,
+                meta.d_in,
+                meta.d_sae,
+                meta.source
+            );
+            Ok(())
+        }
+        Command::Inspect { dict, json } => inspect(&dict, json),
+        Command::Encode { dict, input, output, recon, batch } => encode(&dict, &input, &output, recon.as_deref(), batch),
+        Command::Setup => {
+            let p = tiller::onnxruntime::resolve_library(None)?;
+            tiller::onnxruntime::init(Some(&p))?;
+            println!("{}", p.display());
+            Ok(())
+        }
+    }
+}
+
+fn inspect(path: &Path, json: bool) -> Result<()> {
+    let f = DictionaryFile::open(path)?;
+    let m = f.meta();
+    let value = serde_json::json!({
+        "path": path.display().to_string(),
+        "kind": m.kind.as_str(),
+        "activation": m.activation.as_str(),
+        "d_in": m.d_in,
+        "d_sae": m.d_sae,
+        "d_out": m.d_out,
+        "k": m.k,
+        "n_layers": m.n_layers,
+        "hook_in": m.hook_in,
+        "hook_out": m.hook_out,
+        "model": m.model,
+        "input_norm": m.input_norm.to_string(),
+        "source": m.source,
+        "exact": m.exact,
+        "sliced": m.feature_ids.is_some(),
+        "labels": m.labels.len(),
+        "opset": f.opset(),
+        "external_data": f.has_external_data(),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("{}", path.display());
+    println!("  kind        {}", m.kind);
+    println!("  activation  {}{}", m.activation, m.k.map(|k| format!(" (k = {k})")).unwrap_or_default());
+    println!("  sizes       d_in {}  d_sae {}  d_out {}  layers {}", m.d_in, m.d_sae, m.d_out, m.n_layers);
+    println!("  hooks       in `{}`  out `{}`", m.hook_in, m.hook_out);
+    println!("  model       {}", m.model);
+    println!("  input norm  {}", m.input_norm);
+    println!("  source      {}", m.source);
+    println!("  exact       {}", m.exact);
+    if let Some(ids) = &m.feature_ids {
+        println!("  sliced      {} of the original features", ids.len());
+    }
+    println!("  opset       {}{}", f.opset(), if f.has_external_data() { "  (external data)" } else { "" });
+    if !m.labels.is_empty() {
+        println!("  labels      {}", m.labels.len());
+        for (id, label) in m.labels.iter().take(20) {
+            println!("    {id:>8}  {label}");
+        }
+    }
+    Ok(())
+}
+
+fn encode(dict: &Path, input: &Path, output: &Path, recon: Option<&Path>, batch: usize) -> Result<()> {
+    let d = Dictionary::load(dict, &SessionOptions::default())?;
+    let m = d.meta().clone();
+    let x = npy::read_activations(input, m.n_layers * m.d_in)?;
+    let n = x.nrows();
+    let mut acts = ndarray::Array2::<f32>::zeros((n, m.d_sae));
+    let mut rec = recon.map(|_| ndarray::Array2::<f32>::zeros((n, m.n_layers * m.d_out)));
+    let batch = batch.max(1);
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch).min(n);
+        let xs = x.slice(ndarray::s![start..end, ..]);
+        match rec.as_mut() {
+            Some(r) => {
+                let (a, y) = d.encode_decode(xs)?;
+                acts.slice_mut(ndarray::s![start..end, ..]).assign(&a);
+                r.slice_mut(ndarray::s![start..end, ..]).assign(&y);
+            }
+            None => {
+                let e = d.encode(xs)?;
+                acts.slice_mut(ndarray::s![start..end, ..]).assign(&e.acts);
+            }
+        }
+    }
+    npy::write(output, &acts)?;
+    if let (Some(p), Some(r)) = (recon, rec) {
+        npy::write(p, &r)?;
+    }
+    let l0 = acts.iter().filter(|v| **v != 0.0).count() as f64 / n.max(1) as f64;
+    println!("encoded {n} rows with {}: mean L0 {l0:.2}", dict.display());
+    Ok(())
+}

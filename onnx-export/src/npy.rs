@@ -1,0 +1,101 @@
+//! Reading and writing activation tensors as `.npy` files.
+//!
+//! Activations are read as float32; float16 files (and float64 ones) are widened or narrowed on
+//! the way in, since hosts commonly record activations at half precision.
+
+use std::io::Read;
+use std::path::Path;
+
+use ndarray::{Array2, ArrayD, Ix2};
+use ndarray_npy::{ReadDataError, ReadNpyError, ReadNpyExt, ReadableElement, WriteNpyExt};
+use py_literal::Value as PyValue;
+
+use crate::{Error, Result};
+
+/// A float32 read from any float `.npy` dtype.
+#[derive(Debug, Clone, Copy, Default)]
+struct Widened(f32);
+
+impl ReadableElement for Widened {
+    fn read_to_end_exact_vec<R: Read>(
+        mut reader: R,
+        type_desc: &PyValue,
+        len: usize,
+    ) -> std::result::Result<Vec<Self>, ReadDataError> {
+        let PyValue::String(desc) = type_desc else {
+            return Err(ReadDataError::WrongDescriptor(type_desc.clone()));
+        };
+        let width = match desc.as_str() {
+            "<f2" => 2,
+            "<f4" => 4,
+            "<f8" => 8,
+            _ => return Err(ReadDataError::WrongDescriptor(type_desc.clone())),
+        };
+        let bytes = len.checked_mul(width).ok_or(ReadDataError::MissingData)?;
+        let mut buf = Vec::new();
+        (&mut reader).take(bytes as u64).read_to_end(&mut buf)?;
+        if buf.len() != bytes {
+            return Err(ReadDataError::MissingData);
+        }
+        let mut probe = [0u8; 1];
+        if reader.read(&mut probe)? != 0 {
+            return Err(ReadDataError::ExtraBytes(1));
+        }
+        Ok(match width {
+            2 => buf.chunks_exact(2).map(|c| Widened(half::f16::from_le_bytes([c[0], c[1]]).to_f32())).collect(),
+            4 => buf.chunks_exact(4).map(|c| Widened(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+            _ => buf
+                .chunks_exact(8)
+                .map(|c| Widened(f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32))
+                .collect(),
+        })
+    }
+}
+
+fn describe(e: ReadNpyError) -> String {
+    match e {
+        ReadNpyError::WrongDescriptor(d) => format!("dtype {d} is not float16, float32 or float64 (little-endian)"),
+        ReadNpyError::MissingData => "the file is truncated: it holds less data than its header declares".into(),
+        ReadNpyError::ExtraBytes(_) => "the file has bytes after the data its header declares".into(),
+        ReadNpyError::LengthOverflow => "the shape in its header is impossibly large".into(),
+        other => format!("not a valid .npy file: {other}"),
+    }
+}
+
+/// Reads a float `.npy` file of any shape as float32.
+pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let a = ArrayD::<Widened>::read_npy(std::io::BufReader::new(file)).map_err(|e| Error::format(path, describe(e)))?;
+    Ok(a.mapv(|w| w.0))
+}
+
+/// Reads a float `.npy` file of shape `[n, width]` as float32, checking the width and that every
+/// value is finite.
+pub fn read_activations(path: &Path, width: usize) -> Result<Array2<f32>> {
+    let a = read_f32_dyn(path)?;
+    let shape = a.shape().to_vec();
+    let a = if shape.len() == 3 && shape[1] * shape[2] == width {
+        a.into_shape_with_order((shape[0], width)).map_err(|e| Error::format(path, e.to_string()))?.into_dyn()
+    } else {
+        a
+    };
+    let a = a.into_dimensionality::<Ix2>().map_err(|_| {
+        Error::format(path, format!("has shape {shape:?}; expected [n, {width}] activations"))
+    })?;
+    if a.ncols() != width {
+        return Err(Error::format(
+            path,
+            format!("has shape {shape:?}: rows of width {}, but the dictionary reads width {width}", a.ncols()),
+        ));
+    }
+    if let Some((i, _)) = a.rows().into_iter().enumerate().find(|(_, r)| r.iter().any(|v| !v.is_finite())) {
+        return Err(Error::format(path, format!("row {i} contains NaN or infinite values")));
+    }
+    Ok(a)
+}
+
+/// Writes a float32 `.npy` file.
+pub fn write<D: ndarray::Dimension>(path: &Path, a: &ndarray::Array<f32, D>) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    a.write_npy(std::io::BufWriter::new(file)).map_err(|e| Error::format(path, format!("cannot write .npy: {e}")))
+}
