@@ -1,0 +1,87 @@
+//! Fixture writers shared by the integration tests: SAELens checkpoints with random weights, laid
+//! out exactly as SAELens saves them.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ndarray::{Array1, Array2, ArrayD};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal, Uniform};
+use safetensors::{Dtype, tensor::TensorView};
+
+/// Tensors of one checkpoint, kept as float64 for the reference.
+pub type Tensors = BTreeMap<String, ArrayD<f64>>;
+
+pub struct Rng(pub StdRng);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(StdRng::seed_from_u64(seed))
+    }
+    pub fn normal(&mut self, shape: &[usize], scale: f64) -> ArrayD<f64> {
+        let n = Normal::new(0.0, scale).unwrap();
+        ArrayD::from_shape_simple_fn(shape, || n.sample(&mut self.0))
+    }
+    pub fn uniform(&mut self, shape: &[usize], lo: f64, hi: f64) -> ArrayD<f64> {
+        let u = Uniform::new(lo, hi).unwrap();
+        ArrayD::from_shape_simple_fn(shape, || u.sample(&mut self.0))
+    }
+    pub fn matrix(&mut self, rows: usize, cols: usize, scale: f64) -> Array2<f32> {
+        self.normal(&[rows, cols], scale).mapv(|v| v as f32).into_dimensionality().unwrap()
+    }
+}
+
+/// Rounds every tensor to what the file will hold, so the reference sees the stored values.
+pub fn stored(t: &ArrayD<f64>, dtype: Dtype) -> ArrayD<f64> {
+    match dtype {
+        Dtype::F16 => t.mapv(|v| f64::from(half::f16::from_f64(v).to_f32())),
+        Dtype::BF16 => t.mapv(|v| f64::from(half::bf16::from_f64(v).to_f32())),
+        Dtype::F64 => t.clone(),
+        _ => t.mapv(|v| f64::from(v as f32)),
+    }
+}
+
+fn bytes(t: &ArrayD<f64>, dtype: Dtype) -> Vec<u8> {
+    let t = t.as_standard_layout();
+    match dtype {
+        Dtype::F16 => t.iter().flat_map(|v| half::f16::from_f64(*v).to_le_bytes()).collect(),
+        Dtype::BF16 => t.iter().flat_map(|v| half::bf16::from_f64(*v).to_le_bytes()).collect(),
+        Dtype::F64 => t.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        _ => t.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+    }
+}
+
+/// Writes `tensors` to a safetensors file in `dtype`.
+pub fn write_safetensors(path: &Path, tensors: &Tensors, dtype: Dtype) {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> =
+        tensors.iter().map(|(k, v)| (k.clone(), bytes(v, dtype), v.shape().to_vec())).collect();
+    let views: Vec<(String, TensorView<'_>)> =
+        data.iter().map(|(k, b, s)| (k.clone(), TensorView::new(dtype, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Writes a SAELens checkpoint folder: `cfg.json` and `sae_weights.safetensors`. Returns the
+/// tensors as stored (rounded to `dtype`).
+pub fn write_saelens(dir: &Path, cfg: &serde_json::Value, tensors: &Tensors, dtype: Dtype) -> Tensors {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("cfg.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    write_safetensors(&dir.join("sae_weights.safetensors"), tensors, dtype);
+    tensors.iter().map(|(k, v)| (k.clone(), stored(v, dtype))).collect()
+}
+
+pub fn m2(t: &Tensors, name: &str) -> Array2<f64> {
+    t[name].clone().into_dimensionality().unwrap()
+}
+
+pub fn v1(t: &Tensors, name: &str) -> Array1<f64> {
+    t[name].clone().into_dimensionality().unwrap()
+}
+
+/// Normwise relative error `max|a - b| / max|b|`.
+pub fn rel_err(a: &Array2<f32>, b: &Array2<f64>) -> f64 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs())) / scale
+}
