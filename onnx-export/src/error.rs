@@ -30,12 +30,18 @@ pub enum Error {
 impl Error {
     /// A [`Error::Format`] for `path`.
     pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Format { path: path.into(), message: message.into() }
+        Self::Format {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -57,7 +57,11 @@ pub fn detect(path: &Path) -> Result<Format> {
 
 /// Reads the checkpoint at `path` in `format`.
 pub fn read(path: &Path, format: Format) -> Result<(Meta, Weights)> {
-    let format = if format == Format::Auto { detect(path)? } else { format };
+    let format = if format == Format::Auto {
+        detect(path)?
+    } else {
+        format
+    };
     match format {
         Format::SaeLens => saelens::import(path),
         Format::Auto => unreachable!("resolved above"),

@@ -10,7 +10,11 @@ use tiller_export::import::{self, Format};
 use tiller_export::npy;
 
 #[derive(Parser)]
-#[command(name = "tiller-export", version, about = "Import, inspect and run sparse dictionaries for the Tiller runtime")]
+#[command(
+    name = "tiller-export",
+    version,
+    about = "Import, inspect and run sparse dictionaries for the Tiller runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,13 +77,24 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Import { path, format, labels, output } => {
+        Command::Import {
+            path,
+            format,
+            labels,
+            output,
+        } => {
             let (mut meta, weights) = import::read(&path, format)?;
             if let Some(l) = labels {
-                let text = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
-                meta.labels = tiller::dictionary::parse_labels(&text).map_err(|e| anyhow::anyhow!("{}: {e}", l.display()))?;
+                let text = std::fs::read_to_string(&l)
+                    .with_context(|| format!("reading {}", l.display()))?;
+                meta.labels = tiller::dictionary::parse_labels(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", l.display()))?;
                 if let Some(bad) = meta.labels.keys().find(|&&k| k as usize >= meta.d_sae) {
-                    anyhow::bail!("{}: feature {bad} is out of range (d_sae = {})", l.display(), meta.d_sae);
+                    anyhow::bail!(
+                        "{}: feature {bad} is out of range (d_sae = {})",
+                        l.display(),
+                        meta.d_sae
+                    );
                 }
             }
             import::write(&meta, &weights, &output)?;
@@ -95,7 +110,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect { dict, json } => inspect(&dict, json),
-        Command::Encode { dict, input, output, recon, batch } => encode(&dict, &input, &output, recon.as_deref(), batch),
+        Command::Encode {
+            dict,
+            input,
+            output,
+            recon,
+            batch,
+        } => encode(&dict, &input, &output, recon.as_deref(), batch),
         Command::Setup => {
             let p = tiller::onnxruntime::resolve_library(None)?;
             tiller::onnxruntime::init(Some(&p))?;
@@ -134,8 +155,15 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     }
     println!("{}", path.display());
     println!("  kind        {}", m.kind);
-    println!("  activation  {}{}", m.activation, m.k.map(|k| format!(" (k = {k})")).unwrap_or_default());
-    println!("  sizes       d_in {}  d_sae {}  d_out {}  layers {}", m.d_in, m.d_sae, m.d_out, m.n_layers);
+    println!(
+        "  activation  {}{}",
+        m.activation,
+        m.k.map(|k| format!(" (k = {k})")).unwrap_or_default()
+    );
+    println!(
+        "  sizes       d_in {}  d_sae {}  d_out {}  layers {}",
+        m.d_in, m.d_sae, m.d_out, m.n_layers
+    );
     println!("  hooks       in `{}`  out `{}`", m.hook_in, m.hook_out);
     println!("  model       {}", m.model);
     println!("  input norm  {}", m.input_norm);
@@ -144,7 +172,15 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     if let Some(ids) = &m.feature_ids {
         println!("  sliced      {} of the original features", ids.len());
     }
-    println!("  opset       {}{}", f.opset(), if f.has_external_data() { "  (external data)" } else { "" });
+    println!(
+        "  opset       {}{}",
+        f.opset(),
+        if f.has_external_data() {
+            "  (external data)"
+        } else {
+            ""
+        }
+    );
     if !m.labels.is_empty() {
         println!("  labels      {}", m.labels.len());
         for (id, label) in m.labels.iter().take(20) {
@@ -154,7 +190,13 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn encode(dict: &Path, input: &Path, output: &Path, recon: Option<&Path>, batch: usize) -> Result<()> {
+fn encode(
+    dict: &Path,
+    input: &Path,
+    output: &Path,
+    recon: Option<&Path>,
+    batch: usize,
+) -> Result<()> {
     let d = Dictionary::load(dict, &SessionOptions::default())?;
     let m = d.meta().clone();
     let x = npy::read_activations(input, m.n_layers * m.d_in)?;

@@ -42,11 +42,21 @@ impl ReadableElement for Widened {
             return Err(ReadDataError::ExtraBytes(1));
         }
         Ok(match width {
-            2 => buf.chunks_exact(2).map(|c| Widened(half::f16::from_le_bytes([c[0], c[1]]).to_f32())).collect(),
-            4 => buf.chunks_exact(4).map(|c| Widened(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+            2 => buf
+                .chunks_exact(2)
+                .map(|c| Widened(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
+                .collect(),
+            4 => buf
+                .chunks_exact(4)
+                .map(|c| Widened(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
             _ => buf
                 .chunks_exact(8)
-                .map(|c| Widened(f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32))
+                .map(|c| {
+                    Widened(
+                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32,
+                    )
+                })
                 .collect(),
         })
     }
@@ -54,9 +64,15 @@ impl ReadableElement for Widened {
 
 fn describe(e: ReadNpyError) -> String {
     match e {
-        ReadNpyError::WrongDescriptor(d) => format!("dtype {d} is not float16, float32 or float64 (little-endian)"),
-        ReadNpyError::MissingData => "the file is truncated: it holds less data than its header declares".into(),
-        ReadNpyError::ExtraBytes(_) => "the file has bytes after the data its header declares".into(),
+        ReadNpyError::WrongDescriptor(d) => {
+            format!("dtype {d} is not float16, float32 or float64 (little-endian)")
+        }
+        ReadNpyError::MissingData => {
+            "the file is truncated: it holds less data than its header declares".into()
+        }
+        ReadNpyError::ExtraBytes(_) => {
+            "the file has bytes after the data its header declares".into()
+        }
         ReadNpyError::LengthOverflow => "the shape in its header is impossibly large".into(),
         other => format!("not a valid .npy file: {other}"),
     }
@@ -65,7 +81,8 @@ fn describe(e: ReadNpyError) -> String {
 /// Reads a float `.npy` file of any shape as float32.
 pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let a = ArrayD::<Widened>::read_npy(std::io::BufReader::new(file)).map_err(|e| Error::format(path, describe(e)))?;
+    let a = ArrayD::<Widened>::read_npy(std::io::BufReader::new(file))
+        .map_err(|e| Error::format(path, describe(e)))?;
     Ok(a.mapv(|w| w.0))
 }
 
@@ -75,21 +92,37 @@ pub fn read_activations(path: &Path, width: usize) -> Result<Array2<f32>> {
     let a = read_f32_dyn(path)?;
     let shape = a.shape().to_vec();
     let a = if shape.len() == 3 && shape[1] * shape[2] == width {
-        a.into_shape_with_order((shape[0], width)).map_err(|e| Error::format(path, e.to_string()))?.into_dyn()
+        a.into_shape_with_order((shape[0], width))
+            .map_err(|e| Error::format(path, e.to_string()))?
+            .into_dyn()
     } else {
         a
     };
     let a = a.into_dimensionality::<Ix2>().map_err(|_| {
-        Error::format(path, format!("has shape {shape:?}; expected [n, {width}] activations"))
+        Error::format(
+            path,
+            format!("has shape {shape:?}; expected [n, {width}] activations"),
+        )
     })?;
     if a.ncols() != width {
         return Err(Error::format(
             path,
-            format!("has shape {shape:?}: rows of width {}, but the dictionary reads width {width}", a.ncols()),
+            format!(
+                "has shape {shape:?}: rows of width {}, but the dictionary reads width {width}",
+                a.ncols()
+            ),
         ));
     }
-    if let Some((i, _)) = a.rows().into_iter().enumerate().find(|(_, r)| r.iter().any(|v| !v.is_finite())) {
-        return Err(Error::format(path, format!("row {i} contains NaN or infinite values")));
+    if let Some((i, _)) = a
+        .rows()
+        .into_iter()
+        .enumerate()
+        .find(|(_, r)| r.iter().any(|v| !v.is_finite()))
+    {
+        return Err(Error::format(
+            path,
+            format!("row {i} contains NaN or infinite values"),
+        ));
     }
     Ok(a)
 }
@@ -97,5 +130,6 @@ pub fn read_activations(path: &Path, width: usize) -> Result<Array2<f32>> {
 /// Writes a float32 `.npy` file.
 pub fn write<D: ndarray::Dimension>(path: &Path, a: &ndarray::Array<f32, D>) -> Result<()> {
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    a.write_npy(std::io::BufWriter::new(file)).map_err(|e| Error::format(path, format!("cannot write .npy: {e}")))
+    a.write_npy(std::io::BufWriter::new(file))
+        .map_err(|e| Error::format(path, format!("cannot write .npy: {e}")))
 }

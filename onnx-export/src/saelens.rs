@@ -66,7 +66,11 @@ fn is_v6(cfg: &Value) -> bool {
         .or_else(|| cfg.get("metadata").and_then(|m| m.get("sae_lens_version")))
         .and_then(Value::as_str);
     match version {
-        Some(v) => v.split('.').next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m >= 6),
+        Some(v) => v
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u32>().ok())
+            .is_some_and(|m| m >= 6),
         None => false,
     }
 }
@@ -81,7 +85,11 @@ pub fn parse_config(path: &Path, text: &str, dir: &Path) -> Result<Config> {
     }
     let meta = cfg.get("metadata").cloned().unwrap_or(Value::Null);
     // A key at the top level, or (v6) under `metadata`.
-    let field = |k: &str| cfg.get(k).filter(|v| !v.is_null()).or_else(|| meta.get(k).filter(|v| !v.is_null()));
+    let field = |k: &str| {
+        cfg.get(k)
+            .filter(|v| !v.is_null())
+            .or_else(|| meta.get(k).filter(|v| !v.is_null()))
+    };
     let size = |k: &str| -> Result<usize> {
         match cfg.get(k) {
             None | Some(Value::Null) => Err(err(format!("key `{k}` is missing"))),
@@ -101,7 +109,11 @@ pub fn parse_config(path: &Path, text: &str, dir: &Path) -> Result<Config> {
     };
 
     let v6 = is_v6(&cfg);
-    let mut architecture = cfg.get("architecture").and_then(Value::as_str).unwrap_or("standard").to_string();
+    let mut architecture = cfg
+        .get("architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("standard")
+        .to_string();
     let mut k = cfg.get("k").and_then(Value::as_u64).map(|k| k as usize);
     if !v6 {
         let act = cfg
@@ -109,7 +121,10 @@ pub fn parse_config(path: &Path, text: &str, dir: &Path) -> Result<Config> {
             .or_else(|| cfg.get("activation_fn"))
             .and_then(Value::as_str)
             .unwrap_or("relu");
-        let kw_k = cfg.get("activation_fn_kwargs").and_then(|kw| kw.get("k")).and_then(Value::as_u64);
+        let kw_k = cfg
+            .get("activation_fn_kwargs")
+            .and_then(|kw| kw.get("k"))
+            .and_then(Value::as_u64);
         match act {
             "relu" => {}
             "topk" => {
@@ -129,10 +144,16 @@ pub fn parse_config(path: &Path, text: &str, dir: &Path) -> Result<Config> {
     let d_in = size("d_in")?;
     let d_sae = size("d_sae")?;
     let transcoder = architecture.contains("transcoder");
-    let d_out = if transcoder { cfg.get("d_out").and_then(Value::as_u64).map(|d| d as usize) } else { None };
+    let d_out = if transcoder {
+        cfg.get("d_out").and_then(Value::as_u64).map(|d| d as usize)
+    } else {
+        None
+    };
     let apply_b_dec_to_input = boolean("apply_b_dec_to_input", !transcoder)?;
     if transcoder && apply_b_dec_to_input {
-        return Err(err("key `apply_b_dec_to_input` is true, which SAELens forbids for transcoders".into()));
+        return Err(err(
+            "key `apply_b_dec_to_input` is true, which SAELens forbids for transcoders".into(),
+        ));
     }
     let input_norm = match cfg.get("normalize_activations") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => InputNorm::None,
@@ -142,12 +163,22 @@ pub fn parse_config(path: &Path, text: &str, dir: &Path) -> Result<Config> {
             "expected_average_only_in" => scaler(dir)?,
             "constant_norm_rescale" => InputNorm::NormRescale,
             "layer_norm" => InputNorm::LayerNorm,
-            other => return Err(err(format!("key `normalize_activations` = `{other}` is not a SAELens mode"))),
+            other => {
+                return Err(err(format!(
+                    "key `normalize_activations` = `{other}` is not a SAELens mode"
+                )));
+            }
         },
-        Some(v) => return Err(err(format!("key `normalize_activations` = {v} is not a string or boolean"))),
+        Some(v) => {
+            return Err(err(format!(
+                "key `normalize_activations` = {v} is not a string or boolean"
+            )));
+        }
     };
     if matches!(architecture.as_str(), "topk") && k.is_none() {
-        return Err(err("a topk SAE needs `k` (or `activation_fn_kwargs.k` before SAELens 6)".into()));
+        return Err(err(
+            "a topk SAE needs `k` (or `activation_fn_kwargs.k` before SAELens 6)".into(),
+        ));
     }
     Ok(Config {
         architecture,
@@ -159,7 +190,11 @@ pub fn parse_config(path: &Path, text: &str, dir: &Path) -> Result<Config> {
         input_norm,
         rescale_acts_by_decoder_norm: boolean("rescale_acts_by_decoder_norm", false)?,
         model_name: string("model_name"),
-        hook_name: field("hook_name").or_else(|| field("hook_point")).and_then(Value::as_str).unwrap_or("").to_string(),
+        hook_name: field("hook_name")
+            .or_else(|| field("hook_point"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         hook_name_out: string("hook_name_out"),
     })
 }
@@ -172,12 +207,16 @@ fn scaler(dir: &Path) -> Result<InputNorm> {
         return Ok(InputNorm::None);
     }
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&p, format!("not valid JSON: {e}")))?;
     match v.get("scaling_factor") {
         None | Some(Value::Null) => Ok(InputNorm::None),
         Some(s) => match s.as_f64() {
             Some(f) if f.is_finite() && f != 0.0 => Ok(InputNorm::Scale(f as f32)),
-            _ => Err(Error::format(&p, format!("`scaling_factor` = {s} is not a finite non-zero number"))),
+            _ => Err(Error::format(
+                &p,
+                format!("`scaling_factor` = {s} is not a finite non-zero number"),
+            )),
         },
     }
 }
@@ -218,7 +257,10 @@ pub fn convert(cfg: &Config, cfg_path: &Path, st: &mut TensorFile) -> Result<(Me
         (Some(d), _) => d,
         (None, Kind::Sae) => d_in,
         // Transcoder configs before d_out existed: the decoder's width says it.
-        (None, _) => st.shape("W_dec").and_then(|s| s.get(1).copied()).unwrap_or(d_in),
+        (None, _) => st
+            .shape("W_dec")
+            .and_then(|s| s.get(1).copied())
+            .unwrap_or(d_in),
     };
 
     let w_enc = st.take2("W_enc", d_in, d_sae)?;
@@ -238,18 +280,34 @@ pub fn convert(cfg: &Config, cfg_path: &Path, st: &mut TensorFile) -> Result<(Me
         } else if st.has("log_threshold") {
             st.take1("log_threshold", d_sae)?.mapv(f32::exp)
         } else {
-            return Err(Error::format(st.path(), "tensor `threshold` is missing (a jumprelu SAE needs it)"));
+            return Err(Error::format(
+                st.path(),
+                "tensor `threshold` is missing (a jumprelu SAE needs it)",
+            ));
         }),
         Activation::BatchTopK => {
             let t = st.take_any("topk_threshold")?;
             if t.len() != 1 {
-                return Err(Error::format(st.path(), format!("tensor `topk_threshold` has shape {:?}, expected a scalar", t.shape())));
+                return Err(Error::format(
+                    st.path(),
+                    format!(
+                        "tensor `topk_threshold` has shape {:?}, expected a scalar",
+                        t.shape()
+                    ),
+                ));
             }
-            Some(Array1::from_elem(1, t.iter().copied().next().unwrap_or(0.0)))
+            Some(Array1::from_elem(
+                1,
+                t.iter().copied().next().unwrap_or(0.0),
+            ))
         }
         _ => None,
     };
-    let w_skip = if kind == Kind::SkipTranscoder { Some(st.take2("W_skip", d_out, d_in)?) } else { None };
+    let w_skip = if kind == Kind::SkipTranscoder {
+        Some(st.take2("W_skip", d_out, d_in)?)
+    } else {
+        None
+    };
 
     // Pre-6 checkpoints: a per-feature decoder scale, folded into the decoder rows.
     for name in ["scaling_factor", "finetuning_scaling_factor"] {
@@ -266,15 +324,26 @@ pub fn convert(cfg: &Config, cfg_path: &Path, st: &mut TensorFile) -> Result<(Me
     let mut w_enc = w_enc;
     if cfg.rescale_acts_by_decoder_norm {
         if activation != Activation::TopK {
-            return Err(Error::format(cfg_path, "`rescale_acts_by_decoder_norm` is only defined for topk SAEs"));
+            return Err(Error::format(
+                cfg_path,
+                "`rescale_acts_by_decoder_norm` is only defined for topk SAEs",
+            ));
         }
         fold_decoder_norm(&mut w_enc, &mut b_enc, &mut w_dec, threshold.as_mut());
     }
 
     let mut meta = Meta::new(kind, activation, d_in, d_sae, d_out);
-    meta.k = if activation == Activation::TopK { cfg.k } else { None };
+    meta.k = if activation == Activation::TopK {
+        cfg.k
+    } else {
+        None
+    };
     meta.hook_in = cfg.hook_name.clone();
-    meta.hook_out = if cfg.hook_name_out.is_empty() { cfg.hook_name.clone() } else { cfg.hook_name_out.clone() };
+    meta.hook_out = if cfg.hook_name_out.is_empty() {
+        cfg.hook_name.clone()
+    } else {
+        cfg.hook_name_out.clone()
+    };
     meta.model = cfg.model_name.clone();
     meta.input_norm = cfg.input_norm;
     meta.source = "saelens".into();
@@ -289,7 +358,9 @@ pub fn convert(cfg: &Config, cfg_path: &Path, st: &mut TensorFile) -> Result<(Me
         b_skip: None,
         apply_b_dec_to_input: cfg.apply_b_dec_to_input,
     };
-    weights.check(&meta).map_err(|e| Error::format(cfg_path, e.to_string()))?;
+    weights
+        .check(&meta)
+        .map_err(|e| Error::format(cfg_path, e.to_string()))?;
     Ok((meta, weights))
 }
 
@@ -310,11 +381,11 @@ pub fn fold_decoder_norm(
             w_dec.row_mut(i).mapv_inplace(|v| v / n);
         }
     }
-    if let Some(t) = threshold {
-        if t.len() == norms.len() {
-            for (v, n) in t.iter_mut().zip(&norms) {
-                *v *= n;
-            }
+    if let Some(t) = threshold
+        && t.len() == norms.len()
+    {
+        for (v, n) in t.iter_mut().zip(&norms) {
+            *v *= n;
         }
     }
 }

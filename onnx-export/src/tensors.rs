@@ -26,22 +26,39 @@ impl TensorFile {
         for (name, view) in st.iter() {
             let data = view.data();
             let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
                 Dtype::F64 => data
                     .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                    .map(|c| {
+                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                    })
                     .collect(),
                 other => {
-                    return Err(Error::format(path, format!("tensor `{name}` has dtype {other:?}, not a float type")));
+                    return Err(Error::format(
+                        path,
+                        format!("tensor `{name}` has dtype {other:?}, not a float type"),
+                    ));
                 }
             };
             let a = ArrayD::from_shape_vec(IxDyn(view.shape()), values)
                 .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
             tensors.insert(name.to_string(), a);
         }
-        Ok(Self { path: path.to_path_buf(), tensors })
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+        })
     }
 
     /// The file.
@@ -70,7 +87,10 @@ impl TensorFile {
         if a.shape() != shape {
             return Err(Error::format(
                 &self.path,
-                format!("tensor `{name}` has shape {:?}, but the config implies {shape:?}", a.shape()),
+                format!(
+                    "tensor `{name}` has shape {:?}, but the config implies {shape:?}",
+                    a.shape()
+                ),
             ));
         }
         Ok(a)
@@ -79,19 +99,27 @@ impl TensorFile {
     /// Removes and returns the tensor `name` whatever its shape.
     pub fn take_any(&mut self, name: &str) -> Result<ArrayD<f32>> {
         self.tensors.remove(name).ok_or_else(|| {
-            Error::format(&self.path, format!("tensor `{name}` is missing (the file has: {})", self.names().join(", ")))
+            Error::format(
+                &self.path,
+                format!(
+                    "tensor `{name}` is missing (the file has: {})",
+                    self.names().join(", ")
+                ),
+            )
         })
     }
 
     /// Removes and returns a matrix of the given shape.
     pub fn take2(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
         let a = self.take(name, &[rows, cols])?;
-        a.into_dimensionality().map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
+        a.into_dimensionality()
+            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
     }
 
     /// Removes and returns a vector of the given length.
     pub fn take1(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
         let a = self.take(name, &[len])?;
-        a.into_dimensionality().map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
+        a.into_dimensionality()
+            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
     }
 }

@@ -21,7 +21,12 @@ fn fails(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!err.contains("panicked"), "panicked: {err}");
-    assert_eq!(o.status.code(), Some(1), "expected a handled error, got {:?}: {err}", o.status);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a handled error, got {:?}: {err}",
+        o.status
+    );
     err
 }
 
@@ -64,12 +69,18 @@ fn dictionary(dir: &Path) -> PathBuf {
 fn external_data_escaping_its_folder_is_refused_before_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let good = dictionary(dir.path());
-    let mut model = onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(&good).unwrap()).unwrap();
+    let mut model =
+        onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(&good).unwrap()).unwrap();
     // Point W_enc at a file outside the model's folder.
     let g = model.graph.as_mut().unwrap();
-    let t = g.initializer.iter_mut().find(|t| t.name == "W_enc").unwrap();
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "W_enc")
+        .unwrap();
     t.raw_data.clear();
-    t.data_location = protobuf::EnumOrUnknown::new(onnx_protobuf::tensor_proto::DataLocation::EXTERNAL);
+    t.data_location =
+        protobuf::EnumOrUnknown::new(onnx_protobuf::tensor_proto::DataLocation::EXTERNAL);
     let mut entry = onnx_protobuf::StringStringEntryProto::new();
     entry.key = "location".into();
     entry.value = "../../etc/passwd".into();
@@ -78,22 +89,47 @@ fn external_data_escaping_its_folder_is_refused_before_onnx_runtime() {
     std::fs::write(&evil, model.write_to_bytes().unwrap()).unwrap();
 
     let err = fails(bin().arg("inspect").arg(&evil));
-    assert!(err.contains("evil.onnx") && err.contains("../../etc/passwd") && err.contains("climbs out"), "{err}");
+    assert!(
+        err.contains("evil.onnx") && err.contains("../../etc/passwd") && err.contains("climbs out"),
+        "{err}"
+    );
     let x = dir.path().join("x.npy");
     tiller_export::npy::write(&x, &ndarray::Array2::<f32>::zeros((2, 16))).unwrap();
-    let err = fails(bin().arg("encode").arg(&evil).arg("--input").arg(&x).arg("--output").arg(dir.path().join("a.npy")));
+    let err = fails(
+        bin()
+            .arg("encode")
+            .arg(&evil)
+            .arg("--input")
+            .arg(&x)
+            .arg("--output")
+            .arg(dir.path().join("a.npy")),
+    );
     assert!(err.contains("climbs out"), "{err}");
     // The runtime API refuses it too, at validation, before a session exists.
     let e = tiller::DictionaryFile::open(&evil).unwrap_err().to_string();
     assert!(e.contains("external data location"), "{e}");
 
     // An absolute path and a symlink that leads outside are refused the same way.
-    let t = model.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name == "W_enc").unwrap();
+    let t = model
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "W_enc")
+        .unwrap();
     t.external_data[0].value = "/etc/passwd".into();
     std::fs::write(&evil, model.write_to_bytes().unwrap()).unwrap();
     assert!(fails(bin().arg("inspect").arg(&evil)).contains("is absolute"));
     std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link.data")).unwrap();
-    let t = model.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name == "W_enc").unwrap();
+    let t = model
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "W_enc")
+        .unwrap();
     t.external_data[0].value = "link.data".into();
     std::fs::write(&evil, model.write_to_bytes().unwrap()).unwrap();
     assert!(fails(bin().arg("inspect").arg(&evil)).contains("outside the model's folder"));
@@ -107,7 +143,10 @@ fn corrupt_dictionary_files() {
     let cut = dir.path().join("cut.onnx");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let err = fails(bin().arg("inspect").arg(&cut));
-    assert!(err.contains("cut.onnx") && err.contains("not a valid ONNX protobuf"), "{err}");
+    assert!(
+        err.contains("cut.onnx") && err.contains("not a valid ONNX protobuf"),
+        "{err}"
+    );
 
     // A valid ONNX model that is not a Tiller dictionary.
     let mut model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
@@ -137,9 +176,13 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() - 100]).unwrap();
     let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(err.contains("sae_weights.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        err.contains("sae_weights.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
     // A header claiming a huge tensor in a tiny file.
-    let header = br#"{"W_enc":{"dtype":"F32","shape":[100000,100000],"data_offsets":[0,40000000000]}}"#;
+    let header =
+        br#"{"W_enc":{"dtype":"F32","shape":[100000,100000],"data_offsets":[0,40000000000]}}"#;
     let mut f = (header.len() as u64).to_le_bytes().to_vec();
     f.extend_from_slice(header);
     f.extend_from_slice(&[0u8; 64]);
@@ -155,13 +198,19 @@ fn config_errors_name_the_key() {
     c.as_object_mut().unwrap().remove("d_sae");
     let ckpt = checkpoint(dir.path(), &c, &tensors(16, 40));
     let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(err.contains("cfg.json") && err.contains("`d_sae` is missing"), "{err}");
+    assert!(
+        err.contains("cfg.json") && err.contains("`d_sae` is missing"),
+        "{err}"
+    );
 
     let mut c = cfg();
     c["architecture"] = json!("hyperbolic");
     let ckpt = checkpoint(dir.path(), &c, &tensors(16, 40));
     let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(err.contains("cfg.json") && err.contains("`architecture` = `hyperbolic` is unknown"), "{err}");
+    assert!(
+        err.contains("cfg.json") && err.contains("`architecture` = `hyperbolic` is unknown"),
+        "{err}"
+    );
 
     std::fs::write(ckpt.join("cfg.json"), "{ not json").unwrap();
     assert!(fails(&mut import(&ckpt, &dir.path().join("o.onnx"))).contains("not valid JSON"));
@@ -174,7 +223,10 @@ fn shapes_that_disagree_with_the_config() {
     t.insert("W_dec".into(), Rng::new(1).normal(&[40, 17], 0.3));
     let ckpt = checkpoint(dir.path(), &cfg(), &t);
     let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(err.contains("sae_weights.safetensors") && err.contains("`W_dec` has shape [40, 17]"), "{err}");
+    assert!(
+        err.contains("sae_weights.safetensors") && err.contains("`W_dec` has shape [40, 17]"),
+        "{err}"
+    );
 
     let mut t = tensors(16, 40);
     t.remove("b_enc");
@@ -182,8 +234,14 @@ fn shapes_that_disagree_with_the_config() {
     let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
     assert!(err.contains("`b_enc` is missing"), "{err}");
 
-    let err = fails(&mut import(&dir.path().join("nowhere"), &dir.path().join("o.onnx")));
-    assert!(err.contains("nowhere") && err.contains("does not exist"), "{err}");
+    let err = fails(&mut import(
+        &dir.path().join("nowhere"),
+        &dir.path().join("o.onnx"),
+    ));
+    assert!(
+        err.contains("nowhere") && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -193,32 +251,34 @@ fn bad_activation_files() {
     let out = dir.path().join("acts.npy");
     let encode = |x: &Path| {
         let mut c = bin();
-        c.arg("encode").arg(&dict).arg("--input").arg(x).arg("--output").arg(&out);
+        c.arg("encode")
+            .arg(&dict)
+            .arg("--input")
+            .arg(x)
+            .arg("--output")
+            .arg(&out);
         c
     };
     let wide = dir.path().join("wide.npy");
     tiller_export::npy::write(&wide, &ndarray::Array2::<f32>::ones((3, 17))).unwrap();
     let err = fails(&mut encode(&wide));
-    assert!(err.contains("wide.npy") && err.contains("width 17") && err.contains("width 16"), "{err}");
+    assert!(
+        err.contains("wide.npy") && err.contains("width 17") && err.contains("width 16"),
+        "{err}"
+    );
 
     let mut x = ndarray::Array2::<f32>::ones((5, 16));
     x[[3, 2]] = f32::NAN;
     let nan = dir.path().join("nan.npy");
     tiller_export::npy::write(&nan, &x).unwrap();
     let err = fails(&mut encode(&nan));
-    assert!(err.contains("nan.npy") && err.contains("row 3") && err.contains("NaN"), "{err}");
+    assert!(
+        err.contains("nan.npy") && err.contains("row 3") && err.contains("NaN"),
+        "{err}"
+    );
 
     let ints = dir.path().join("ints.npy");
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    let header = "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 16), }";
-    let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(h.as_bytes());
-    bytes.extend_from_slice(&[0u8; 2 * 16 * 4]);
+    let bytes = npy_bytes("<i4", (2, 16), &[0u8; 2 * 16 * 4]);
     std::fs::write(&ints, &bytes).unwrap();
     let err = fails(&mut encode(&ints));
     assert!(err.contains("ints.npy") && err.contains("<i4"), "{err}");
@@ -228,27 +288,38 @@ fn bad_activation_files() {
     assert!(err.contains("ints.npy"), "{err}");
 }
 
-/// Writes a float16 `.npy` by hand (ndarray-npy writes no float16).
-fn write_f16_npy(path: &Path, a: &ndarray::Array2<f32>) {
-    let mut h = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': ({}, {}), }}", a.nrows(), a.ncols());
-    while (10 + h.len() + 1) % 64 != 0 {
+/// A `.npy` file's bytes, written by hand for dtypes ndarray-npy does not write (float16, int32).
+fn npy_bytes(descr: &str, shape: (usize, usize), data: &[u8]) -> Vec<u8> {
+    let mut h = format!(
+        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}, {}), }}",
+        shape.0, shape.1
+    );
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
     bytes.extend_from_slice(h.as_bytes());
-    for v in a.iter() {
-        bytes.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+fn write_f16_npy(path: &Path, a: &ndarray::Array2<f32>) {
+    let data: Vec<u8> = a
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    std::fs::write(path, npy_bytes("<f2", a.dim(), &data)).unwrap();
 }
 
 #[test]
 fn f16_activations_are_widened() {
     let dir = tempfile::tempdir().unwrap();
     let dict = dictionary(dir.path());
-    let x = Rng::new(3).matrix(7, 16, 1.0).mapv(|v| half::f16::from_f32(v).to_f32());
+    let x = Rng::new(3)
+        .matrix(7, 16, 1.0)
+        .mapv(|v| half::f16::from_f32(v).to_f32());
     let (p16, p32) = (dir.path().join("x16.npy"), dir.path().join("x32.npy"));
     write_f16_npy(&p16, &x);
     tiller_export::npy::write(&p32, &x).unwrap();
@@ -267,5 +338,8 @@ fn f16_activations_are_widened() {
     let a16 = tiller_export::npy::read_f32_dyn(&dir.path().join("a16.npy")).unwrap();
     let a32 = tiller_export::npy::read_f32_dyn(&dir.path().join("a32.npy")).unwrap();
     assert_eq!(a16.shape(), &[7, 40]);
-    assert_eq!(a16, a32, "the same values in f16 and f32 files encode identically");
+    assert_eq!(
+        a16, a32,
+        "the same values in f16 and f32 files encode identically"
+    );
 }

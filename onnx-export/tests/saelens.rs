@@ -28,7 +28,11 @@ fn saelens_reference(s: &Sae, t: &Tensors, x: &Array2<f32>) -> (Array2<f64>, Arr
     let x_raw = x.mapv(f64::from);
     let mut xin = x_raw.clone();
     let d = xin.ncols() as f64;
-    let (mut mus, mut stds, mut factors) = (vec![0.0; xin.nrows()], vec![1.0; xin.nrows()], vec![1.0; xin.nrows()]);
+    let (mut mus, mut stds, mut factors) = (
+        vec![0.0; xin.nrows()],
+        vec![1.0; xin.nrows()],
+        vec![1.0; xin.nrows()],
+    );
     for (i, mut row) in xin.axis_iter_mut(Axis(0)).enumerate() {
         match s.norm {
             "layer_norm" => {
@@ -63,7 +67,11 @@ fn saelens_reference(s: &Sae, t: &Tensors, x: &Array2<f32>) -> (Array2<f64>, Arr
             }
             let mag = (xin.dot(&w_mag) + v1(t, "b_mag")).mapv(|v| v.max(0.0));
             let mut f = mag;
-            f.zip_mut_with(&gate, |m, g| if *g <= 0.0 { *m = 0.0 });
+            f.zip_mut_with(&gate, |m, g| {
+                if *g <= 0.0 {
+                    *m = 0.0
+                }
+            });
             f
         }
         _ => {
@@ -90,7 +98,11 @@ fn saelens_reference(s: &Sae, t: &Tensors, x: &Array2<f32>) -> (Array2<f64>, Arr
                 "jumprelu" | "jumprelu_transcoder" => {
                     let th = v1(t, "threshold");
                     let mut f = pre.mapv(|v| v.max(0.0));
-                    f.zip_mut_with(&(&pre - &th), |v, above| if *above <= 0.0 { *v = 0.0 });
+                    f.zip_mut_with(&(&pre - &th), |v, above| {
+                        if *above <= 0.0 {
+                            *v = 0.0
+                        }
+                    });
                     f
                 }
                 _ => pre.mapv(|v| v.max(0.0)),
@@ -149,8 +161,14 @@ fn tensors(rng: &mut Rng, arch: &str, d_in: usize, d_sae: usize, d_out: usize) -
 }
 
 fn run_case(name: &str, s: Sae, cfg: serde_json::Value, dtype: Dtype, seed: u64) {
-    let (d_in, d_sae) = (cfg["d_in"].as_u64().unwrap() as usize, cfg["d_sae"].as_u64().unwrap() as usize);
-    let d_out = cfg.get("d_out").and_then(|v| v.as_u64()).map_or(d_in, |v| v as usize);
+    let (d_in, d_sae) = (
+        cfg["d_in"].as_u64().unwrap() as usize,
+        cfg["d_sae"].as_u64().unwrap() as usize,
+    );
+    let d_out = cfg
+        .get("d_out")
+        .and_then(|v| v.as_u64())
+        .map_or(d_in, |v| v as usize);
     let mut rng = Rng::new(seed);
     let mut t = tensors(&mut rng, s.arch, d_in, d_sae, d_out);
     if cfg.get("sae_lens_version").is_none() && name.contains("scaling") {
@@ -168,7 +186,11 @@ fn run_case(name: &str, s: Sae, cfg: serde_json::Value, dtype: Dtype, seed: u64)
         .arg(&out)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{name}: import failed: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{name}: import failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 
     let dict = Dictionary::load(&out, &SessionOptions::default()).unwrap();
     assert_eq!(dict.meta().source, "saelens");
@@ -180,12 +202,20 @@ fn run_case(name: &str, s: Sae, cfg: serde_json::Value, dtype: Dtype, seed: u64)
     assert!(ea < TOL, "{name}: acts relative error {ea:e}");
     assert!(er < TOL, "{name}: reconstruction relative error {er:e}");
     let active = ref_acts.iter().filter(|v| **v > 0.0).count();
-    assert!(active > 0 && active < ref_acts.len(), "{name}: degenerate fixture");
+    assert!(
+        active > 0 && active < ref_acts.len(),
+        "{name}: degenerate fixture"
+    );
     if s.arch == "topk" {
         let (_, idx) = enc.top.unwrap();
         for (i, row) in ref_acts.rows().into_iter().enumerate() {
             let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
-            let mut got: Vec<usize> = idx.row(i).iter().map(|&j| j as usize).filter(|&j| enc.acts[[i, j]] > 0.0).collect();
+            let mut got: Vec<usize> = idx
+                .row(i)
+                .iter()
+                .map(|&j| j as usize)
+                .filter(|&j| enc.acts[[i, j]] > 0.0)
+                .collect();
             want.sort();
             got.sort();
             assert_eq!(got, want, "{name}: token {i} TopK indices");
@@ -210,8 +240,20 @@ fn v6(arch: &str, extra: serde_json::Value) -> serde_json::Value {
 
 #[test]
 fn v6_sae_architectures() {
-    let sae = |arch, k, norm, rescale| Sae { arch, k, apply_b_dec_to_input: true, norm, rescale };
-    run_case("v6 standard", sae("standard", 0, "none", false), v6("standard", json!({})), Dtype::F32, 1);
+    let sae = |arch, k, norm, rescale| Sae {
+        arch,
+        k,
+        apply_b_dec_to_input: true,
+        norm,
+        rescale,
+    };
+    run_case(
+        "v6 standard",
+        sae("standard", 0, "none", false),
+        v6("standard", json!({})),
+        Dtype::F32,
+        1,
+    );
     run_case(
         "v6 standard layer_norm",
         sae("standard", 0, "layer_norm", false),
@@ -222,24 +264,57 @@ fn v6_sae_architectures() {
     run_case(
         "v6 standard constant_norm_rescale",
         sae("standard", 0, "constant_norm_rescale", false),
-        v6("standard", json!({"normalize_activations": "constant_norm_rescale"})),
+        v6(
+            "standard",
+            json!({"normalize_activations": "constant_norm_rescale"}),
+        ),
         Dtype::F32,
         3,
     );
-    run_case("v6 topk", sae("topk", 7, "none", false), v6("topk", json!({"k": 7})), Dtype::F32, 4);
+    run_case(
+        "v6 topk",
+        sae("topk", 7, "none", false),
+        v6("topk", json!({"k": 7})),
+        Dtype::F32,
+        4,
+    );
     run_case(
         "v6 topk rescale_acts_by_decoder_norm",
         sae("topk", 7, "none", true),
-        v6("topk", json!({"k": 7, "rescale_acts_by_decoder_norm": true})),
+        v6(
+            "topk",
+            json!({"k": 7, "rescale_acts_by_decoder_norm": true}),
+        ),
         Dtype::F32,
         5,
     );
-    run_case("v6 jumprelu", sae("jumprelu", 0, "none", false), v6("jumprelu", json!({})), Dtype::F32, 6);
-    run_case("v6 gated", sae("gated", 0, "none", false), v6("gated", json!({})), Dtype::F32, 7);
+    run_case(
+        "v6 jumprelu",
+        sae("jumprelu", 0, "none", false),
+        v6("jumprelu", json!({})),
+        Dtype::F32,
+        6,
+    );
+    run_case(
+        "v6 gated",
+        sae("gated", 0, "none", false),
+        v6("gated", json!({})),
+        Dtype::F32,
+        7,
+    );
     run_case(
         "v6 standard without b_dec on input, bf16 weights",
-        Sae { arch: "standard", k: 0, apply_b_dec_to_input: false, norm: "none", rescale: false },
-        v6("standard", json!({"apply_b_dec_to_input": false, "dtype": "bfloat16"})),
+        Sae {
+            arch: "standard",
+            k: 0,
+            apply_b_dec_to_input: false,
+            norm: "none",
+            rescale: false,
+        },
+        v6(
+            "standard",
+            json!({"apply_b_dec_to_input": false, "dtype": "bfloat16"}),
+        ),
         Dtype::BF16,
         8,
     );
@@ -247,17 +322,41 @@ fn v6_sae_architectures() {
 
 #[test]
 fn v6_transcoders() {
-    let tc = |arch| Sae { arch, k: 0, apply_b_dec_to_input: false, norm: "none", rescale: false };
-    for (i, arch) in ["transcoder", "jumprelu_transcoder", "skip_transcoder"].into_iter().enumerate() {
+    let tc = |arch| Sae {
+        arch,
+        k: 0,
+        apply_b_dec_to_input: false,
+        norm: "none",
+        rescale: false,
+    };
+    for (i, arch) in ["transcoder", "jumprelu_transcoder", "skip_transcoder"]
+        .into_iter()
+        .enumerate()
+    {
         let mut cfg = v6(arch, json!({"d_out": 24}));
         cfg["metadata"]["hook_name_out"] = json!("blocks.4.hook_mlp_out");
-        run_case(&format!("v6 {arch}"), tc(arch), cfg, Dtype::F32, 20 + i as u64);
+        run_case(
+            &format!("v6 {arch}"),
+            tc(arch),
+            cfg,
+            Dtype::F32,
+            20 + i as u64,
+        );
     }
     // A transcoder with layer_norm: SAELens normalises the input but does not de-normalise the output.
-    let cfg = v6("transcoder", json!({"d_out": 24, "normalize_activations": "layer_norm"}));
+    let cfg = v6(
+        "transcoder",
+        json!({"d_out": 24, "normalize_activations": "layer_norm"}),
+    );
     run_case(
         "v6 transcoder layer_norm",
-        Sae { arch: "transcoder", k: 0, apply_b_dec_to_input: false, norm: "layer_norm", rescale: false },
+        Sae {
+            arch: "transcoder",
+            k: 0,
+            apply_b_dec_to_input: false,
+            norm: "layer_norm",
+            rescale: false,
+        },
         cfg,
         Dtype::F32,
         30,
@@ -274,7 +373,19 @@ fn pre_6_configs() {
         "apply_b_dec_to_input": true, "finetuning_scaling_factor": false,
         "sae_lens_training_version": "4.1.0", "normalize_activations": "none"
     });
-    run_case("pre-6 topk", Sae { arch: "topk", k: 9, apply_b_dec_to_input: true, norm: "none", rescale: false }, topk, Dtype::F32, 40);
+    run_case(
+        "pre-6 topk",
+        Sae {
+            arch: "topk",
+            k: 9,
+            apply_b_dec_to_input: true,
+            norm: "none",
+            rescale: false,
+        },
+        topk,
+        Dtype::F32,
+        40,
+    );
 
     // SAELens 0-2: the whole runner config, `hook_point`, boolean normalize_activations, torch dtype.
     let old = json!({
@@ -284,7 +395,13 @@ fn pre_6_configs() {
     });
     run_case(
         "pre-6 relu with scaling_factor",
-        Sae { arch: "standard", k: 0, apply_b_dec_to_input: true, norm: "none", rescale: false },
+        Sae {
+            arch: "standard",
+            k: 0,
+            apply_b_dec_to_input: true,
+            norm: "none",
+            rescale: false,
+        },
         old,
         Dtype::F32,
         41,
@@ -295,7 +412,13 @@ fn pre_6_configs() {
     });
     run_case(
         "pre-6 jumprelu layer_norm f16",
-        Sae { arch: "jumprelu", k: 0, apply_b_dec_to_input: false, norm: "layer_norm", rescale: false },
+        Sae {
+            arch: "jumprelu",
+            k: 0,
+            apply_b_dec_to_input: false,
+            norm: "layer_norm",
+            rescale: false,
+        },
         ln,
         Dtype::F16,
         42,
@@ -307,7 +430,12 @@ fn metadata_and_inspect() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let mut rng = Rng::new(9);
-    write_saelens(&ckpt, &v6("topk", json!({"k": 5})), &tensors(&mut rng, "topk", 32, 80, 32), Dtype::F32);
+    write_saelens(
+        &ckpt,
+        &v6("topk", json!({"k": 5})),
+        &tensors(&mut rng, "topk", 32, 80, 32),
+        Dtype::F32,
+    );
     let labels = dir.path().join("labels.json");
     std::fs::write(&labels, r#"{"3": "Golden Gate Bridge", "17": "deception"}"#).unwrap();
     let out = dir.path().join("d.onnx");
@@ -322,7 +450,12 @@ fn metadata_and_inspect() {
         .status()
         .unwrap();
     assert!(st.success());
-    let o = std::process::Command::new(bin).arg("inspect").arg(&out).arg("--json").output().unwrap();
+    let o = std::process::Command::new(bin)
+        .arg("inspect")
+        .arg(&out)
+        .arg("--json")
+        .output()
+        .unwrap();
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["kind"], "sae");
@@ -335,6 +468,10 @@ fn metadata_and_inspect() {
     assert_eq!(v["exact"], true);
     assert_eq!(v["opset"], 17);
     assert_eq!(v["labels"], 2);
-    let text = std::process::Command::new(bin).arg("inspect").arg(&out).output().unwrap();
+    let text = std::process::Command::new(bin)
+        .arg("inspect")
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("Golden Gate Bridge"));
 }

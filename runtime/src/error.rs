@@ -59,26 +59,41 @@ pub enum Error {
 impl Error {
     /// A [`Error::Dictionary`] for `path`.
     pub fn dictionary(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Dictionary { path: path.into(), message: message.into() }
+        Self::Dictionary {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     /// A [`Error::Tensor`] for the tensor `name`.
     pub fn tensor(name: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Tensor { name: name.into(), message: message.into() }
+        Self::Tensor {
+            name: name.into(),
+            message: message.into(),
+        }
     }
 
     /// A [`Error::Invalid`].
     pub fn invalid(what: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Invalid { what: what.into(), message: message.into() }
+        Self::Invalid {
+            what: what.into(),
+            message: message.into(),
+        }
     }
 
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn ort(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
-        Self::Ort { context: context.into(), message: e.to_string() }
+        Self::Ort {
+            context: context.into(),
+            message: e.to_string(),
+        }
     }
 }
 

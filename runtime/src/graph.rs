@@ -57,7 +57,7 @@ pub enum Attr {
     /// A single float.
     Float(f32),
     /// A tensor (for `ConstantOfShape`'s value).
-    Tensor(TensorProto),
+    Tensor(Box<TensorProto>),
 }
 
 fn attribute(name: &str, value: Attr) -> AttributeProto {
@@ -78,7 +78,7 @@ fn attribute(name: &str, value: Attr) -> AttributeProto {
         }
         Attr::Tensor(t) => {
             a.type_ = EnumOrUnknown::new(AttributeType::TENSOR);
-            a.t = MessageField::some(t);
+            a.t = MessageField::some(*t);
         }
     }
     a
@@ -165,14 +165,18 @@ impl GraphBuilder {
     /// Adds an int64 constant initializer (shapes, axes, k) under a fresh name.
     pub fn const_i64(&mut self, hint: &str, data: &[i64]) -> String {
         let name = self.fresh(hint);
-        self.graph.initializer.push(tensor_i64(&name, &[data.len()], data));
+        self.graph
+            .initializer
+            .push(tensor_i64(&name, &[data.len()], data));
         name
     }
 
     /// Adds a scalar float32 constant initializer under a fresh name.
     pub fn const_f32(&mut self, hint: &str, value: f32) -> String {
         let name = self.fresh(hint);
-        self.graph.initializer.push(tensor_f32(&name, &[], &[value]));
+        self.graph
+            .initializer
+            .push(tensor_f32(&name, &[], &[value]));
         name
     }
 
@@ -196,7 +200,13 @@ impl GraphBuilder {
     }
 
     /// Adds a node writing the given, named outputs.
-    pub fn op_into(&mut self, op: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<(&str, Attr)>) {
+    pub fn op_into(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: Vec<(&str, Attr)>,
+    ) {
         let mut node = NodeProto::new();
         node.op_type = op.to_string();
         node.name = self.fresh(&format!("{op}_node"));
@@ -229,7 +239,10 @@ impl GraphBuilder {
 
 /// Keeps only the nodes needed to compute `outputs`, and the initializers they read.
 pub fn prune(model: &ModelProto, outputs: &[&str]) -> Result<ModelProto> {
-    let graph = model.graph.as_ref().ok_or_else(|| Error::invalid("model", "it has no graph"))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::invalid("model", "it has no graph"))?;
     let mut needed: HashSet<String> = outputs.iter().map(|s| s.to_string()).collect();
     let mut keep = vec![false; graph.node.len()];
     for (i, node) in graph.node.iter().enumerate().rev() {
@@ -249,7 +262,10 @@ pub fn prune(model: &ModelProto, outputs: &[&str]) -> Result<ModelProto> {
     g.output.retain(|v| outputs.contains(&v.name.as_str()));
     for o in outputs {
         if !g.output.iter().any(|v| v.name == *o) {
-            return Err(Error::invalid("output", format!("the graph has no output `{o}`")));
+            return Err(Error::invalid(
+                "output",
+                format!("the graph has no output `{o}`"),
+            ));
         }
     }
     Ok(out)
@@ -257,14 +273,20 @@ pub fn prune(model: &ModelProto, outputs: &[&str]) -> Result<ModelProto> {
 
 /// The file ONNX external data is written to, beside `model_path`.
 pub fn external_data_path(model_path: &Path) -> PathBuf {
-    let mut name = model_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = model_path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".data");
     model_path.with_file_name(name)
 }
 
 /// Total bytes of the initializers' stored data.
 pub fn weight_bytes(model: &ModelProto) -> usize {
-    model.graph.as_ref().map_or(0, |g| g.initializer.iter().map(|t| t.raw_data.len()).sum())
+    model
+        .graph
+        .as_ref()
+        .map_or(0, |g| g.initializer.iter().map(|t| t.raw_data.len()).sum())
 }
 
 /// Writes `model` to `path`. When its weights pass `threshold` bytes, every initializer of 1 KiB or
@@ -275,7 +297,12 @@ pub fn write_model(mut model: ModelProto, path: &Path, threshold: usize) -> Resu
         let location = data_path
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| Error::invalid("output path", format!("{} has no UTF-8 file name", path.display())))?
+            .ok_or_else(|| {
+                Error::invalid(
+                    "output path",
+                    format!("{} has no UTF-8 file name", path.display()),
+                )
+            })?
             .to_string();
         let file = std::fs::File::create(&data_path).map_err(|e| Error::io(&data_path, e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -286,7 +313,8 @@ pub fn write_model(mut model: ModelProto, path: &Path, threshold: usize) -> Resu
                 continue;
             }
             let pad = (4096 - offset % 4096) % 4096;
-            w.write_all(&vec![0u8; pad]).map_err(|e| Error::io(&data_path, e))?;
+            w.write_all(&vec![0u8; pad])
+                .map_err(|e| Error::io(&data_path, e))?;
             offset += pad;
             let raw = std::mem::take(&mut t.raw_data);
             w.write_all(&raw).map_err(|e| Error::io(&data_path, e))?;

@@ -63,7 +63,9 @@ pub fn cache_dir() -> PathBuf {
 
 /// Where the provisioned library lives in the cache.
 pub fn cached_library_path() -> PathBuf {
-    cache_dir().join(format!("onnxruntime-{ORT_VERSION}")).join(LIBRARY_NAME)
+    cache_dir()
+        .join(format!("onnxruntime-{ORT_VERSION}"))
+        .join(LIBRARY_NAME)
 }
 
 /// Returns the cached library, downloading the pinned wheel from PyPI first if it is not there.
@@ -89,7 +91,10 @@ pub fn provision() -> Result<PathBuf> {
             how_to_fix()
         )));
     };
-    let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(cache_dir);
+    let dir = target
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(cache_dir);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let lock_path = dir.join(".lock");
     let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
@@ -109,12 +114,29 @@ pub fn provision() -> Result<PathBuf> {
 
 fn download_and_extract(work: &Path, platform: &str, wheel_sha: &str, target: &Path) -> Result<()> {
     let req = work.join("requirements.txt");
-    std::fs::write(&req, format!("onnxruntime=={ORT_VERSION} --hash=sha256:{wheel_sha}\n"))
-        .map_err(|e| Error::io(&req, e))?;
+    std::fs::write(
+        &req,
+        format!("onnxruntime=={ORT_VERSION} --hash=sha256:{wheel_sha}\n"),
+    )
+    .map_err(|e| Error::io(&req, e))?;
     let python = std::env::var("TILLER_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"])
-        .args(["--platform", platform, "--python-version", "3.11", "--implementation", "cp"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+        ])
+        .args([
+            "--platform",
+            platform,
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+        ])
         .arg("-r")
         .arg(&req)
         .arg("-d")
@@ -147,16 +169,20 @@ fn download_and_extract(work: &Path, platform: &str, wheel_sha: &str, target: &P
             wheel.display()
         )));
     }
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| Error::OnnxRuntime(format!("{} is not a zip archive: {e}", wheel.display())))?;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| {
+        Error::OnnxRuntime(format!("{} is not a zip archive: {e}", wheel.display()))
+    })?;
     let member = format!("onnxruntime/capi/{LIBRARY_NAME}");
     let mut entry = archive
         .by_name(&member)
         .map_err(|e| Error::OnnxRuntime(format!("{} has no {member}: {e}", wheel.display())))?;
     let mut lib = Vec::with_capacity(entry.size() as usize);
-    entry
-        .read_to_end(&mut lib)
-        .map_err(|e| Error::OnnxRuntime(format!("cannot unpack {member} from {}: {e}", wheel.display())))?;
+    entry.read_to_end(&mut lib).map_err(|e| {
+        Error::OnnxRuntime(format!(
+            "cannot unpack {member} from {}: {e}",
+            wheel.display()
+        ))
+    })?;
     let tmp = work.join(LIBRARY_NAME);
     std::fs::write(&tmp, &lib).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))
@@ -211,7 +237,11 @@ pub fn init(explicit: Option<&Path>) -> Result<ort::environment::Environment> {
     let path = resolve_library(explicit)?;
     let path = path.canonicalize().map_err(|e| Error::io(&path, e))?;
     let builder = ort::init_from(&path).map_err(|e| {
-        Error::OnnxRuntime(format!("cannot load {}: {e}; {}", path.display(), how_to_fix()))
+        Error::OnnxRuntime(format!(
+            "cannot load {}: {e}; {}",
+            path.display(),
+            how_to_fix()
+        ))
     })?;
     let env = builder
         .with_name("tiller")

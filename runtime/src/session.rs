@@ -28,7 +28,11 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { intra_threads: 1, pool_size: 1, onnxruntime: None }
+        Self {
+            intra_threads: 1,
+            pool_size: 1,
+            onnxruntime: None,
+        }
     }
 }
 
@@ -40,7 +44,9 @@ struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("sessions", &self.sessions.len()).finish()
+        f.debug_struct("Pool")
+            .field("sessions", &self.sessions.len())
+            .finish()
     }
 }
 
@@ -48,9 +54,12 @@ impl Pool {
     fn new(file: &DictionaryFile, outputs: &[&str], opts: &SessionOptions) -> Result<Self> {
         let env = crate::onnxruntime::init(opts.onnxruntime.as_deref())?;
         let model = prune(file.model(), outputs)?;
-        let bytes = model
-            .write_to_bytes()
-            .map_err(|e| Error::dictionary(file.path(), format!("cannot serialise the pruned graph: {e}")))?;
+        let bytes = model.write_to_bytes().map_err(|e| {
+            Error::dictionary(
+                file.path(),
+                format!("cannot serialise the pruned graph: {e}"),
+            )
+        })?;
         let ctx = || format!("loading {}", file.path().display());
         let mut sessions = Vec::with_capacity(opts.pool_size.max(1));
         for _ in 0..opts.pool_size.max(1) {
@@ -68,15 +77,27 @@ impl Pool {
                 .map_err(|e| Error::ort(ctx(), e))?;
             if file.has_external_data() {
                 let dir = file.base_dir();
-                let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+                let dir = if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir
+                };
                 builder = builder
-                    .with_config_entry("session.model_external_initializers_file_folder_path", dir.to_string_lossy())
+                    .with_config_entry(
+                        "session.model_external_initializers_file_folder_path",
+                        dir.to_string_lossy(),
+                    )
                     .map_err(|e| Error::ort(ctx(), e))?;
             }
-            let session = builder.commit_from_memory(&bytes).map_err(|e| Error::ort(ctx(), e))?;
+            let session = builder
+                .commit_from_memory(&bytes)
+                .map_err(|e| Error::ort(ctx(), e))?;
             sessions.push(Mutex::new(session));
         }
-        Ok(Self { sessions, next: AtomicUsize::new(0) })
+        Ok(Self {
+            sessions,
+            next: AtomicUsize::new(0),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
@@ -87,7 +108,9 @@ impl Pool {
                 return f(&mut s);
             }
         }
-        let mut s = self.sessions[start].lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.sessions[start]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         f(&mut s)
     }
 }
@@ -124,13 +147,24 @@ impl Dictionary {
         if matches!(file.meta().kind, Kind::Vector | Kind::Probe | Kind::Clt) {
             return Err(Error::dictionary(
                 file.path(),
-                format!("{} dictionaries are not encoded with this API", file.meta().kind),
+                format!(
+                    "{} dictionaries are not encoded with this API",
+                    file.meta().kind
+                ),
             ));
         }
-        let outputs: &[&str] =
-            if file.meta().activation == Activation::TopK { &["acts", "top_values", "top_indices"] } else { &["acts"] };
+        let outputs: &[&str] = if file.meta().activation == Activation::TopK {
+            &["acts", "top_values", "top_indices"]
+        } else {
+            &["acts"]
+        };
         let encoder = Pool::new(&file, outputs, opts)?;
-        Ok(Self { file, opts: opts.clone(), encoder, full: Mutex::new(None) })
+        Ok(Self {
+            file,
+            opts: opts.clone(),
+            encoder,
+            full: Mutex::new(None),
+        })
     }
 
     /// The dictionary's metadata.
@@ -152,18 +186,34 @@ impl Dictionary {
         if x.ncols() != w {
             return Err(Error::tensor(
                 "x",
-                format!("has {} columns but {} expects {w}", x.ncols(), self.file.path().display()),
+                format!(
+                    "has {} columns but {} expects {w}",
+                    x.ncols(),
+                    self.file.path().display()
+                ),
             ));
         }
-        if let Some((i, _)) = x.rows().into_iter().enumerate().find(|(_, r)| r.iter().any(|v| !v.is_finite())) {
-            return Err(Error::tensor("x", format!("row {i} has a NaN or infinite value")));
+        if let Some((i, _)) = x
+            .rows()
+            .into_iter()
+            .enumerate()
+            .find(|(_, r)| r.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::tensor(
+                "x",
+                format!("row {i} has a NaN or infinite value"),
+            ));
         }
         Ok(())
     }
 
     fn input_shape(&self, batch: usize) -> Vec<usize> {
         let m = self.meta();
-        if m.kind == Kind::Crosscoder { vec![batch, m.n_layers, m.d_in] } else { vec![batch, m.d_in] }
+        if m.kind == Kind::Crosscoder {
+            vec![batch, m.n_layers, m.d_in]
+        } else {
+            vec![batch, m.d_in]
+        }
     }
 
     /// Feature activations of `x` (`[batch, n_layers·d_in]`, crosscoder layers concatenated).
@@ -175,8 +225,11 @@ impl Dictionary {
         let topk = self.meta().activation == Activation::TopK;
         let path = self.file.path().to_path_buf();
         self.encoder.with(|s| {
-            let input = TensorRef::from_array_view((shape.clone(), data)).map_err(|e| Error::ort("binding `x`", e))?;
-            let out = s.run(ort::inputs!["x" => input]).map_err(|e| Error::ort(format!("encoding with {}", path.display()), e))?;
+            let input = TensorRef::from_array_view((shape.clone(), data))
+                .map_err(|e| Error::ort("binding `x`", e))?;
+            let out = s
+                .run(ort::inputs!["x" => input])
+                .map_err(|e| Error::ort(format!("encoding with {}", path.display()), e))?;
             let acts = extract_f32(&out, "acts")?;
             let top = if topk {
                 let v = extract_f32(&out, "top_values")?;
@@ -213,10 +266,15 @@ impl Dictionary {
         let data = x.as_slice().unwrap_or(&[]);
         let path = self.file.path().to_path_buf();
         pool.with(|s| {
-            let input = TensorRef::from_array_view((shape.clone(), data)).map_err(|e| Error::ort("binding `x`", e))?;
-            let out = s.run(ort::inputs!["x" => input]).map_err(|e| Error::ort(format!("decoding with {}", path.display()), e))?;
+            let input = TensorRef::from_array_view((shape.clone(), data))
+                .map_err(|e| Error::ort("binding `x`", e))?;
+            let out = s
+                .run(ort::inputs!["x" => input])
+                .map_err(|e| Error::ort(format!("decoding with {}", path.display()), e))?;
             let acts = extract_f32(&out, "acts")?;
-            let recon = out["recon"].try_extract_array::<f32>().map_err(|e| Error::ort("reading `recon`", e))?;
+            let recon = out["recon"]
+                .try_extract_array::<f32>()
+                .map_err(|e| Error::ort("reading `recon`", e))?;
             let b = recon.shape()[0];
             let recon = recon
                 .to_owned()

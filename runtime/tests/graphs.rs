@@ -3,13 +3,16 @@
 //!
 //! Tolerance: the normwise relative error `max|ort - ref| / max|ref|` under 1e-5 for activations
 //! and reconstructions; TopK indices identical.
+#![allow(clippy::unwrap_used)]
 
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
 use tiller::dictionary::{Gated, build_model, reference};
-use tiller::{Activation, Dictionary, DictionaryFile, InputNorm, Kind, Meta, SessionOptions, Weights};
+use tiller::{
+    Activation, Dictionary, DictionaryFile, InputNorm, Kind, Meta, SessionOptions, Weights,
+};
 
 const TOL: f64 = 1e-5;
 
@@ -26,7 +29,10 @@ fn randv(rng: &mut StdRng, len: usize, scale: f32) -> Array1<f32> {
 fn rel_err(a: &Array2<f32>, b: &Array2<f64>) -> f64 {
     assert_eq!(a.shape(), b.shape());
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
+        / scale
 }
 
 struct Case {
@@ -40,7 +46,11 @@ struct Case {
 fn make(case: &Case, seed: u64) -> (Meta, Weights) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (d_in, d_sae) = (32, 96);
-    let d_out = if matches!(case.kind, Kind::Transcoder | Kind::SkipTranscoder) { 24 } else { d_in };
+    let d_out = if matches!(case.kind, Kind::Transcoder | Kind::SkipTranscoder) {
+        24
+    } else {
+        d_in
+    };
     let l = if case.kind == Kind::Crosscoder { 3 } else { 1 };
     let mut meta = Meta::new(case.kind, case.activation, d_in, d_sae, d_out);
     meta.n_layers = l;
@@ -55,14 +65,19 @@ fn make(case: &Case, seed: u64) -> (Meta, Weights) {
         w_dec: randn(&mut rng, (d_sae, l * d_out), 0.3),
         b_dec: randv(&mut rng, l * d_out, 0.2),
         threshold: match case.activation {
-            Activation::JumpRelu => Some(Array1::from_shape_simple_fn(d_sae, || u.sample(&mut rng))),
+            Activation::JumpRelu => {
+                Some(Array1::from_shape_simple_fn(d_sae, || u.sample(&mut rng)))
+            }
             Activation::BatchTopK => Some(Array1::from_elem(1, 0.25)),
             _ => None,
         },
-        gated: (case.activation == Activation::Gated)
-            .then(|| Gated { r_mag: randv(&mut rng, d_sae, 0.2), b_mag: randv(&mut rng, d_sae, 0.1) }),
+        gated: (case.activation == Activation::Gated).then(|| Gated {
+            r_mag: randv(&mut rng, d_sae, 0.2),
+            b_mag: randv(&mut rng, d_sae, 0.1),
+        }),
         w_skip: (case.kind == Kind::SkipTranscoder).then(|| randn(&mut rng, (d_out, d_in), 0.2)),
-        b_skip: (case.kind == Kind::SkipTranscoder && case.skip_bias).then(|| randv(&mut rng, d_out, 0.1)),
+        b_skip: (case.kind == Kind::SkipTranscoder && case.skip_bias)
+            .then(|| randv(&mut rng, d_out, 0.1)),
         apply_b_dec_to_input: case.apply_b_dec,
     };
     (meta, w)
@@ -84,15 +99,24 @@ fn check(case: &Case, seed: u64) {
     let enc = dict.encode(x.view()).unwrap();
     let (acts, recon) = dict.encode_decode(x.view()).unwrap();
     let (ref_acts, ref_recon) = reference::encode_decode(&meta, &w, x.view());
-    let label = format!("{} {} {} b_dec_in={}", meta.kind, meta.activation, meta.input_norm, case.apply_b_dec);
+    let label = format!(
+        "{} {} {} b_dec_in={}",
+        meta.kind, meta.activation, meta.input_norm, case.apply_b_dec
+    );
     let ea = rel_err(&enc.acts, &ref_acts);
     let er = rel_err(&recon, &ref_recon);
     assert!(ea < TOL, "{label}: acts rel err {ea:e}");
-    assert!(rel_err(&acts, &ref_acts) < TOL, "{label}: acts (full graph)");
+    assert!(
+        rel_err(&acts, &ref_acts) < TOL,
+        "{label}: acts (full graph)"
+    );
     assert!(er < TOL, "{label}: recon rel err {er:e}");
     // The activation function is really doing something: some features zero, some not.
     let active = ref_acts.iter().filter(|v| **v > 0.0).count();
-    assert!(active > 0 && active < ref_acts.len(), "{label}: degenerate case, {active} active");
+    assert!(
+        active > 0 && active < ref_acts.len(),
+        "{label}: degenerate case, {active} active"
+    );
 
     if meta.activation == Activation::TopK {
         let (vals, idx) = enc.top.expect("topk outputs");
@@ -112,11 +136,31 @@ fn check(case: &Case, seed: u64) {
 #[test]
 fn every_kind_and_activation_matches_the_reference() {
     let mut seed = 1;
-    for activation in [Activation::Relu, Activation::JumpRelu, Activation::TopK, Activation::BatchTopK, Activation::Gated] {
-        for norm in [InputNorm::None, InputNorm::LayerNorm, InputNorm::Scale(0.37), InputNorm::NormRescale] {
+    for activation in [
+        Activation::Relu,
+        Activation::JumpRelu,
+        Activation::TopK,
+        Activation::BatchTopK,
+        Activation::Gated,
+    ] {
+        for norm in [
+            InputNorm::None,
+            InputNorm::LayerNorm,
+            InputNorm::Scale(0.37),
+            InputNorm::NormRescale,
+        ] {
             for apply_b_dec in [false, true] {
                 seed += 1;
-                check(&Case { kind: Kind::Sae, activation, norm, apply_b_dec, skip_bias: false }, seed);
+                check(
+                    &Case {
+                        kind: Kind::Sae,
+                        activation,
+                        norm,
+                        apply_b_dec,
+                        skip_bias: false,
+                    },
+                    seed,
+                );
             }
         }
     }
@@ -127,15 +171,35 @@ fn transcoders_and_crosscoders_match_the_reference() {
     let mut seed = 100;
     for activation in [Activation::Relu, Activation::JumpRelu, Activation::TopK] {
         for norm in [InputNorm::None, InputNorm::LayerNorm] {
-            for (kind, skip_bias) in
-                [(Kind::Transcoder, false), (Kind::SkipTranscoder, false), (Kind::SkipTranscoder, true)]
-            {
+            for (kind, skip_bias) in [
+                (Kind::Transcoder, false),
+                (Kind::SkipTranscoder, false),
+                (Kind::SkipTranscoder, true),
+            ] {
                 seed += 1;
-                check(&Case { kind, activation, norm, apply_b_dec: false, skip_bias }, seed);
+                check(
+                    &Case {
+                        kind,
+                        activation,
+                        norm,
+                        apply_b_dec: false,
+                        skip_bias,
+                    },
+                    seed,
+                );
             }
             for apply_b_dec in [false, true] {
                 seed += 1;
-                check(&Case { kind: Kind::Crosscoder, activation, norm, apply_b_dec, skip_bias: false }, seed);
+                check(
+                    &Case {
+                        kind: Kind::Crosscoder,
+                        activation,
+                        norm,
+                        apply_b_dec,
+                        skip_bias: false,
+                    },
+                    seed,
+                );
             }
         }
     }
@@ -143,7 +207,13 @@ fn transcoders_and_crosscoders_match_the_reference() {
 
 #[test]
 fn external_data_round_trips() {
-    let case = Case { kind: Kind::Sae, activation: Activation::Relu, norm: InputNorm::None, apply_b_dec: true, skip_bias: false };
+    let case = Case {
+        kind: Kind::Sae,
+        activation: Activation::Relu,
+        norm: InputNorm::None,
+        apply_b_dec: true,
+        skip_bias: false,
+    };
     let (meta, w) = make(&case, 7);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ext.onnx");

@@ -24,7 +24,12 @@ const OrtApiBase* OrtGetApiBase(void) {{ return &base; }}
     )
     .unwrap();
     let lib = dir.join("libonnxruntime.so.fake");
-    let st = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&lib).arg(&src).status().unwrap();
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .status()
+        .unwrap();
     assert!(st.success(), "cc failed");
     lib
 }
@@ -34,23 +39,43 @@ fn bad_libraries_are_clear_errors_and_the_right_one_still_loads() {
     let dir = tempfile::tempdir().unwrap();
 
     let missing = dir.path().join("nope.so");
-    let e = tiller::onnxruntime::init(Some(&missing)).unwrap_err().to_string();
-    assert!(e.contains("nope.so") && e.contains("not a file") && e.contains("pip download"), "{e}");
+    let e = tiller::onnxruntime::init(Some(&missing))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nope.so") && e.contains("not a file") && e.contains("pip download"),
+        "{e}"
+    );
 
     let garbage = dir.path().join("garbage.so");
     std::fs::write(&garbage, b"this is not an ELF file").unwrap();
-    let e = tiller::onnxruntime::init(Some(&garbage)).unwrap_err().to_string();
-    assert!(e.contains("garbage.so") && e.contains("cannot load") && e.contains("ORT_DYLIB_PATH"), "{e}");
+    let e = tiller::onnxruntime::init(Some(&garbage))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("garbage.so") && e.contains("cannot load") && e.contains("ORT_DYLIB_PATH"),
+        "{e}"
+    );
 
     let old = fake_onnxruntime(dir.path(), "1.20.0");
-    let e = tiller::onnxruntime::init(Some(&old)).unwrap_err().to_string();
-    assert!(e.contains("1.20.0") && e.contains("onnxruntime==1.31.1"), "{e}");
+    let e = tiller::onnxruntime::init(Some(&old))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1.20.0") && e.contains("onnxruntime==1.31.1"),
+        "{e}"
+    );
 
     // Nothing above poisoned the process: the provisioned library loads.
     let good = tiller::onnxruntime::resolve_library(None).unwrap();
     tiller::onnxruntime::init(Some(&good)).unwrap();
-    assert_eq!(tiller::onnxruntime::loaded_library(), Some(good.canonicalize().unwrap().as_path()));
+    assert_eq!(
+        tiller::onnxruntime::loaded_library(),
+        Some(good.canonicalize().unwrap().as_path())
+    );
     // Asking for another file once one is loaded is refused, not silently ignored.
-    let e = tiller::onnxruntime::init(Some(&old)).unwrap_err().to_string();
+    let e = tiller::onnxruntime::init(Some(&old))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("already loaded"), "{e}");
 }

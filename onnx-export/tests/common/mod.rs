@@ -29,7 +29,10 @@ impl Rng {
         ArrayD::from_shape_simple_fn(shape, || u.sample(&mut self.0))
     }
     pub fn matrix(&mut self, rows: usize, cols: usize, scale: f64) -> Array2<f32> {
-        self.normal(&[rows, cols], scale).mapv(|v| v as f32).into_dimensionality().unwrap()
+        self.normal(&[rows, cols], scale)
+            .mapv(|v| v as f32)
+            .into_dimensionality()
+            .unwrap()
     }
 }
 
@@ -46,8 +49,14 @@ pub fn stored(t: &ArrayD<f64>, dtype: Dtype) -> ArrayD<f64> {
 fn bytes(t: &ArrayD<f64>, dtype: Dtype) -> Vec<u8> {
     let t = t.as_standard_layout();
     match dtype {
-        Dtype::F16 => t.iter().flat_map(|v| half::f16::from_f64(*v).to_le_bytes()).collect(),
-        Dtype::BF16 => t.iter().flat_map(|v| half::bf16::from_f64(*v).to_le_bytes()).collect(),
+        Dtype::F16 => t
+            .iter()
+            .flat_map(|v| half::f16::from_f64(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => t
+            .iter()
+            .flat_map(|v| half::bf16::from_f64(*v).to_le_bytes())
+            .collect(),
         Dtype::F64 => t.iter().flat_map(|v| v.to_le_bytes()).collect(),
         _ => t.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
     }
@@ -55,20 +64,36 @@ fn bytes(t: &ArrayD<f64>, dtype: Dtype) -> Vec<u8> {
 
 /// Writes `tensors` to a safetensors file in `dtype`.
 pub fn write_safetensors(path: &Path, tensors: &Tensors, dtype: Dtype) {
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> =
-        tensors.iter().map(|(k, v)| (k.clone(), bytes(v, dtype), v.shape().to_vec())).collect();
-    let views: Vec<(String, TensorView<'_>)> =
-        data.iter().map(|(k, b, s)| (k.clone(), TensorView::new(dtype, s.clone(), b).unwrap())).collect();
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), bytes(v, dtype), v.shape().to_vec()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(k, b, s)| (k.clone(), TensorView::new(dtype, s.clone(), b).unwrap()))
+        .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
 /// Writes a SAELens checkpoint folder: `cfg.json` and `sae_weights.safetensors`. Returns the
 /// tensors as stored (rounded to `dtype`).
-pub fn write_saelens(dir: &Path, cfg: &serde_json::Value, tensors: &Tensors, dtype: Dtype) -> Tensors {
+pub fn write_saelens(
+    dir: &Path,
+    cfg: &serde_json::Value,
+    tensors: &Tensors,
+    dtype: Dtype,
+) -> Tensors {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("cfg.json"), serde_json::to_string_pretty(cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("cfg.json"),
+        serde_json::to_string_pretty(cfg).unwrap(),
+    )
+    .unwrap();
     write_safetensors(&dir.join("sae_weights.safetensors"), tensors, dtype);
-    tensors.iter().map(|(k, v)| (k.clone(), stored(v, dtype))).collect()
+    tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), stored(v, dtype)))
+        .collect()
 }
 
 pub fn m2(t: &Tensors, name: &str) -> Array2<f64> {
@@ -83,5 +108,8 @@ pub fn v1(t: &Tensors, name: &str) -> Array1<f64> {
 pub fn rel_err(a: &Array2<f32>, b: &Array2<f64>) -> f64 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
+        / scale
 }

@@ -48,34 +48,57 @@ impl Weights {
         let l = meta.n_layers;
         let shape2 = |name: &str, a: &Array2<f32>, want: [usize; 2]| -> Result<()> {
             if a.shape() != want {
-                return Err(Error::tensor(name, format!("shape {:?}, expected {:?}", a.shape(), want)));
+                return Err(Error::tensor(
+                    name,
+                    format!("shape {:?}, expected {:?}", a.shape(), want),
+                ));
             }
             Ok(())
         };
         let shape1 = |name: &str, a: &Array1<f32>, want: usize| -> Result<()> {
             if a.len() != want {
-                return Err(Error::tensor(name, format!("shape [{}], expected [{want}]", a.len())));
+                return Err(Error::tensor(
+                    name,
+                    format!("shape [{}], expected [{want}]", a.len()),
+                ));
             }
             Ok(())
         };
         shape2("W_enc", &self.w_enc, [l * meta.d_in, meta.d_sae])?;
-        shape1(if self.gated.is_some() { "b_gate" } else { "b_enc" }, &self.b_enc, meta.d_sae)?;
+        shape1(
+            if self.gated.is_some() {
+                "b_gate"
+            } else {
+                "b_enc"
+            },
+            &self.b_enc,
+            meta.d_sae,
+        )?;
         shape2("W_dec", &self.w_dec, [meta.d_sae, l * meta.d_out])?;
         shape1("b_dec", &self.b_dec, l * meta.d_out)?;
         if self.apply_b_dec_to_input && meta.d_in != meta.d_out {
             return Err(Error::invalid(
                 "apply_b_dec_to_input",
-                format!("b_dec has width {} but the input has width {}", meta.d_out, meta.d_in),
+                format!(
+                    "b_dec has width {} but the input has width {}",
+                    meta.d_out, meta.d_in
+                ),
             ));
         }
         match (meta.activation, &self.threshold) {
             (Activation::JumpRelu, Some(t)) => shape1("threshold", t, meta.d_sae)?,
             (Activation::BatchTopK, Some(t)) => shape1("threshold", t, 1)?,
             (Activation::JumpRelu | Activation::BatchTopK, None) => {
-                return Err(Error::tensor("threshold", format!("a {} dictionary needs it", meta.activation)));
+                return Err(Error::tensor(
+                    "threshold",
+                    format!("a {} dictionary needs it", meta.activation),
+                ));
             }
             (_, Some(_)) => {
-                return Err(Error::tensor("threshold", format!("a {} dictionary has none", meta.activation)));
+                return Err(Error::tensor(
+                    "threshold",
+                    format!("a {} dictionary has none", meta.activation),
+                ));
             }
             (_, None) => {}
         }
@@ -84,19 +107,36 @@ impl Weights {
                 shape1("r_mag", &g.r_mag, meta.d_sae)?;
                 shape1("b_mag", &g.b_mag, meta.d_sae)?;
             }
-            (Activation::Gated, None) => return Err(Error::tensor("r_mag", "a gated dictionary needs r_mag and b_mag")),
-            (_, Some(_)) => return Err(Error::tensor("r_mag", "only gated dictionaries have r_mag and b_mag")),
+            (Activation::Gated, None) => {
+                return Err(Error::tensor(
+                    "r_mag",
+                    "a gated dictionary needs r_mag and b_mag",
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(Error::tensor(
+                    "r_mag",
+                    "only gated dictionaries have r_mag and b_mag",
+                ));
+            }
             (_, None) => {}
         }
         if meta.activation == Activation::TopK {
             match meta.k {
                 Some(k) if k >= 1 && k <= meta.d_sae => {}
-                _ => return Err(Error::invalid("k", format!("{:?} for d_sae {}", meta.k, meta.d_sae))),
+                _ => {
+                    return Err(Error::invalid(
+                        "k",
+                        format!("{:?} for d_sae {}", meta.k, meta.d_sae),
+                    ));
+                }
             }
         }
         match (meta.kind, &self.w_skip) {
             (Kind::SkipTranscoder, Some(w)) => shape2("W_skip", w, [meta.d_out, meta.d_in])?,
-            (Kind::SkipTranscoder, None) => return Err(Error::tensor("W_skip", "a skip transcoder needs it")),
+            (Kind::SkipTranscoder, None) => {
+                return Err(Error::tensor("W_skip", "a skip transcoder needs it"));
+            }
             (_, Some(_)) => return Err(Error::tensor("W_skip", "only skip transcoders have it")),
             (_, None) => {}
         }
@@ -107,13 +147,26 @@ impl Weights {
             shape1("b_skip", b, meta.d_out)?;
         }
         if !matches!(meta.kind, Kind::Crosscoder | Kind::Clt) && l != 1 {
-            return Err(Error::invalid("n_layers", format!("{l} for a {} dictionary", meta.kind)));
+            return Err(Error::invalid(
+                "n_layers",
+                format!("{l} for a {} dictionary", meta.kind),
+            ));
         }
         if matches!(meta.kind, Kind::Probe | Kind::Vector | Kind::Clt) {
-            return Err(Error::invalid("kind", format!("{} dictionaries are not built from these weights", meta.kind)));
+            return Err(Error::invalid(
+                "kind",
+                format!(
+                    "{} dictionaries are not built from these weights",
+                    meta.kind
+                ),
+            ));
         }
-        let all_finite = [&self.w_enc, &self.w_dec].iter().all(|a| a.iter().all(|v| v.is_finite()))
-            && [&self.b_enc, &self.b_dec].iter().all(|a| a.iter().all(|v| v.is_finite()));
+        let all_finite = [&self.w_enc, &self.w_dec]
+            .iter()
+            .all(|a| a.iter().all(|v| v.is_finite()))
+            && [&self.b_enc, &self.b_dec]
+                .iter()
+                .all(|a| a.iter().all(|v| v.is_finite()));
         if !all_finite {
             return Err(Error::tensor("weights", "contain NaN or infinite values"));
         }
@@ -138,14 +191,30 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
 
     let contiguous = |a: &Array2<f32>| a.as_standard_layout().into_owned();
     let w_enc = contiguous(&w.w_enc);
-    let w_enc_name = g.weight("W_enc", &[l * meta.d_in, d_sae], w_enc.as_slice().unwrap_or(&[]));
+    let w_enc_name = g.weight(
+        "W_enc",
+        &[l * meta.d_in, d_sae],
+        w_enc.as_slice().unwrap_or(&[]),
+    );
     let w_dec = contiguous(&w.w_dec);
-    let dec_dims: Vec<usize> = if crosscoder { vec![d_sae, l, meta.d_out] } else { vec![d_sae, meta.d_out] };
+    let dec_dims: Vec<usize> = if crosscoder {
+        vec![d_sae, l, meta.d_out]
+    } else {
+        vec![d_sae, meta.d_out]
+    };
     let w_dec_name = g.weight("W_dec", &dec_dims, w_dec.as_slice().unwrap_or(&[]));
-    let b_dec_dims: Vec<usize> = if crosscoder { vec![l, meta.d_out] } else { vec![meta.d_out] };
+    let b_dec_dims: Vec<usize> = if crosscoder {
+        vec![l, meta.d_out]
+    } else {
+        vec![meta.d_out]
+    };
     let b_dec = w.b_dec.to_vec();
     let b_dec_name = g.weight("b_dec", &b_dec_dims, &b_dec);
-    let b_enc_name = g.weight(if w.gated.is_some() { "b_gate" } else { "b_enc" }, &[d_sae], &w.b_enc.to_vec());
+    let b_enc_name = g.weight(
+        if w.gated.is_some() { "b_gate" } else { "b_enc" },
+        &[d_sae],
+        &w.b_enc.to_vec(),
+    );
 
     // Normalisation, per token (and per layer for crosscoders).
     let mut stats: Option<(String, String)> = None; // (std, mean) or (factor, "")
@@ -172,7 +241,11 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
             xn
         }
         InputNorm::NormRescale => {
-            let ss = g.op("ReduceSumSquare", &[&x], vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))]);
+            let ss = g.op(
+                "ReduceSumSquare",
+                &[&x],
+                vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+            );
             let norm = g.op("Sqrt", &[&ss], vec![]);
             let sqrt_d = g.const_f32("sqrt_d", (meta.d_in as f32).sqrt());
             let c = g.op("Div", &[&sqrt_d, &norm], vec![]);
@@ -207,7 +280,11 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
         Activation::Relu => g.op_into("Relu", &[&pre], &["acts"], vec![]),
         Activation::JumpRelu | Activation::BatchTopK => {
             let t = w.threshold.as_ref().map(|t| t.to_vec()).unwrap_or_default();
-            let dims: Vec<usize> = if meta.activation == Activation::JumpRelu { vec![d_sae] } else { vec![] };
+            let dims: Vec<usize> = if meta.activation == Activation::JumpRelu {
+                vec![d_sae]
+            } else {
+                vec![]
+            };
             let th = g.weight("threshold", &dims, &t);
             let relu = g.op("Relu", &[&pre], vec![]);
             let mask = g.op("Greater", &[&pre, &th], vec![]);
@@ -219,17 +296,36 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
                 "TopK",
                 &[&pre, &k],
                 &["topk_raw_values", "top_indices"],
-                vec![("axis", Attr::Int(-1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))],
+                vec![
+                    ("axis", Attr::Int(-1)),
+                    ("largest", Attr::Int(1)),
+                    ("sorted", Attr::Int(1)),
+                ],
             );
             g.op_into("Relu", &["topk_raw_values"], &["top_values"], vec![]);
             let shape = g.op("Shape", &[&pre], vec![]);
-            let zeros = g.op("ConstantOfShape", &[&shape], vec![("value", Attr::Tensor(tensor_f32("value", &[1], &[0.0])))]);
-            g.op_into("ScatterElements", &[&zeros, "top_indices", "top_values"], &["acts"], vec![("axis", Attr::Int(1))]);
+            let zeros = g.op(
+                "ConstantOfShape",
+                &[&shape],
+                vec![(
+                    "value",
+                    Attr::Tensor(Box::new(tensor_f32("value", &[1], &[0.0]))),
+                )],
+            );
+            g.op_into(
+                "ScatterElements",
+                &[&zeros, "top_indices", "top_values"],
+                &["acts"],
+                vec![("axis", Attr::Int(1))],
+            );
             topk_outputs = true;
         }
         Activation::Gated => {
             let Some(gated) = &w.gated else {
-                return Err(Error::tensor("r_mag", "a gated dictionary needs r_mag and b_mag"));
+                return Err(Error::tensor(
+                    "r_mag",
+                    "a gated dictionary needs r_mag and b_mag",
+                ));
             };
             let r_mag = g.weight("r_mag", &[d_sae], &gated.r_mag.to_vec());
             let b_mag = g.weight("b_mag", &[d_sae], &gated.b_mag.to_vec());
@@ -273,8 +369,16 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
     };
     if let Some(w_skip) = &w.w_skip {
         let ws = contiguous(w_skip);
-        let ws_name = g.weight("W_skip", &[meta.d_out, meta.d_in], ws.as_slice().unwrap_or(&[]));
-        let wt = g.op("Transpose", &[&ws_name], vec![("perm", Attr::Ints(vec![1, 0]))]);
+        let ws_name = g.weight(
+            "W_skip",
+            &[meta.d_out, meta.d_in],
+            ws.as_slice().unwrap_or(&[]),
+        );
+        let wt = g.op(
+            "Transpose",
+            &[&ws_name],
+            vec![("perm", Attr::Ints(vec![1, 0]))],
+        );
         let skip = g.op("MatMul", &[&x, &wt], vec![]);
         let skip = match &w.b_skip {
             Some(b) => {

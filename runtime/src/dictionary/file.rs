@@ -5,7 +5,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 
 use ndarray::{Array1, Array2};
-use onnx_protobuf::{ModelProto, TensorProto, ValueInfoProto, tensor_proto::DataLocation, tensor_proto::DataType, type_proto};
+use onnx_protobuf::{
+    ModelProto, TensorProto, ValueInfoProto, tensor_proto::DataLocation, tensor_proto::DataType,
+    type_proto,
+};
 use protobuf::{Enum, Message};
 
 use super::{Kind, Meta};
@@ -26,7 +29,11 @@ pub struct DictionaryFile {
 enum Bytes<'a> {
     Inline(&'a [u8]),
     Floats(&'a [f32]),
-    External { file: PathBuf, offset: u64, length: u64 },
+    External {
+        file: PathBuf,
+        offset: u64,
+        length: u64,
+    },
 }
 
 fn elem_size(data_type: i32) -> Option<usize> {
@@ -65,12 +72,20 @@ impl DictionaryFile {
             .map(|o| o.version)
             .ok_or_else(|| err("it imports no ai.onnx opset".into()))?;
         if opset < OPSET {
-            return Err(err(format!("opset {opset} is older than the required {OPSET}")));
+            return Err(err(format!(
+                "opset {opset} is older than the required {OPSET}"
+            )));
         }
-        let props: BTreeMap<String, String> =
-            model.metadata_props.iter().map(|e| (e.key.clone(), e.value.clone())).collect();
+        let props: BTreeMap<String, String> = model
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
         let meta = Meta::from_props(path, &props)?;
-        let graph = model.graph.as_ref().ok_or_else(|| err("it has no graph".into()))?;
+        let graph = model
+            .graph
+            .as_ref()
+            .ok_or_else(|| err("it has no graph".into()))?;
 
         // Inputs and outputs.
         let x = graph
@@ -92,11 +107,21 @@ impl DictionaryFile {
         // Every initializer: a known dtype, a size that matches its dims, external data inside the folder.
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut external = false;
-        let mut f = Self { path: path.to_path_buf(), meta, model: ModelProto::new(), opset, external: false };
+        let mut f = Self {
+            path: path.to_path_buf(),
+            meta,
+            model: ModelProto::new(),
+            opset,
+            external: false,
+        };
         for t in &graph.initializer {
             let (_, n) = tensor_dims(path, t)?;
-            let size = elem_size(t.data_type)
-                .ok_or_else(|| err(format!("initializer `{}` has unsupported data type {}", t.name, t.data_type)))?;
+            let size = elem_size(t.data_type).ok_or_else(|| {
+                err(format!(
+                    "initializer `{}` has unsupported data type {}",
+                    t.name, t.data_type
+                ))
+            })?;
             let want = n
                 .checked_mul(size)
                 .ok_or_else(|| err(format!("initializer `{}` is impossibly large", t.name)))?;
@@ -121,7 +146,11 @@ impl DictionaryFile {
                         )));
                     }
                 }
-                Bytes::External { file, offset, length } => {
+                Bytes::External {
+                    file,
+                    offset,
+                    length,
+                } => {
                     external = true;
                     if length != want as u64 {
                         return Err(err(format!(
@@ -129,7 +158,9 @@ impl DictionaryFile {
                             t.name, t.dims
                         )));
                     }
-                    let len = std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?.len();
+                    let len = std::fs::metadata(&file)
+                        .map_err(|e| Error::io(&file, e))?
+                        .len();
                     if offset.checked_add(length).is_none_or(|end| end > len) {
                         return Err(err(format!(
                             "initializer `{}`: external data [{offset}, +{length}) runs past the end of {} ({len} bytes)",
@@ -151,15 +182,23 @@ impl DictionaryFile {
             } else {
                 vec![d_sae as i64, d_out as i64]
             };
-            let w_dec = find(graph, "W_dec").ok_or_else(|| err("initializer `W_dec` is missing".into()))?;
+            let w_dec =
+                find(graph, "W_dec").ok_or_else(|| err("initializer `W_dec` is missing".into()))?;
             if w_dec.dims != want_dec {
-                return Err(err(format!("`W_dec` has shape {:?}, the metadata says {want_dec:?}", w_dec.dims)));
+                return Err(err(format!(
+                    "`W_dec` has shape {:?}, the metadata says {want_dec:?}",
+                    w_dec.dims
+                )));
             }
             if f.meta.kind != Kind::Vector {
-                let b_dec = find(graph, "b_dec").ok_or_else(|| err("initializer `b_dec` is missing".into()))?;
+                let b_dec = find(graph, "b_dec")
+                    .ok_or_else(|| err("initializer `b_dec` is missing".into()))?;
                 let want_b: Vec<i64> = want_dec[1..].to_vec();
                 if b_dec.dims != want_b {
-                    return Err(err(format!("`b_dec` has shape {:?}, the metadata says {want_b:?}", b_dec.dims)));
+                    return Err(err(format!(
+                        "`b_dec` has shape {:?}, the metadata says {want_b:?}",
+                        b_dec.dims
+                    )));
                 }
             }
         }
@@ -194,7 +233,10 @@ impl DictionaryFile {
 
     /// The folder external data is resolved against.
     pub fn base_dir(&self) -> PathBuf {
-        self.path.parent().map(Path::to_path_buf).unwrap_or_default()
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     }
 
     fn locate<'a>(&self, base: &Path, t: &'a TensorProto) -> Result<Bytes<'a>> {
@@ -204,7 +246,14 @@ impl DictionaryFile {
             let mut offset = 0u64;
             let mut length = None;
             for e in &t.external_data {
-                let num = |v: &str| v.parse::<u64>().map_err(|_| err(format!("initializer `{}`: external data {} = `{v}` is not a number", t.name, e.key)));
+                let num = |v: &str| {
+                    v.parse::<u64>().map_err(|_| {
+                        err(format!(
+                            "initializer `{}`: external data {} = `{v}` is not a number",
+                            t.name, e.key
+                        ))
+                    })
+                };
                 match e.key.as_str() {
                     "location" => location = Some(e.value.as_str()),
                     "offset" => offset = num(&e.value)?,
@@ -212,16 +261,32 @@ impl DictionaryFile {
                     _ => {}
                 }
             }
-            let location = location.ok_or_else(|| err(format!("initializer `{}`: external data without a location", t.name)))?;
-            let file = safe_join(base, location).map_err(|m| err(format!("initializer `{}`: external data location `{location}` {m}", t.name)))?;
+            let location = location.ok_or_else(|| {
+                err(format!(
+                    "initializer `{}`: external data without a location",
+                    t.name
+                ))
+            })?;
+            let file = safe_join(base, location).map_err(|m| {
+                err(format!(
+                    "initializer `{}`: external data location `{location}` {m}",
+                    t.name
+                ))
+            })?;
             let length = match length {
                 Some(l) => l,
                 None => {
-                    let len = std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?.len();
+                    let len = std::fs::metadata(&file)
+                        .map_err(|e| Error::io(&file, e))?
+                        .len();
                     len.saturating_sub(offset)
                 }
             };
-            return Ok(Bytes::External { file, offset, length });
+            return Ok(Bytes::External {
+                file,
+                offset,
+                length,
+            });
         }
         if !t.raw_data.is_empty() || t.float_data.is_empty() {
             Ok(Bytes::Inline(&t.raw_data))
@@ -232,41 +297,68 @@ impl DictionaryFile {
 
     /// Reads the initializer `name` as float32 (f16, bf16 and f64 are converted), with its dims.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let graph = self.model.graph.as_ref().ok_or_else(|| Error::dictionary(&self.path, "it has no graph"))?;
-        let t = find(graph, name).ok_or_else(|| Error::dictionary(&self.path, format!("initializer `{name}` is missing")))?;
+        let graph = self
+            .model
+            .graph
+            .as_ref()
+            .ok_or_else(|| Error::dictionary(&self.path, "it has no graph"))?;
+        let t = find(graph, name).ok_or_else(|| {
+            Error::dictionary(&self.path, format!("initializer `{name}` is missing"))
+        })?;
         let (dims, n) = tensor_dims(&self.path, t)?;
         let bytes: std::borrow::Cow<'_, [u8]> = match self.locate(&self.base_dir(), t)? {
             Bytes::Floats(v) => return Ok((dims, v.to_vec())),
             Bytes::Inline(b) => b.into(),
-            Bytes::External { file, offset, length } => {
+            Bytes::External {
+                file,
+                offset,
+                length,
+            } => {
                 let mut fh = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
-                fh.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(&file, e))?;
+                fh.seek(SeekFrom::Start(offset))
+                    .map_err(|e| Error::io(&file, e))?;
                 let mut buf = vec![0u8; length as usize];
                 fh.read_exact(&mut buf).map_err(|e| Error::io(&file, e))?;
                 buf.into()
             }
         };
         let values: Vec<f32> = match DataType::from_i32(t.data_type) {
-            Some(DataType::FLOAT) => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Some(DataType::FLOAT16) => {
-                bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            Some(DataType::BFLOAT16) => {
-                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
+            Some(DataType::FLOAT) => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Some(DataType::FLOAT16) => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Some(DataType::BFLOAT16) => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             Some(DataType::DOUBLE) => bytes
                 .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
                 .collect(),
             _ => {
                 return Err(Error::dictionary(
                     &self.path,
-                    format!("initializer `{name}` is not a floating-point tensor (type {})", t.data_type),
+                    format!(
+                        "initializer `{name}` is not a floating-point tensor (type {})",
+                        t.data_type
+                    ),
                 ));
             }
         };
         if values.len() != n {
-            return Err(Error::dictionary(&self.path, format!("initializer `{name}` holds {} values, expected {n}", values.len())));
+            return Err(Error::dictionary(
+                &self.path,
+                format!(
+                    "initializer `{name}` holds {} values, expected {n}",
+                    values.len()
+                ),
+            ));
         }
         Ok((dims, values))
     }
@@ -275,8 +367,9 @@ impl DictionaryFile {
     pub fn w_dec(&self) -> Result<Array2<f32>> {
         let (dims, v) = self.tensor_f32("W_dec")?;
         let rows = dims.first().copied().unwrap_or(0);
-        let cols = if rows == 0 { 0 } else { v.len() / rows };
-        Array2::from_shape_vec((rows, cols), v).map_err(|e| Error::dictionary(&self.path, format!("`W_dec`: {e}")))
+        let cols = v.len().checked_div(rows).unwrap_or(0);
+        Array2::from_shape_vec((rows, cols), v)
+            .map_err(|e| Error::dictionary(&self.path, format!("`W_dec`: {e}")))
     }
 
     /// The decoder bias, `[n_layers·d_out]`.
@@ -293,33 +386,55 @@ fn tensor_dims(path: &Path, t: &TensorProto) -> Result<(Vec<usize>, usize)> {
     let mut n: usize = 1;
     let mut dims = Vec::with_capacity(t.dims.len());
     for &d in &t.dims {
-        let d = usize::try_from(d)
-            .map_err(|_| Error::dictionary(path, format!("initializer `{}` has a negative dimension {d}", t.name)))?;
-        n = n
-            .checked_mul(d)
-            .ok_or_else(|| Error::dictionary(path, format!("initializer `{}` has an impossibly large shape", t.name)))?;
+        let d = usize::try_from(d).map_err(|_| {
+            Error::dictionary(
+                path,
+                format!("initializer `{}` has a negative dimension {d}", t.name),
+            )
+        })?;
+        n = n.checked_mul(d).ok_or_else(|| {
+            Error::dictionary(
+                path,
+                format!("initializer `{}` has an impossibly large shape", t.name),
+            )
+        })?;
         dims.push(d);
     }
     Ok((dims, n))
 }
 
-fn check_value(path: &Path, v: &ValueInfoProto, elem: DataType, rank: usize, last: usize) -> Result<()> {
+fn check_value(
+    path: &Path,
+    v: &ValueInfoProto,
+    elem: DataType,
+    rank: usize,
+    last: usize,
+) -> Result<()> {
     let err = |m: String| Error::dictionary(path, format!("`{}` {m}", v.name));
-    let Some(type_proto::Value::TensorType(t)) = v.type_.as_ref().and_then(|t| t.value.as_ref()) else {
+    let Some(type_proto::Value::TensorType(t)) = v.type_.as_ref().and_then(|t| t.value.as_ref())
+    else {
         return Err(err("is not a tensor".into()));
     };
     if t.elem_type != elem as i32 {
-        return Err(err(format!("has element type {}, expected {elem:?}", t.elem_type)));
+        return Err(err(format!(
+            "has element type {}, expected {elem:?}",
+            t.elem_type
+        )));
     }
     if let Some(shape) = t.shape.as_ref() {
         if shape.dim.len() != rank {
-            return Err(err(format!("has rank {}, expected {rank}", shape.dim.len())));
+            return Err(err(format!(
+                "has rank {}, expected {rank}",
+                shape.dim.len()
+            )));
         }
         if let Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(d)) =
             shape.dim.last().and_then(|d| d.value.as_ref())
             && *d != last as i64
         {
-            return Err(err(format!("has last dimension {d}, the metadata says {last}")));
+            return Err(err(format!(
+                "has last dimension {d}, the metadata says {last}"
+            )));
         }
     }
     Ok(())
@@ -344,9 +459,14 @@ fn safe_join(base: &Path, location: &str) -> std::result::Result<PathBuf, String
         .canonicalize()
         .or_else(|_| std::env::current_dir().map(|d| d.join(base)))
         .map_err(|e| format!("cannot resolve the model's folder: {e}"))?;
-    let canon = joined.canonicalize().map_err(|e| format!("cannot be opened: {e}"))?;
+    let canon = joined
+        .canonicalize()
+        .map_err(|e| format!("cannot be opened: {e}"))?;
     if !canon.starts_with(&canon_base) {
-        return Err(format!("resolves to {}, outside the model's folder", canon.display()));
+        return Err(format!(
+            "resolves to {}, outside the model's folder",
+            canon.display()
+        ));
     }
     if !canon.is_file() {
         return Err("is not a regular file".into());

@@ -126,9 +126,13 @@ impl FromStr for InputNorm {
             _ => match s.strip_prefix("scale:") {
                 Some(v) => match v.parse::<f32>() {
                     Ok(f) if f.is_finite() && f != 0.0 => Ok(Self::Scale(f)),
-                    _ => Err(format!("`{s}`: the scale must be a finite, non-zero number")),
+                    _ => Err(format!(
+                        "`{s}`: the scale must be a finite, non-zero number"
+                    )),
                 },
-                None => Err(format!("`{s}` is not one of none, layer_norm, norm_rescale, scale:<f>")),
+                None => Err(format!(
+                    "`{s}` is not one of none, layer_norm, norm_rescale, scale:<f>"
+                )),
             },
         }
     }
@@ -171,7 +175,13 @@ pub struct Meta {
 
 impl Meta {
     /// A plain SAE's metadata, with empty hooks, model and source.
-    pub fn new(kind: Kind, activation: Activation, d_in: usize, d_sae: usize, d_out: usize) -> Self {
+    pub fn new(
+        kind: Kind,
+        activation: Activation,
+        d_in: usize,
+        d_sae: usize,
+        d_out: usize,
+    ) -> Self {
         Self {
             kind,
             activation,
@@ -222,8 +232,11 @@ impl Meta {
             p.push(("tiller.feature_ids", s.join(",")));
         }
         if !self.labels.is_empty() {
-            let map: serde_json::Map<String, serde_json::Value> =
-                self.labels.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone()))).collect();
+            let map: serde_json::Map<String, serde_json::Value> = self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+                .collect();
             p.push(("tiller.labels", serde_json::Value::Object(map).to_string()));
         }
         p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
@@ -238,21 +251,42 @@ impl Meta {
             let v = need(k)?;
             match v.parse::<usize>() {
                 Ok(n) if n > 0 => Ok(n),
-                _ => Err(err(format!("metadata `{k}` = `{v}` is not a positive integer"))),
+                _ => Err(err(format!(
+                    "metadata `{k}` = `{v}` is not a positive integer"
+                ))),
             }
         };
         match get("tiller.format") {
             Some(FORMAT_VERSION) => {}
-            Some(v) => return Err(err(format!("`tiller.format` is `{v}`; this build reads format {FORMAT_VERSION}"))),
-            None => return Err(err("metadata key `tiller.format` is missing: not a Tiller dictionary".into())),
+            Some(v) => {
+                return Err(err(format!(
+                    "`tiller.format` is `{v}`; this build reads format {FORMAT_VERSION}"
+                )));
+            }
+            None => {
+                return Err(err(
+                    "metadata key `tiller.format` is missing: not a Tiller dictionary".into(),
+                ));
+            }
         }
-        let kind: Kind = need("tiller.kind")?.parse().map_err(|e| err(format!("`tiller.kind`: {e}")))?;
-        let activation: Activation =
-            need("tiller.activation")?.parse().map_err(|e| err(format!("`tiller.activation`: {e}")))?;
+        let kind: Kind = need("tiller.kind")?
+            .parse()
+            .map_err(|e| err(format!("`tiller.kind`: {e}")))?;
+        let activation: Activation = need("tiller.activation")?
+            .parse()
+            .map_err(|e| err(format!("`tiller.activation`: {e}")))?;
         let d_in = size("tiller.d_in")?;
         let d_sae = size("tiller.d_sae")?;
-        let d_out = if get("tiller.d_out").is_some() { size("tiller.d_out")? } else { d_in };
-        let n_layers = if get("tiller.n_layers").is_some() { size("tiller.n_layers")? } else { 1 };
+        let d_out = if get("tiller.d_out").is_some() {
+            size("tiller.d_out")?
+        } else {
+            d_in
+        };
+        let n_layers = if get("tiller.n_layers").is_some() {
+            size("tiller.n_layers")?
+        } else {
+            1
+        };
         let k = match get("tiller.k") {
             Some(_) => Some(size("tiller.k")?),
             None => None,
@@ -260,18 +294,25 @@ impl Meta {
         if activation == Activation::TopK {
             match k {
                 None => return Err(err("a topk dictionary needs `tiller.k`".into())),
-                Some(k) if k > d_sae => return Err(err(format!("`tiller.k` = {k} exceeds `tiller.d_sae` = {d_sae}"))),
+                Some(k) if k > d_sae => {
+                    return Err(err(format!(
+                        "`tiller.k` = {k} exceeds `tiller.d_sae` = {d_sae}"
+                    )));
+                }
                 _ => {}
             }
         }
         let input_norm: InputNorm = match get("tiller.input_norm") {
-            Some(s) => s.parse().map_err(|e| err(format!("`tiller.input_norm`: {e}")))?,
+            Some(s) => s
+                .parse()
+                .map_err(|e| err(format!("`tiller.input_norm`: {e}")))?,
             None => InputNorm::None,
         };
         let feature_ids = match get("tiller.feature_ids") {
             None | Some("") => None,
             Some(s) => {
-                let ids: std::result::Result<Vec<u32>, _> = s.split(',').map(|t| t.trim().parse::<u32>()).collect();
+                let ids: std::result::Result<Vec<u32>, _> =
+                    s.split(',').map(|t| t.trim().parse::<u32>()).collect();
                 let ids = ids.map_err(|e| err(format!("`tiller.feature_ids`: {e}")))?;
                 if ids.len() != d_sae {
                     return Err(err(format!(
@@ -317,8 +358,12 @@ pub fn parse_labels(s: &str) -> std::result::Result<BTreeMap<u32, String>, Strin
     let obj = v.as_object().ok_or("not a JSON object")?;
     let mut out = BTreeMap::new();
     for (k, v) in obj {
-        let id: u32 = k.parse().map_err(|_| format!("key `{k}` is not a feature index"))?;
-        let label = v.as_str().ok_or_else(|| format!("the label of feature {k} is not a string"))?;
+        let id: u32 = k
+            .parse()
+            .map_err(|_| format!("key `{k}` is not a feature index"))?;
+        let label = v
+            .as_str()
+            .ok_or_else(|| format!("the label of feature {k} is not a string"))?;
         out.insert(id, label.to_string());
     }
     Ok(out)

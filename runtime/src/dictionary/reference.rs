@@ -37,7 +37,8 @@ fn normalize(meta: &Meta, x: &mut Array2<f64>) -> Norm {
                 }
                 InputNorm::LayerNorm => {
                     let mu = row.iter().sum::<f64>() / d as f64;
-                    let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / (d as f64 - 1.0).max(1.0);
+                    let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>()
+                        / (d as f64 - 1.0).max(1.0);
                     let std = var.sqrt();
                     row.mapv_inplace(|v| (v - mu) / (std + LAYER_NORM_EPS));
                     // Undone as y·std + mu.
@@ -78,7 +79,11 @@ fn activate(meta: &Meta, w: &Weights, pre: &Array2<f64>, xw: &Array2<f64>) -> Ar
     match meta.activation {
         Activation::Relu => pre.mapv(|v| v.max(0.0)),
         Activation::JumpRelu | Activation::BatchTopK => {
-            let th: Array1<f64> = w.threshold.as_ref().map(|t| t.mapv(f64::from)).unwrap_or_default();
+            let th: Array1<f64> = w
+                .threshold
+                .as_ref()
+                .map(|t| t.mapv(f64::from))
+                .unwrap_or_default();
             let mut out = pre.clone();
             for mut row in out.rows_mut() {
                 for (j, v) in row.iter_mut().enumerate() {
@@ -99,7 +104,9 @@ fn activate(meta: &Meta, w: &Weights, pre: &Array2<f64>, xw: &Array2<f64>) -> Ar
             out
         }
         Activation::Gated => {
-            let Some(g) = &w.gated else { return Array2::zeros(pre.raw_dim()) };
+            let Some(g) = &w.gated else {
+                return Array2::zeros(pre.raw_dim());
+            };
             let mut out = Array2::zeros(pre.raw_dim());
             for ((i, j), v) in out.indexed_iter_mut() {
                 if pre[[i, j]] > 0.0 {
@@ -121,7 +128,11 @@ pub fn topk_indices(values: &[f64], k: usize) -> Vec<usize> {
 }
 
 /// Feature activations and the reconstruction (`[batch, n_layers·d_out]`).
-pub fn encode_decode(meta: &Meta, w: &Weights, x: ArrayView2<'_, f32>) -> (Array2<f64>, Array2<f64>) {
+pub fn encode_decode(
+    meta: &Meta,
+    w: &Weights,
+    x: ArrayView2<'_, f32>,
+) -> (Array2<f64>, Array2<f64>) {
     let (pre, xw, norm) = pre_acts(meta, w, x);
     let acts = activate(meta, w, &pre, &xw);
     let mut y = acts.dot(&to64(&w.w_dec)) + w.b_dec.mapv(f64::from);
@@ -130,7 +141,8 @@ pub fn encode_decode(meta: &Meta, w: &Weights, x: ArrayView2<'_, f32>) -> (Array
         for t in 0..y.nrows() {
             for layer in 0..meta.n_layers {
                 let (f, m) = (norm.factor[[t, layer]], norm.mean[[t, layer]]);
-                y.slice_mut(ndarray::s![t, layer * d..(layer + 1) * d]).mapv_inplace(|v| v / f + m);
+                y.slice_mut(ndarray::s![t, layer * d..(layer + 1) * d])
+                    .mapv_inplace(|v| v / f + m);
             }
         }
     }
