@@ -1,1 +1,47 @@
-//! Shared helpers for the benchmarks.
+//! Shared helpers for the benchmarks: random dictionaries and activations with fixed seeds.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array1, Array2};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use tiller::{Activation, Kind, Meta, Weights};
+
+fn randn(rng: &mut StdRng, shape: (usize, usize), scale: f32) -> Array2<f32> {
+    let n = Normal::new(0.0f32, scale).unwrap_or_else(|_| unreachable!("valid parameters"));
+    Array2::from_shape_simple_fn(shape, || n.sample(rng))
+}
+
+/// Writes a random SAE of `d_in × d_sae` with `activation` (k = 32 for TopK) into `dir`.
+pub fn write_random_sae(dir: &Path, activation: Activation, d_in: usize, d_sae: usize, seed: u64) -> tiller::Result<PathBuf> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut meta = Meta::new(Kind::Sae, activation, d_in, d_sae, d_in);
+    if activation == Activation::TopK {
+        meta.k = Some(32);
+    }
+    let scale = 1.0 / (d_in as f32).sqrt();
+    let weights = Weights {
+        w_enc: randn(&mut rng, (d_in, d_sae), scale),
+        b_enc: Array1::from_elem(d_sae, -0.1),
+        w_dec: randn(&mut rng, (d_sae, d_in), scale),
+        b_dec: Array1::zeros(d_in),
+        threshold: match activation {
+            Activation::JumpRelu => Some(Array1::from_elem(d_sae, 0.1)),
+            Activation::BatchTopK => Some(Array1::from_elem(1, 0.1)),
+            _ => None,
+        },
+        gated: None,
+        w_skip: None,
+        b_skip: None,
+        apply_b_dec_to_input: true,
+    };
+    let path = dir.join(format!("{activation}-{d_in}x{d_sae}.onnx"));
+    tiller::graph::write_model(tiller::dictionary::build_model(&meta, &weights)?, &path, tiller::graph::EXTERNAL_DATA_THRESHOLD)?;
+    Ok(path)
+}
+
+/// Random `[batch, d]` activations.
+pub fn random_activations(batch: usize, d: usize, seed: u64) -> Array2<f32> {
+    randn(&mut StdRng::seed_from_u64(seed), (batch, d), 1.0)
+}

@@ -46,6 +46,28 @@ pub enum Error {
         message: String,
     },
 
+    /// A configuration file is invalid.
+    #[error("{file}:{line}: {message}")]
+    Config {
+        /// The file (or `<config>`).
+        file: String,
+        /// The 1-based line (0 when unknown).
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+
+    /// A request, hook or profile the caller named does not exist or is in the wrong state.
+    #[error("{what} `{name}`: {message}")]
+    Unknown {
+        /// What kind of thing (request, hook, profile).
+        what: &'static str,
+        /// Its name or id.
+        name: String,
+        /// Why.
+        message: String,
+    },
+
     /// A value is out of its allowed range or inconsistent with another.
     #[error("invalid {what}: {message}")]
     Invalid {

@@ -24,12 +24,21 @@
 //!   into a cache on first use.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod dictionary;
 mod error;
 pub mod graph;
+pub mod metrics;
+mod native;
 pub mod onnxruntime;
+mod runtime;
 mod session;
+pub mod steering;
+pub mod vectors;
 
 pub use dictionary::{Activation, DictionaryFile, InputNorm, Kind, Meta, Weights};
 pub use error::{Error, Result};
+pub use runtime::{
+    ActivationsMut, Event, FeatureStats, Phase, RequestSummary, Runtime, Step, StepResult, Token,
+};
 pub use session::{Dictionary, Encoded, SessionOptions};

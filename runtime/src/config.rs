@@ -1,0 +1,470 @@
+//! The TOML configuration (design.md section 8): `[runtime]`, `[[dictionary]]`, `[[monitor]]`,
+//! `[[profile]]` with `[[profile.steer]]` rules. Errors name the file, the line and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[runtime]`.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// `[[dictionary]]`.
+    #[serde(default, rename = "dictionary")]
+    pub dictionaries: Vec<DictionaryConfig>,
+    /// `[[monitor]]`.
+    #[serde(default, rename = "monitor")]
+    pub monitors: Vec<MonitorConfig>,
+    /// `[[profile]]`.
+    #[serde(default, rename = "profile")]
+    pub profiles: Vec<ProfileConfig>,
+    /// The file it was read from; relative paths in it resolve against its folder.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// The ONNX Runtime library (default: `ORT_DYLIB_PATH`, then the cached copy).
+    pub onnxruntime: Option<PathBuf>,
+    /// `cpu` (or `cuda` in CUDA builds).
+    #[serde(default = "default_ep")]
+    pub execution_provider: String,
+    /// Intra-op threads per session.
+    #[serde(default = "one")]
+    pub threads: usize,
+    /// Sessions per graph.
+    #[serde(default = "one")]
+    pub pool_size: usize,
+    /// Metric name prefix.
+    #[serde(default = "default_prefix")]
+    pub metrics_prefix: String,
+    /// Constant labels added to every metric.
+    #[serde(default)]
+    pub metrics_labels: BTreeMap<String, String>,
+    /// Address of the built-in `/metrics` listener (off when absent).
+    pub metrics_listen: Option<String>,
+    /// Fraction of tokens whose reconstruction error and L0 are measured.
+    #[serde(default = "default_sample")]
+    pub fvu_sample_rate: f64,
+    /// Watch the config file and reload it when it changes.
+    #[serde(default)]
+    pub watch: bool,
+}
+
+fn default_ep() -> String {
+    "cpu".into()
+}
+fn one() -> usize {
+    1
+}
+fn default_prefix() -> String {
+    "tiller".into()
+}
+fn default_sample() -> f64 {
+    0.01
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            onnxruntime: None,
+            execution_provider: default_ep(),
+            threads: 1,
+            pool_size: 1,
+            metrics_prefix: default_prefix(),
+            metrics_labels: BTreeMap::new(),
+            metrics_listen: None,
+            fvu_sample_rate: default_sample(),
+            watch: false,
+        }
+    }
+}
+
+/// `[[dictionary]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DictionaryConfig {
+    /// The name monitors and rules use.
+    pub name: String,
+    /// The `.onnx` file, relative to the config's folder.
+    pub path: PathBuf,
+    /// The hook it reads, overriding the file's `tiller.hook_in`.
+    pub hook: Option<String>,
+    /// The hook it writes, overriding the file's `tiller.hook_out`.
+    pub hook_out: Option<String>,
+}
+
+/// When a monitor or rule applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyTo {
+    /// Every token.
+    #[default]
+    All,
+    /// Prompt tokens only.
+    Prompt,
+    /// Generated tokens only.
+    Generated,
+}
+
+/// A monitor's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Window {
+    /// Decide per token.
+    Token,
+    /// Aggregate over the request so far.
+    #[default]
+    Request,
+}
+
+/// How a request-window monitor aggregates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregate {
+    /// Any token over the threshold.
+    #[default]
+    Any,
+    /// At least `count` tokens over the threshold.
+    Count,
+    /// The request's maximum over the threshold.
+    Max,
+    /// The mean over tokens (of the largest listed feature) over the threshold.
+    Mean,
+}
+
+/// What a monitor does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Mark the request flagged.
+    #[default]
+    Flag,
+    /// Switch the request to another steering profile from the next token.
+    SwitchProfile,
+    /// Ask the host to stop the request.
+    Stop,
+}
+
+/// `[[monitor]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Its name (a metric label).
+    pub name: String,
+    /// The dictionary it reads.
+    pub dictionary: String,
+    /// The features it watches.
+    pub features: Vec<u32>,
+    /// Activation threshold.
+    pub threshold: f32,
+    /// `token` or `request`.
+    #[serde(default)]
+    pub window: Window,
+    /// `any`, `count`, `max`, `mean`.
+    #[serde(default)]
+    pub aggregate: Aggregate,
+    /// For `count`: how many tokens.
+    #[serde(default = "one")]
+    pub count: usize,
+    /// `flag`, `switch_profile`, `stop`.
+    #[serde(default)]
+    pub action: Action,
+    /// The profile `switch_profile` moves to.
+    pub profile: Option<String>,
+    /// Which tokens it reads.
+    #[serde(default)]
+    pub apply_to: ApplyTo,
+}
+
+/// `[[profile]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Its name, given by the host at request begin.
+    pub name: String,
+    /// Its rules.
+    #[serde(default)]
+    pub steer: Vec<SteerConfig>,
+}
+
+/// A steering op (design.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// `x += α d_i`.
+    Add,
+    /// Set `f_i` to `value`.
+    Clamp,
+    /// Set `f_i` to 0.
+    Ablate,
+    /// Multiply `f_i` by `factor`.
+    Scale,
+    /// Cap `f_i` at `value`.
+    Cap,
+    /// `x += α u` for a raw direction `u`.
+    Vector,
+    /// Cap the projection `x·u` at `value`.
+    ProjectCap,
+}
+
+/// `[[profile.steer]]` (and per-request override rules, in JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerConfig {
+    /// The rule's name (a metric label; default `<profile>.<index>`).
+    pub name: Option<String>,
+    /// The op.
+    pub op: Op,
+    /// The dictionary whose feature it edits (feature ops).
+    pub dictionary: Option<String>,
+    /// The feature (feature ops).
+    pub feature: Option<u32>,
+    /// clamp/cap/project_cap value.
+    pub value: Option<f32>,
+    /// add/vector strength.
+    pub strength: Option<f32>,
+    /// scale factor.
+    pub factor: Option<f32>,
+    /// add: use the unit decoder row.
+    #[serde(default)]
+    pub normalize: bool,
+    /// Which tokens.
+    #[serde(default)]
+    pub apply_to: ApplyTo,
+    /// Only where the feature is active (`f_i > 0`).
+    #[serde(default)]
+    pub only_active: bool,
+    /// Only once this monitor has fired for the request.
+    pub when: Option<String>,
+    /// vector/project_cap: the direction file (`.npy`, or a GGUF control vector).
+    pub vector: Option<PathBuf>,
+    /// vector/project_cap: which row of a `.npy`, or which layer of a GGUF file.
+    pub index: Option<usize>,
+    /// vector/project_cap: the hook it edits.
+    pub hook: Option<String>,
+}
+
+/// Per-request overrides, given as JSON at request begin.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Extra rules for this request.
+    #[serde(default)]
+    pub steer: Vec<SteerConfig>,
+    /// Drop the profile's own rules (only the extra ones apply).
+    #[serde(default)]
+    pub replace: bool,
+}
+
+impl Overrides {
+    /// Parses the JSON overrides of a request.
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| {
+            Error::invalid("request overrides", format!("line {} column {}: {e}", e.line(), e.column()))
+        })
+    }
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+/// The line of `key` in the `index`-th `[[table]]` of `text` (or of the table header).
+fn locate(text: &str, table: &str, index: usize, key: &str) -> usize {
+    let header = format!("[[{table}]]");
+    let mut seen = 0;
+    let mut in_table = false;
+    let mut header_line = 0;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if t == header {
+                in_table = seen == index;
+                if in_table {
+                    header_line = i + 1;
+                }
+                seen += 1;
+                continue;
+            }
+            if in_table && !t.starts_with(&format!("[[{table}.")) {
+                in_table = false;
+            }
+        }
+        if in_table {
+            let k = t.split('=').next().unwrap_or("").trim();
+            if k == key {
+                return i + 1;
+            }
+        }
+    }
+    header_line.max(1)
+}
+
+impl Config {
+    /// Reads and checks the config at `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, Some(path))
+    }
+
+    /// Parses a config held in a string; `path` (if any) names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: Option<&Path>) -> Result<Self> {
+        let name = path.map_or_else(|| "<config>".to_string(), |p| p.display().to_string());
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |s| line_of(text, s.start));
+            Error::Config { file: name.clone(), line, message: e.message().to_string() }
+        })?;
+        cfg.source = path.map(Path::to_path_buf);
+        cfg.check(text, &name)?;
+        Ok(cfg)
+    }
+
+    /// The folder relative paths resolve against.
+    pub fn base_dir(&self) -> PathBuf {
+        self.source.as_ref().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default()
+    }
+
+    /// Resolves a path from the config against its folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir().join(p) }
+    }
+
+    fn check(&self, text: &str, file: &str) -> Result<()> {
+        let err = |table: &str, i: usize, key: &str, message: String| Error::Config {
+            file: file.to_string(),
+            line: locate(text, table, i, key),
+            message: format!("`{key}`: {message}"),
+        };
+        if self.runtime.execution_provider != "cpu" && self.runtime.execution_provider != "cuda" {
+            return Err(Error::Config {
+                file: file.to_string(),
+                line: text.lines().position(|l| l.trim_start().starts_with("execution_provider")).map_or(0, |i| i + 1),
+                message: format!("`execution_provider`: `{}` is not cpu or cuda", self.runtime.execution_provider),
+            });
+        }
+        if self.runtime.execution_provider == "cuda" {
+            return Err(Error::Config {
+                file: file.to_string(),
+                line: text.lines().position(|l| l.trim_start().starts_with("execution_provider")).map_or(0, |i| i + 1),
+                message: "`execution_provider`: this build of Tiller has no CUDA support (build with `--features cuda`)".into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.runtime.fvu_sample_rate) {
+            return Err(Error::Config {
+                file: file.to_string(),
+                line: 0,
+                message: "`fvu_sample_rate` must lie in [0, 1]".into(),
+            });
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, d) in self.dictionaries.iter().enumerate() {
+            if !names.insert(d.name.as_str()) {
+                return Err(err("dictionary", i, "name", format!("`{}` is used twice", d.name)));
+            }
+        }
+        let profile_names: std::collections::HashSet<&str> = self.profiles.iter().map(|p| p.name.as_str()).collect();
+        let monitor_names: std::collections::HashSet<&str> = self.monitors.iter().map(|m| m.name.as_str()).collect();
+        for (i, m) in self.monitors.iter().enumerate() {
+            if !names.contains(m.dictionary.as_str()) {
+                return Err(err("monitor", i, "dictionary", format!("no dictionary is named `{}`", m.dictionary)));
+            }
+            if m.features.is_empty() {
+                return Err(err("monitor", i, "features", "lists no feature".into()));
+            }
+            if !m.threshold.is_finite() {
+                return Err(err("monitor", i, "threshold", "is not a finite number".into()));
+            }
+            if m.action == Action::SwitchProfile {
+                match &m.profile {
+                    Some(p) if profile_names.contains(p.as_str()) => {}
+                    Some(p) => return Err(err("monitor", i, "profile", format!("no profile is named `{p}`"))),
+                    None => return Err(err("monitor", i, "action", "switch_profile needs `profile`".into())),
+                }
+            }
+        }
+        let mut seen_profiles = std::collections::HashSet::new();
+        for (i, p) in self.profiles.iter().enumerate() {
+            if !seen_profiles.insert(p.name.as_str()) {
+                return Err(err("profile", i, "name", format!("`{}` is used twice", p.name)));
+            }
+            for s in &p.steer {
+                s.check(&names, &monitor_names).map_err(|(key, m)| {
+                    err("profile", i, key, format!("in profile `{}`: {m}", p.name))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SteerConfig {
+    /// Checks the fields the op needs; returns the offending key and why.
+    pub fn check(
+        &self,
+        dictionaries: &std::collections::HashSet<&str>,
+        monitors: &std::collections::HashSet<&str>,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        let finite = |key: &'static str, v: Option<f32>| -> std::result::Result<f32, (&'static str, String)> {
+            match v {
+                Some(v) if v.is_finite() => Ok(v),
+                Some(_) => Err((key, "is not a finite number".into())),
+                None => Err((key, format!("op `{:?}` needs it", self.op).to_lowercase())),
+            }
+        };
+        match self.op {
+            Op::Vector | Op::ProjectCap => {
+                if self.vector.is_none() {
+                    return Err(("vector", "names no direction file".into()));
+                }
+                if self.hook.is_none() {
+                    return Err(("hook", "names no hook".into()));
+                }
+                if self.op == Op::Vector {
+                    finite("strength", self.strength)?;
+                } else {
+                    finite("value", self.value)?;
+                }
+            }
+            _ => {
+                match &self.dictionary {
+                    Some(d) if dictionaries.contains(d.as_str()) => {}
+                    Some(d) => return Err(("dictionary", format!("no dictionary is named `{d}`"))),
+                    None => return Err(("dictionary", "a feature op needs a dictionary".into())),
+                }
+                if self.feature.is_none() {
+                    return Err(("feature", "a feature op needs a feature".into()));
+                }
+                match self.op {
+                    Op::Add => {
+                        finite("strength", self.strength)?;
+                    }
+                    Op::Clamp | Op::Cap => {
+                        finite("value", self.value)?;
+                    }
+                    Op::Scale => {
+                        finite("factor", self.factor)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(w) = &self.when
+            && !monitors.contains(w.as_str())
+        {
+            return Err(("when", format!("no monitor is named `{w}`")));
+        }
+        Ok(())
+    }
+}

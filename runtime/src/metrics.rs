@@ -1,0 +1,211 @@
+//! Prometheus metrics (design.md section 6), on a registry the runtime owns.
+//!
+//! Every label value comes from a bounded set: hook, dictionary, monitor and rule names from the
+//! config, and the features the config names. Hot paths use children looked up once, when a config
+//! is compiled.
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::{Error, Result};
+
+/// The metric names, without the prefix, as `(name, type)`.
+pub const METRICS: &[(&str, &str)] = &[
+    ("tokens_total", "counter"),
+    ("hook_duration_seconds", "histogram"),
+    ("feature_activation", "histogram"),
+    ("feature_active_total", "counter"),
+    ("monitor_events_total", "counter"),
+    ("steering_tokens_total", "counter"),
+    ("dictionary_l0", "gauge"),
+    ("dictionary_fvu", "gauge"),
+    ("nonfinite_tokens_total", "counter"),
+    ("errors_total", "counter"),
+    ("policy_traps_total", "counter"),
+    ("config_reloads_total", "counter"),
+    ("build_info", "gauge"),
+];
+
+/// The runtime's metric families.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `tokens_total{hook}`.
+    pub tokens: IntCounterVec,
+    /// `hook_duration_seconds{hook}`.
+    pub hook_duration: HistogramVec,
+    /// `feature_activation{dictionary,feature}`.
+    pub feature_activation: HistogramVec,
+    /// `feature_active_total{dictionary,feature}`.
+    pub feature_active: IntCounterVec,
+    /// `monitor_events_total{monitor,action}`.
+    pub monitor_events: IntCounterVec,
+    /// `steering_tokens_total{rule}`.
+    pub steering_tokens: IntCounterVec,
+    /// `dictionary_l0{dictionary}`.
+    pub l0: GaugeVec,
+    /// `dictionary_fvu{dictionary}`.
+    pub fvu: GaugeVec,
+    /// `nonfinite_tokens_total{hook}`.
+    pub nonfinite: IntCounterVec,
+    /// `errors_total{kind}`.
+    pub errors: IntCounterVec,
+    /// `policy_traps_total{policy,reason}`.
+    pub policy_traps: IntCounterVec,
+    /// `config_reloads_total{result}`.
+    pub reloads: IntCounterVec,
+}
+
+/// The fixed set of `errors_total{kind}` values.
+pub const ERROR_KINDS: &[&str] = &["shape", "unknown_hook", "unknown_request", "encode", "profile"];
+
+impl Metrics {
+    /// Registers every family on a new registry with `prefix` and constant labels.
+    pub fn new(prefix: &str, const_labels: &std::collections::BTreeMap<String, String>) -> Result<Self> {
+        let labels: std::collections::HashMap<String, String> =
+            const_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let registry = Registry::new_custom(Some(prefix.to_string()), Some(labels))
+            .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+        let reg = |c: Box<dyn Collector>| registry.register(c).map_err(|e| Error::invalid("metrics", e.to_string()));
+        let counter = |name: &str, help: &str, l: &[&str]| -> Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), l).map_err(|e| Error::invalid("metrics", e.to_string()))?;
+            reg(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str, l: &[&str]| -> Result<GaugeVec> {
+            let c = GaugeVec::new(Opts::new(name, help), l).map_err(|e| Error::invalid("metrics", e.to_string()))?;
+            reg(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let histogram = |name: &str, help: &str, l: &[&str], buckets: Vec<f64>| -> Result<HistogramVec> {
+            let c = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), l)
+                .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+            reg(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let families = Families {
+            tokens: counter("tokens_total", "Tokens processed at each hook.", &["hook"])?,
+            hook_duration: histogram(
+                "hook_duration_seconds",
+                "Time spent in one hook call.",
+                &["hook"],
+                prometheus::exponential_buckets(1e-6, 2.0, 20).map_err(|e| Error::invalid("metrics", e.to_string()))?,
+            )?,
+            feature_activation: histogram(
+                "feature_activation",
+                "Activation of the features the config names, per token where active.",
+                &["dictionary", "feature"],
+                vec![0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+            )?,
+            feature_active: counter(
+                "feature_active_total",
+                "Tokens on which a named feature was active (above zero).",
+                &["dictionary", "feature"],
+            )?,
+            monitor_events: counter("monitor_events_total", "Monitor events by action.", &["monitor", "action"])?,
+            steering_tokens: counter("steering_tokens_total", "Tokens edited by each steering rule.", &["rule"])?,
+            l0: gauge("dictionary_l0", "Mean active features per sampled token.", &["dictionary"])?,
+            fvu: gauge("dictionary_fvu", "Fraction of variance unexplained on sampled tokens.", &["dictionary"])?,
+            nonfinite: counter("nonfinite_tokens_total", "Tokens whose activations were NaN or infinite.", &["hook"])?,
+            errors: counter("errors_total", "Errors by kind.", &["kind"])?,
+            policy_traps: counter("policy_traps_total", "Policy calls that failed, by reason.", &["policy", "reason"])?,
+            reloads: counter("config_reloads_total", "Config reloads by result.", &["result"])?,
+        };
+        let info = IntGaugeVec::new(Opts::new("build_info", "Build information."), &["version", "onnxruntime"])
+            .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+        reg(Box::new(info.clone()))?;
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), crate::onnxruntime::ORT_VERSION]).set(1);
+        let m = families.with_registry(registry);
+        for kind in ERROR_KINDS {
+            m.errors.with_label_values(&[kind]);
+        }
+        for result in ["accepted", "rejected"] {
+            m.reloads.with_label_values(&[result]);
+        }
+        Ok(m)
+    }
+
+    /// The text exposition of every metric.
+    pub fn text(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The registry, for hosts that serve it themselves.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts an error of `kind` (one of [`ERROR_KINDS`]).
+    pub fn error(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+}
+
+struct Families {
+    tokens: IntCounterVec,
+    hook_duration: HistogramVec,
+    feature_activation: HistogramVec,
+    feature_active: IntCounterVec,
+    monitor_events: IntCounterVec,
+    steering_tokens: IntCounterVec,
+    l0: GaugeVec,
+    fvu: GaugeVec,
+    nonfinite: IntCounterVec,
+    errors: IntCounterVec,
+    policy_traps: IntCounterVec,
+    reloads: IntCounterVec,
+}
+
+impl Families {
+    fn with_registry(self, registry: Registry) -> Metrics {
+        Metrics {
+            registry,
+            tokens: self.tokens,
+            hook_duration: self.hook_duration,
+            feature_activation: self.feature_activation,
+            feature_active: self.feature_active,
+            monitor_events: self.monitor_events,
+            steering_tokens: self.steering_tokens,
+            l0: self.l0,
+            fvu: self.fvu,
+            nonfinite: self.nonfinite,
+            errors: self.errors,
+            policy_traps: self.policy_traps,
+            reloads: self.reloads,
+        }
+    }
+}
+
+/// Cached children for one named feature.
+#[derive(Debug, Clone)]
+pub struct FeatureMetrics {
+    /// Its activation histogram.
+    pub activation: Histogram,
+    /// Its active-token counter.
+    pub active: IntCounter,
+}
+
+/// Cached children for one hook.
+#[derive(Debug, Clone)]
+pub struct HookMetrics {
+    /// Tokens.
+    pub tokens: IntCounter,
+    /// Duration.
+    pub duration: Histogram,
+    /// Non-finite tokens.
+    pub nonfinite: IntCounter,
+}
+
+/// Cached children for one dictionary's gauges.
+#[derive(Debug, Clone)]
+pub struct DictionaryMetrics {
+    /// L0.
+    pub l0: Gauge,
+    /// FVU.
+    pub fvu: Gauge,
+}

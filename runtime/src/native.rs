@@ -1,0 +1,121 @@
+//! The native path for sliced hooks: when a hook needs only some features of a ReLU, JumpReLU or
+//! Gated dictionary (for which slicing is exact), their encoder columns are computed here with a
+//! cache-friendly matrix product, without ONNX Runtime's per-call overhead.
+
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, linalg::general_mat_mul};
+
+use crate::dictionary::{Activation, DictionaryFile, InputNorm, Kind, LAYER_NORM_EPS};
+use crate::{Error, Result};
+
+/// The encoder columns of some features of one dictionary.
+#[derive(Debug, Clone)]
+pub struct SlicedEncoder {
+    activation: Activation,
+    norm: InputNorm,
+    d_in: usize,
+    w: Array2<f32>,
+    b: Array1<f32>,
+    b_dec_in: Option<Array1<f32>>,
+    threshold: Option<Array1<f32>>,
+    gated: Option<(Array1<f32>, Array1<f32>)>,
+}
+
+fn vector(file: &DictionaryFile, name: &str) -> Result<Array1<f32>> {
+    Ok(Array1::from_vec(file.tensor_f32(name)?.1))
+}
+
+/// Whether slicing `activation` keeps the activations exact.
+pub fn slicing_is_exact(activation: Activation) -> bool {
+    matches!(activation, Activation::Relu | Activation::JumpRelu | Activation::BatchTopK | Activation::Gated)
+}
+
+impl SlicedEncoder {
+    /// Slices the encoder of `file` to `features`; `None` where slicing would not be exact or the
+    /// graph is not one of Tiller's own.
+    pub fn new(file: &DictionaryFile, features: &[u32]) -> Result<Option<Self>> {
+        let m = file.meta();
+        if !slicing_is_exact(m.activation) || m.kind == Kind::Crosscoder || m.n_layers != 1 {
+            return Ok(None);
+        }
+        let (dims, w_enc) = file.tensor_f32("W_enc")?;
+        if dims != [m.d_in, m.d_sae] {
+            return Ok(None);
+        }
+        let w_enc = Array2::from_shape_vec((m.d_in, m.d_sae), w_enc)
+            .map_err(|e| Error::dictionary(file.path(), format!("`W_enc`: {e}")))?;
+        let cols: Vec<usize> = features.iter().map(|&f| f as usize).collect();
+        if let Some(bad) = cols.iter().find(|&&c| c >= m.d_sae) {
+            return Err(Error::dictionary(file.path(), format!("feature {bad} is out of range (d_sae = {})", m.d_sae)));
+        }
+        let w = w_enc.select(Axis(1), &cols);
+        let gated = m.activation == Activation::Gated;
+        let b = vector(file, if gated { "b_gate" } else { "b_enc" })?.select(Axis(0), &cols);
+        // Whether the graph subtracts b_dec from its input: Tiller graphs name that node's inputs.
+        let graph = file.model().graph.as_ref();
+        let subtracts_b_dec = graph.is_some_and(|g| {
+            g.node.iter().any(|n| n.op_type == "Sub" && n.input.iter().any(|i| i == "b_dec"))
+        });
+        let b_dec_in = if subtracts_b_dec { Some(file.b_dec()?) } else { None };
+        let threshold = match m.activation {
+            Activation::JumpRelu => Some(vector(file, "threshold")?.select(Axis(0), &cols)),
+            Activation::BatchTopK => Some(Array1::from_elem(cols.len(), vector(file, "threshold")?.first().copied().unwrap_or(0.0))),
+            _ => None,
+        };
+        let gated = if gated {
+            let r = vector(file, "r_mag")?.select(Axis(0), &cols).mapv(f32::exp);
+            Some((r, vector(file, "b_mag")?.select(Axis(0), &cols)))
+        } else {
+            None
+        };
+        Ok(Some(Self { activation: m.activation, norm: m.input_norm, d_in: m.d_in, w, b, b_dec_in, threshold, gated }))
+    }
+
+    /// Encodes `x` (`[n, d_in]`) into `out` (`[n, width]`), using `scratch` (`[n, d_in]`).
+    pub fn encode(&self, x: ArrayView2<'_, f32>, scratch: &mut Array2<f32>, out: &mut ArrayViewMut2<'_, f32>) {
+        let n = x.nrows();
+        if scratch.dim() != (n, self.d_in) {
+            *scratch = Array2::zeros((n, self.d_in));
+        }
+        scratch.assign(&x);
+        let d = self.d_in as f32;
+        for mut row in scratch.rows_mut() {
+            match self.norm {
+                InputNorm::None => {}
+                InputNorm::Scale(s) => row.mapv_inplace(|v| v * s),
+                InputNorm::NormRescale => {
+                    let c = d.sqrt() / row.dot(&row).sqrt();
+                    row.mapv_inplace(|v| v * c);
+                }
+                InputNorm::LayerNorm => {
+                    let mu = row.sum() / d;
+                    row.mapv_inplace(|v| v - mu);
+                    let std = (row.dot(&row) / (d - 1.0).max(1.0)).sqrt();
+                    let denom = std + LAYER_NORM_EPS as f32;
+                    row.mapv_inplace(|v| v / denom);
+                }
+            }
+            if let Some(b) = &self.b_dec_in {
+                row -= b;
+            }
+        }
+        general_mat_mul(1.0, scratch, &self.w, 0.0, out);
+        for mut row in out.rows_mut() {
+            for (j, v) in row.iter_mut().enumerate() {
+                let xw = *v;
+                let pre = xw + self.b[j];
+                *v = match self.activation {
+                    Activation::Relu => pre.max(0.0),
+                    Activation::JumpRelu | Activation::BatchTopK => {
+                        let t = self.threshold.as_ref().map_or(0.0, |t| t[j]);
+                        if pre > t { pre.max(0.0) } else { 0.0 }
+                    }
+                    Activation::Gated => match &self.gated {
+                        Some((r, bm)) if pre > 0.0 => (xw * r[j] + bm[j]).max(0.0),
+                        _ => 0.0,
+                    },
+                    Activation::TopK => 0.0,
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Steering rules compiled against a loaded config, and the edits of design.md section 4:
+//! every edit is `x ← x + c·d` with `d` a decoder row (or a raw direction), so the part of `x` the
+//! dictionary does not explain is never touched.
+
+use std::sync::Arc;
+
+use prometheus::IntCounter;
+
+use crate::config::{ApplyTo, Op};
+
+/// One compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Its name (a metric label).
+    pub name: String,
+    /// The op.
+    pub op: Op,
+    /// The dictionary it edits through (feature ops), as an index into the state's dictionaries.
+    pub dictionary: Option<usize>,
+    /// The feature (feature ops).
+    pub feature: u32,
+    /// The op's parameter: strength, value or factor.
+    pub param: f32,
+    /// The direction added (`d_i`, unit `d_i` for normalised `add`, or a raw `u`), `[d_out]`.
+    pub direction: Arc<Vec<f32>>,
+    /// The hook it writes.
+    pub hook: String,
+    /// Which tokens.
+    pub apply_to: ApplyTo,
+    /// Only where the feature is active.
+    pub only_active: bool,
+    /// Only once this monitor (an index) has fired for the request.
+    pub when: Option<usize>,
+    /// `steering_tokens_total{rule}`.
+    pub counter: IntCounter,
+}
+
+impl Rule {
+    /// The coefficient `c` for a token with feature activation `f` and input `x`; `None` when the
+    /// rule leaves the token alone.
+    pub fn coefficient(&self, f: f32, x: &[f32]) -> Option<f32> {
+        if self.only_active && self.dictionary.is_some() && f <= 0.0 {
+            return None;
+        }
+        let c = match self.op {
+            Op::Add | Op::Vector => self.param,
+            Op::Clamp => self.param - f,
+            Op::Ablate => -f,
+            Op::Scale => (self.param - 1.0) * f,
+            Op::Cap => f.min(self.param) - f,
+            Op::ProjectCap => {
+                let p: f32 = x.iter().zip(self.direction.iter()).map(|(a, b)| a * b).sum();
+                -(p.max(self.param) - self.param)
+            }
+        };
+        (c != 0.0 && c.is_finite()).then_some(c)
+    }
+
+    /// Applies `x += c·d` when the result stays finite; returns whether it did.
+    pub fn apply(&self, c: f32, x: &mut [f32]) -> bool {
+        let d = &self.direction;
+        if x.iter().zip(d.iter()).any(|(a, b)| !(a + c * b).is_finite()) {
+            return false;
+        }
+        for (a, b) in x.iter_mut().zip(d.iter()) {
+            *a += c * b;
+        }
+        true
+    }
+}
+
+/// Whether a token of `phase` is covered by `apply_to`.
+pub fn covers(apply_to: ApplyTo, phase: crate::Phase) -> bool {
+    match apply_to {
+        ApplyTo::All => true,
+        ApplyTo::Prompt => phase == crate::Phase::Prompt,
+        ApplyTo::Generated => phase == crate::Phase::Generated,
+    }
+}
