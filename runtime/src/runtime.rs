@@ -18,6 +18,9 @@ use crate::session::{Dictionary, SessionOptions};
 use crate::steering::{Rule, covers};
 use crate::{Error, Result};
 
+/// Names of per-request override rules start with this (they are not profiles).
+const OVERRIDE_PREFIX: &str = "request-";
+
 /// Whether a token belongs to the prompt or was generated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -399,8 +402,10 @@ impl State {
                     (Some(di), Arc::new(row), d.hook_out.clone(), param.unwrap_or(0.0))
                 }
             };
+            // Per-request rules share one label value: a request id must never become a label.
+            let label = if profile.starts_with(OVERRIDE_PREFIX) { "request_override" } else { name.as_str() };
             out.push(Rule {
-                counter: metrics.steering_tokens.with_label_values(&[name.as_str()]),
+                counter: metrics.steering_tokens.with_label_values(&[label]),
                 name,
                 op: s.op,
                 dictionary,
@@ -476,7 +481,7 @@ impl Request {
                 }
             }
         }
-        rules.extend(state.compile(&format!("request-{}", self.id), &self.overrides.steer, metrics)?);
+        rules.extend(state.compile(&format!("{OVERRIDE_PREFIX}{}", self.id), &self.overrides.steer, metrics)?);
         let rules = Arc::new(rules);
         self.compiled = Some((state.generation, self.profile.clone(), rules.clone()));
         Ok(rules)

@@ -142,7 +142,7 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
             "general.architecture" | "controlvector.model_hint" => {
                 if ty != T_STRING {
                     return Err(src.err(format!(
-                        "`{key}` is {}, not a string",
+                        "`{key}` has type {}, not string",
                         value_type_name(ty)
                     )));
                 }
@@ -157,7 +157,7 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
                 // ggml accepts only a u32 here.
                 if ty != T_U32 {
                     return Err(src.err(format!(
-                        "`general.alignment` is {}, not u32",
+                        "`general.alignment` has type {}, not u32",
                         value_type_name(ty)
                     )));
                 }
@@ -450,8 +450,8 @@ impl<'a> Source<'a> {
         match count.checked_mul(min_size) {
             Some(n) if n <= self.remaining() => Ok(()),
             _ => Err(self.err(format!(
-                "the header claims {count} {what}, which need at least {min_size} bytes each, \
-                 but only {} bytes follow",
+                "the header claims {count} {what} (at least {min_size} bytes each), which would run \
+                 past the end of the file ({} bytes follow)",
                 self.remaining()
             ))),
         }
@@ -549,12 +549,12 @@ fn value_type_name(ty: u32) -> String {
         T_I32 => "i32",
         T_F32 => "f32",
         T_BOOL => "bool",
-        T_STRING => "a string",
-        T_ARRAY => "an array",
+        T_STRING => "string",
+        T_ARRAY => "array",
         T_U64 => "u64",
         T_I64 => "i64",
         T_F64 => "f64",
-        t => return format!("of unknown type {t}"),
+        t => return format!("unknown ({t})"),
     };
     name.to_string()
 }
@@ -585,8 +585,8 @@ fn skip_value(src: &mut Source<'_>, ty: u32, key: &str, depth: u32) -> Result<()
             let n = src.u64(format_args!("the length of `{key}`"))?;
             let too_long = |min: u64| {
                 src.err(format!(
-                    "`{key}`: an array of {n} {} elements needs at least {min} bytes each, \
-                     but only {} bytes remain",
+                    "`{key}`: an array of {n} {} elements (at least {min} bytes each) runs \
+                     past the end of the file ({} bytes remain)",
                     value_type_name(elem),
                     src.remaining()
                 ))
@@ -736,16 +736,18 @@ fn npy_header(text: &str) -> std::result::Result<(Float, bool, Vec<u64>), String
             break;
         }
         let key = lit.string()?;
+        if !matches!(key.as_str(), "descr" | "fortran_order" | "shape") {
+            return Err(format!("unexpected key `{key}`"));
+        }
         lit.expect(b':')?;
         let value = lit.value()?;
         let slot_taken = match (key.as_str(), value) {
             ("descr", PyValue::Str(s)) => descr.replace(s).is_some(),
             ("fortran_order", PyValue::Bool(b)) => fortran.replace(b).is_some(),
             ("shape", PyValue::Tuple(t)) => shape.replace(t).is_some(),
-            ("descr" | "fortran_order" | "shape", v) => {
+            (_, v) => {
                 return Err(format!("`{key}` has the wrong kind of value ({})", v.kind()));
             }
-            _ => return Err(format!("unexpected key `{key}`")),
         };
         if slot_taken {
             return Err(format!("key `{key}` appears twice"));

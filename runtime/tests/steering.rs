@@ -1,0 +1,352 @@
+//! Steering and monitors through the host API, compared with a float64 reference of design.md
+//! section 4: for each token, `x' = x + c·d` with `c` from the reference feature activation.
+//! Tolerance: normwise relative error of the edited activations under 1e-5 (f32 host memory);
+//! f16/bf16 host memory within their own rounding.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use ndarray::{Array1, Array2};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use tiller::dictionary::{build_model, reference};
+use tiller::{ActivationsMut, Activation, Kind, Meta, Phase, Runtime, Token, Weights};
+
+const TOL: f64 = 1e-5;
+const D: usize = 24;
+const F: usize = 64;
+
+fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
+    let n = Normal::new(0.0f32, s).unwrap();
+    Array2::from_shape_simple_fn(shape, || n.sample(rng))
+}
+
+fn write_dict(dir: &Path, name: &str, kind: Kind, activation: Activation, d_out: usize, seed: u64) -> (Meta, Weights) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut meta = Meta::new(kind, activation, D, F, d_out);
+    meta.hook_in = if kind == Kind::Sae { "layer.3".into() } else { "mlp.3.in".into() };
+    meta.hook_out = if kind == Kind::Sae { "layer.3".into() } else { "mlp.3.out".into() };
+    if activation == Activation::TopK {
+        meta.k = Some(12);
+    }
+    let w = Weights {
+        w_enc: randn(&mut rng, (D, F), 0.4),
+        b_enc: Array1::from_elem(F, 0.05),
+        w_dec: randn(&mut rng, (F, d_out), 0.3),
+        b_dec: randn(&mut rng, (1, d_out), 0.1).row(0).to_owned(),
+        threshold: (activation == Activation::JumpRelu).then(|| Array1::from_elem(F, 0.1)),
+        gated: None,
+        w_skip: None,
+        b_skip: None,
+        apply_b_dec_to_input: kind == Kind::Sae,
+    };
+    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX).unwrap();
+    (meta, w)
+}
+
+/// The reference edit of one rule on one token.
+fn edit(x: &mut [f64], f: f64, d: &[f32], op: &str, p: f64) {
+    let c = match op {
+        "add" => p,
+        "clamp" => p - f,
+        "ablate" => -f,
+        "scale" => (p - 1.0) * f,
+        "cap" => f.min(p) - f,
+        _ => unreachable!(),
+    };
+    for (a, b) in x.iter_mut().zip(d) {
+        *a += c * f64::from(*b);
+    }
+}
+
+fn rel(a: &[f32], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs())) / scale
+}
+
+fn setup(dir: &Path, activation: Activation) -> ((Meta, Weights), (Meta, Weights)) {
+    let sae = write_dict(dir, "sae.onnx", Kind::Sae, activation, D, 1);
+    let tc = write_dict(dir, "tc.onnx", Kind::Transcoder, Activation::Relu, 20, 2);
+    (sae, tc)
+}
+
+const CONFIG: &str = r#"
+[runtime]
+fvu_sample_rate = 0.0
+
+[[dictionary]]
+name = "res"
+path = "sae.onnx"
+
+[[dictionary]]
+name = "tc"
+path = "tc.onnx"
+
+[[monitor]]
+name = "watch"
+dictionary = "res"
+features = [5, 6]
+threshold = 1000.0
+
+[[profile]]
+name = "a"
+[[profile.steer]]
+dictionary = "res"
+op = "clamp"
+feature = 3
+value = 2.5
+[[profile.steer]]
+dictionary = "res"
+op = "add"
+feature = 10
+strength = 1.5
+apply_to = "generated"
+[[profile.steer]]
+dictionary = "tc"
+op = "ablate"
+feature = 7
+
+[[profile]]
+name = "b"
+[[profile.steer]]
+dictionary = "res"
+op = "scale"
+feature = 3
+factor = 0.5
+[[profile.steer]]
+dictionary = "res"
+op = "cap"
+feature = 11
+value = 0.2
+[[profile.steer]]
+dictionary = "res"
+op = "ablate"
+feature = 12
+only_active = true
+apply_to = "prompt"
+"#;
+
+#[test]
+fn two_profiles_in_one_batch_match_the_reference() {
+    for activation in [Activation::Relu, Activation::JumpRelu, Activation::TopK] {
+        let dir = tempfile::tempdir().unwrap();
+        let ((sm, sw), (tm, tw)) = setup(dir.path(), activation);
+        let cfg_path = dir.path().join("tiller.toml");
+        std::fs::write(&cfg_path, CONFIG).unwrap();
+        let rt = Runtime::from_config_file(&cfg_path).unwrap();
+        rt.begin_request(1, Some("a"), None).unwrap();
+        rt.begin_request(2, Some("b"), None).unwrap();
+        rt.begin_request(3, None, None).unwrap();
+
+        let tokens = [
+            Token { request: 1, phase: Phase::Prompt },
+            Token { request: 2, phase: Phase::Prompt },
+            Token { request: 1, phase: Phase::Generated },
+            Token { request: 3, phase: Phase::Generated },
+            Token { request: 2, phase: Phase::Generated },
+            Token { request: 2, phase: Phase::Prompt },
+        ];
+        let mut rng = StdRng::seed_from_u64(activation as u64 + 10);
+        let x = randn(&mut rng, (tokens.len(), D), 1.0);
+        let xm = randn(&mut rng, (tokens.len(), D), 1.0);
+        let ym = randn(&mut rng, (tokens.len(), 20), 1.0);
+
+        // The reference.
+        let fa = reference::encode(&sm, &sw, x.view());
+        let ft = reference::encode(&tm, &tw, xm.view());
+        let mut want = x.mapv(f64::from);
+        let mut want_y = ym.mapv(f64::from);
+        for (t, tok) in tokens.iter().enumerate() {
+            let row = want.row_mut(t);
+            let row = row.into_slice().unwrap();
+            let dec = |i: usize| sw.w_dec.row(i).to_vec();
+            match tok.request {
+                1 => {
+                    edit(row, fa[[t, 3]], &dec(3), "clamp", 2.5);
+                    if tok.phase == Phase::Generated {
+                        edit(row, fa[[t, 10]], &dec(10), "add", 1.5);
+                    }
+                    let yr = want_y.row_mut(t).into_slice().unwrap();
+                    edit(yr, ft[[t, 7]], &tw.w_dec.row(7).to_vec(), "ablate", 0.0);
+                }
+                2 => {
+                    edit(row, fa[[t, 3]], &dec(3), "scale", 0.5);
+                    edit(row, fa[[t, 11]], &dec(11), "cap", 0.2);
+                    if tok.phase == Phase::Prompt && fa[[t, 12]] > 0.0 {
+                        edit(row, fa[[t, 12]], &dec(12), "ablate", 0.0);
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        let mut got = x.clone();
+        let mut got_m = xm.clone();
+        let mut got_y = ym.clone();
+        let mut step = rt.step(&tokens).unwrap();
+        step.hook("layer.3", ActivationsMut::F32(got.as_slice_mut().unwrap())).unwrap();
+        step.hook("mlp.3.in", ActivationsMut::F32(got_m.as_slice_mut().unwrap())).unwrap();
+        step.hook("mlp.3.out", ActivationsMut::F32(got_y.as_slice_mut().unwrap())).unwrap();
+        let result = step.finish();
+        assert!(result.stop.is_empty() && result.events.is_empty());
+
+        let e = rel(got.as_slice().unwrap(), want.as_slice().unwrap());
+        assert!(e < TOL, "{activation}: residual edits, rel err {e:e}");
+        assert_eq!(got_m, xm, "the transcoder's input hook is read, not written");
+        let e = rel(got_y.as_slice().unwrap(), want_y.as_slice().unwrap());
+        assert!(e < TOL, "{activation}: transcoder edits at hook_out, rel err {e:e}");
+        // Request 3 has no profile: untouched, bit for bit.
+        assert_eq!(got.row(3), x.row(3));
+        assert_ne!(got.row(0), x.row(0));
+
+        let s1 = rt.end_request(1).unwrap();
+        assert_eq!(s1.tokens, 2);
+        assert_eq!(s1.steering.get("a.0"), Some(&2));
+        assert_eq!(s1.steering.get("a.1"), Some(&1), "add applies to generated tokens only");
+        let s2 = rt.end_request(2).unwrap();
+        let prompt_active = tokens.iter().enumerate().filter(|(t, k)| k.request == 2 && k.phase == Phase::Prompt && fa[[*t, 12]] > 0.0).count() as u64;
+        assert_eq!(s2.steering.get("b.2").copied().unwrap_or(0), prompt_active);
+        // Feature statistics of the named features.
+        let res = &s2.features["res"];
+        for (f, stats) in res {
+            let vals: Vec<f64> = tokens.iter().enumerate().filter(|(_, k)| k.request == 2).map(|(t, _)| fa[[t, *f as usize]]).collect();
+            let count = vals.iter().filter(|v| **v > 0.0).count() as u64;
+            let max = vals.iter().cloned().fold(0.0, f64::max);
+            assert_eq!(stats.count, count, "feature {f}");
+            assert!((f64::from(stats.max) - max).abs() < 1e-4 * max.max(1.0), "feature {f}");
+        }
+        assert!(rt.end_request(1).is_err(), "ending twice is an error");
+    }
+}
+
+#[test]
+fn half_precision_host_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let ((sm, sw), _) = setup(dir.path(), Activation::Relu);
+    let cfg_path = dir.path().join("tiller.toml");
+    std::fs::write(&cfg_path, CONFIG).unwrap();
+    let rt = Runtime::from_config_file(&cfg_path).unwrap();
+    rt.begin_request(1, Some("a"), None).unwrap();
+    let tokens = [Token { request: 1, phase: Phase::Prompt }; 4];
+    let x = randn(&mut StdRng::seed_from_u64(5), (4, D), 1.0);
+    let x16: Vec<half::f16> = x.iter().map(|v| half::f16::from_f32(*v)).collect();
+    let xb: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_f32(*v)).collect();
+    for bf in [false, true] {
+        let xin = if bf {
+            Array2::from_shape_vec((4, D), xb.iter().map(|v| v.to_f32()).collect()).unwrap()
+        } else {
+            Array2::from_shape_vec((4, D), x16.iter().map(|v| v.to_f32()).collect()).unwrap()
+        };
+        let fa = reference::encode(&sm, &sw, xin.view());
+        let mut want = xin.mapv(f64::from);
+        for t in 0..4 {
+            edit(want.row_mut(t).into_slice().unwrap(), fa[[t, 3]], &sw.w_dec.row(3).to_vec(), "clamp", 2.5);
+        }
+        let mut step = rt.step(&tokens).unwrap();
+        let got: Vec<f32> = if bf {
+            let mut buf = xb.clone();
+            step.hook("layer.3", ActivationsMut::Bf16(&mut buf)).unwrap();
+            buf.iter().map(|v| v.to_f32()).collect()
+        } else {
+            let mut buf = x16.clone();
+            step.hook("layer.3", ActivationsMut::F16(&mut buf)).unwrap();
+            buf.iter().map(|v| v.to_f32()).collect()
+        };
+        step.finish();
+        let tol = if bf { 8e-3 } else { 1e-3 };
+        let e = rel(&got, want.as_slice().unwrap());
+        assert!(e < tol, "bf16={bf}: rel err {e:e}");
+    }
+}
+
+#[test]
+fn monitors_flag_switch_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let ((sm, sw), _) = setup(dir.path(), Activation::Relu);
+    let x = randn(&mut StdRng::seed_from_u64(9), (8, D), 1.0);
+    let fa = reference::encode(&sm, &sw, x.view());
+    // Pick thresholds from the data so that the events are known in advance.
+    let f = 5usize;
+    let col: Vec<f64> = fa.column(f).to_vec();
+    let mut sorted = col.clone();
+    sorted.sort_by(f64::total_cmp);
+    let th = (sorted[5] + sorted[6]) / 2.0; // exactly two tokens above
+    let config = format!(
+        r#"
+[runtime]
+fvu_sample_rate = 1.0
+[[dictionary]]
+name = "res"
+path = "sae.onnx"
+[[monitor]]
+name = "tok"
+dictionary = "res"
+features = [{f}]
+threshold = {th}
+window = "token"
+action = "flag"
+[[monitor]]
+name = "two"
+dictionary = "res"
+features = [{f}]
+threshold = {th}
+window = "request"
+aggregate = "count"
+count = 2
+action = "stop"
+[[monitor]]
+name = "switch"
+dictionary = "res"
+features = [{f}]
+threshold = {th}
+window = "request"
+aggregate = "any"
+action = "switch_profile"
+profile = "calm"
+[[profile]]
+name = "calm"
+[[profile.steer]]
+dictionary = "res"
+op = "ablate"
+feature = {f}
+when = "tok"
+"#
+    );
+    let cfg_path = dir.path().join("tiller.toml");
+    std::fs::write(&cfg_path, config).unwrap();
+    let rt = Runtime::from_config_file(&cfg_path).unwrap();
+    rt.begin_request(7, None, None).unwrap();
+    let mut events = Vec::new();
+    let mut stops = Vec::new();
+    // One token per step, as in decoding.
+    for t in 0..8 {
+        let mut row = x.row(t).to_owned();
+        let mut step = rt.step(&[Token { request: 7, phase: Phase::Generated }]).unwrap();
+        step.hook("layer.3", ActivationsMut::F32(row.as_slice_mut().unwrap())).unwrap();
+        let r = step.finish();
+        events.extend(r.events);
+        stops.extend(r.stop);
+    }
+    let above: Vec<u64> = (0..8).filter(|&t| col[t] > th).map(|t| t as u64).collect();
+    assert_eq!(above.len(), 2);
+    let tok: Vec<u64> = events.iter().filter(|e| e.monitor == "tok").map(|e| e.token).collect();
+    assert_eq!(tok, above, "a token monitor fires on every token over the threshold");
+    let two: Vec<u64> = events.iter().filter(|e| e.monitor == "two").map(|e| e.token).collect();
+    assert_eq!(two, vec![above[1]], "count=2 fires once, at the second token");
+    assert_eq!(stops, vec![7]);
+    let s = rt.end_request(7).unwrap();
+    assert!(s.flagged && s.stopped);
+    assert_eq!(s.profile.as_deref(), Some("calm"));
+    // The switched-to profile ablates the feature on tokens after the switch where `tok` had fired.
+    let ablated = s.steering.get("calm.0").copied().unwrap_or(0);
+    let after: u64 = (above[0] as usize + 1..8).filter(|&t| col[t] > 0.0).count() as u64;
+    assert_eq!(ablated, after);
+    let text = rt.metrics_text();
+    assert!(text.contains(r#"tiller_monitor_events_total{action="flag",monitor="tok"} 2"#), "{text}");
+    assert!(text.contains(r#"tiller_monitor_events_total{action="stop",monitor="two"} 1"#));
+    assert!(text.contains(r#"tiller_tokens_total{hook="layer.3"} 8"#));
+    let active = col.iter().filter(|v| **v > 0.0).count();
+    assert!(text.contains(&format!(r#"tiller_feature_active_total{{dictionary="res",feature="{f}"}} {active}"#)));
+    assert!(text.contains("tiller_dictionary_fvu{dictionary=\"res\"}"));
+}
