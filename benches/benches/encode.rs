@@ -8,7 +8,8 @@ fn bench_encode(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut group = c.benchmark_group("encode");
     for activation in [Activation::Relu, Activation::TopK] {
-        let path = tiller_benches::write_random_sae(dir.path(), activation, 768, 8192, 7).expect("dictionary");
+        let path = tiller_benches::write_random_sae(dir.path(), activation, 768, 8192, 7)
+            .expect("dictionary");
         let dict = Dictionary::load(&path, &SessionOptions::default()).expect("load");
         for batch in [1usize, 8, 64] {
             let x = tiller_benches::random_activations(batch, 768, 1);

@@ -14,7 +14,13 @@ fn randn(rng: &mut StdRng, shape: (usize, usize), scale: f32) -> Array2<f32> {
 }
 
 /// Writes a random SAE of `d_in × d_sae` with `activation` (k = 32 for TopK) into `dir`.
-pub fn write_random_sae(dir: &Path, activation: Activation, d_in: usize, d_sae: usize, seed: u64) -> tiller::Result<PathBuf> {
+pub fn write_random_sae(
+    dir: &Path,
+    activation: Activation,
+    d_in: usize,
+    d_sae: usize,
+    seed: u64,
+) -> tiller::Result<PathBuf> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut meta = Meta::new(Kind::Sae, activation, d_in, d_sae, d_in);
     if activation == Activation::TopK {
@@ -37,7 +43,11 @@ pub fn write_random_sae(dir: &Path, activation: Activation, d_in: usize, d_sae: 
         apply_b_dec_to_input: true,
     };
     let path = dir.join(format!("{activation}-{d_in}x{d_sae}.onnx"));
-    tiller::graph::write_model(tiller::dictionary::build_model(&meta, &weights)?, &path, tiller::graph::EXTERNAL_DATA_THRESHOLD)?;
+    tiller::graph::write_model(
+        tiller::dictionary::build_model(&meta, &weights)?,
+        &path,
+        tiller::graph::EXTERNAL_DATA_THRESHOLD,
+    )?;
     Ok(path)
 }
 

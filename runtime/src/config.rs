@@ -270,14 +270,21 @@ impl Overrides {
     /// Parses the JSON overrides of a request.
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| {
-            Error::invalid("request overrides", format!("line {} column {}: {e}", e.line(), e.column()))
+            Error::invalid(
+                "request overrides",
+                format!("line {} column {}: {e}", e.line(), e.column()),
+            )
         })
     }
 }
 
 /// The 1-based line of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
 }
 
 /// The line of `key` in the `index`-th `[[table]]` of `text` (or of the table header).
@@ -324,7 +331,22 @@ impl Config {
         let name = path.map_or_else(|| "<config>".to_string(), |p| p.display().to_string());
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map_or(0, |s| line_of(text, s.start));
-            Error::Config { file: name.clone(), line, message: e.message().to_string() }
+            // Name the key written on that line, when there is one.
+            let key = text
+                .lines()
+                .nth(line.saturating_sub(1))
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
+            let message = match key {
+                Some(k) => format!("`{k}`: {}", e.message()),
+                None => e.message().to_string(),
+            };
+            Error::Config {
+                file: name.clone(),
+                line,
+                message,
+            }
         })?;
         cfg.source = path.map(Path::to_path_buf);
         cfg.check(text, &name)?;
@@ -333,12 +355,19 @@ impl Config {
 
     /// The folder relative paths resolve against.
     pub fn base_dir(&self) -> PathBuf {
-        self.source.as_ref().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default()
+        self.source
+            .as_ref()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default()
     }
 
     /// Resolves a path from the config against its folder.
     pub fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir().join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir().join(p)
+        }
     }
 
     fn check(&self, text: &str, file: &str) -> Result<()> {
@@ -350,8 +379,14 @@ impl Config {
         if self.runtime.execution_provider != "cpu" && self.runtime.execution_provider != "cuda" {
             return Err(Error::Config {
                 file: file.to_string(),
-                line: text.lines().position(|l| l.trim_start().starts_with("execution_provider")).map_or(0, |i| i + 1),
-                message: format!("`execution_provider`: `{}` is not cpu or cuda", self.runtime.execution_provider),
+                line: text
+                    .lines()
+                    .position(|l| l.trim_start().starts_with("execution_provider"))
+                    .map_or(0, |i| i + 1),
+                message: format!(
+                    "`execution_provider`: `{}` is not cpu or cuda",
+                    self.runtime.execution_provider
+                ),
             });
         }
         if self.runtime.execution_provider == "cuda" {
@@ -371,33 +406,69 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for (i, d) in self.dictionaries.iter().enumerate() {
             if !names.insert(d.name.as_str()) {
-                return Err(err("dictionary", i, "name", format!("`{}` is used twice", d.name)));
+                return Err(err(
+                    "dictionary",
+                    i,
+                    "name",
+                    format!("`{}` is used twice", d.name),
+                ));
             }
         }
-        let profile_names: std::collections::HashSet<&str> = self.profiles.iter().map(|p| p.name.as_str()).collect();
-        let monitor_names: std::collections::HashSet<&str> = self.monitors.iter().map(|m| m.name.as_str()).collect();
+        let profile_names: std::collections::HashSet<&str> =
+            self.profiles.iter().map(|p| p.name.as_str()).collect();
+        let monitor_names: std::collections::HashSet<&str> =
+            self.monitors.iter().map(|m| m.name.as_str()).collect();
         for (i, m) in self.monitors.iter().enumerate() {
             if !names.contains(m.dictionary.as_str()) {
-                return Err(err("monitor", i, "dictionary", format!("no dictionary is named `{}`", m.dictionary)));
+                return Err(err(
+                    "monitor",
+                    i,
+                    "dictionary",
+                    format!("no dictionary is named `{}`", m.dictionary),
+                ));
             }
             if m.features.is_empty() {
                 return Err(err("monitor", i, "features", "lists no feature".into()));
             }
             if !m.threshold.is_finite() {
-                return Err(err("monitor", i, "threshold", "is not a finite number".into()));
+                return Err(err(
+                    "monitor",
+                    i,
+                    "threshold",
+                    "is not a finite number".into(),
+                ));
             }
             if m.action == Action::SwitchProfile {
                 match &m.profile {
                     Some(p) if profile_names.contains(p.as_str()) => {}
-                    Some(p) => return Err(err("monitor", i, "profile", format!("no profile is named `{p}`"))),
-                    None => return Err(err("monitor", i, "action", "switch_profile needs `profile`".into())),
+                    Some(p) => {
+                        return Err(err(
+                            "monitor",
+                            i,
+                            "profile",
+                            format!("no profile is named `{p}`"),
+                        ));
+                    }
+                    None => {
+                        return Err(err(
+                            "monitor",
+                            i,
+                            "action",
+                            "switch_profile needs `profile`".into(),
+                        ));
+                    }
                 }
             }
         }
         let mut seen_profiles = std::collections::HashSet::new();
         for (i, p) in self.profiles.iter().enumerate() {
             if !seen_profiles.insert(p.name.as_str()) {
-                return Err(err("profile", i, "name", format!("`{}` is used twice", p.name)));
+                return Err(err(
+                    "profile",
+                    i,
+                    "name",
+                    format!("`{}` is used twice", p.name),
+                ));
             }
             for s in &p.steer {
                 s.check(&names, &monitor_names).map_err(|(key, m)| {
@@ -416,7 +487,9 @@ impl SteerConfig {
         dictionaries: &std::collections::HashSet<&str>,
         monitors: &std::collections::HashSet<&str>,
     ) -> std::result::Result<(), (&'static str, String)> {
-        let finite = |key: &'static str, v: Option<f32>| -> std::result::Result<f32, (&'static str, String)> {
+        let finite = |key: &'static str,
+                      v: Option<f32>|
+         -> std::result::Result<f32, (&'static str, String)> {
             match v {
                 Some(v) if v.is_finite() => Ok(v),
                 Some(_) => Err((key, "is not a finite number".into())),

@@ -6,8 +6,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::{Error, Result};
@@ -60,39 +60,58 @@ pub struct Metrics {
 }
 
 /// The fixed set of `errors_total{kind}` values.
-pub const ERROR_KINDS: &[&str] = &["shape", "unknown_hook", "unknown_request", "encode", "profile"];
+pub const ERROR_KINDS: &[&str] = &[
+    "shape",
+    "unknown_hook",
+    "unknown_request",
+    "encode",
+    "profile",
+];
 
 impl Metrics {
     /// Registers every family on a new registry with `prefix` and constant labels.
-    pub fn new(prefix: &str, const_labels: &std::collections::BTreeMap<String, String>) -> Result<Self> {
-        let labels: std::collections::HashMap<String, String> =
-            const_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    pub fn new(
+        prefix: &str,
+        const_labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let labels: std::collections::HashMap<String, String> = const_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let registry = Registry::new_custom(Some(prefix.to_string()), Some(labels))
             .map_err(|e| Error::invalid("metrics", e.to_string()))?;
-        let reg = |c: Box<dyn Collector>| registry.register(c).map_err(|e| Error::invalid("metrics", e.to_string()));
+        let reg = |c: Box<dyn Collector>| {
+            registry
+                .register(c)
+                .map_err(|e| Error::invalid("metrics", e.to_string()))
+        };
         let counter = |name: &str, help: &str, l: &[&str]| -> Result<IntCounterVec> {
-            let c = IntCounterVec::new(Opts::new(name, help), l).map_err(|e| Error::invalid("metrics", e.to_string()))?;
-            reg(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge = |name: &str, help: &str, l: &[&str]| -> Result<GaugeVec> {
-            let c = GaugeVec::new(Opts::new(name, help), l).map_err(|e| Error::invalid("metrics", e.to_string()))?;
-            reg(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let histogram = |name: &str, help: &str, l: &[&str], buckets: Vec<f64>| -> Result<HistogramVec> {
-            let c = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), l)
+            let c = IntCounterVec::new(Opts::new(name, help), l)
                 .map_err(|e| Error::invalid("metrics", e.to_string()))?;
             reg(Box::new(c.clone()))?;
             Ok(c)
         };
+        let gauge = |name: &str, help: &str, l: &[&str]| -> Result<GaugeVec> {
+            let c = GaugeVec::new(Opts::new(name, help), l)
+                .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+            reg(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let histogram =
+            |name: &str, help: &str, l: &[&str], buckets: Vec<f64>| -> Result<HistogramVec> {
+                let c = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), l)
+                    .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+                reg(Box::new(c.clone()))?;
+                Ok(c)
+            };
         let families = Families {
             tokens: counter("tokens_total", "Tokens processed at each hook.", &["hook"])?,
             hook_duration: histogram(
                 "hook_duration_seconds",
                 "Time spent in one hook call.",
                 &["hook"],
-                prometheus::exponential_buckets(1e-6, 2.0, 20).map_err(|e| Error::invalid("metrics", e.to_string()))?,
+                prometheus::exponential_buckets(1e-6, 2.0, 20)
+                    .map_err(|e| Error::invalid("metrics", e.to_string()))?,
             )?,
             feature_activation: histogram(
                 "feature_activation",
@@ -105,19 +124,51 @@ impl Metrics {
                 "Tokens on which a named feature was active (above zero).",
                 &["dictionary", "feature"],
             )?,
-            monitor_events: counter("monitor_events_total", "Monitor events by action.", &["monitor", "action"])?,
-            steering_tokens: counter("steering_tokens_total", "Tokens edited by each steering rule.", &["rule"])?,
-            l0: gauge("dictionary_l0", "Mean active features per sampled token.", &["dictionary"])?,
-            fvu: gauge("dictionary_fvu", "Fraction of variance unexplained on sampled tokens.", &["dictionary"])?,
-            nonfinite: counter("nonfinite_tokens_total", "Tokens whose activations were NaN or infinite.", &["hook"])?,
+            monitor_events: counter(
+                "monitor_events_total",
+                "Monitor events by action.",
+                &["monitor", "action"],
+            )?,
+            steering_tokens: counter(
+                "steering_tokens_total",
+                "Tokens edited by each steering rule.",
+                &["rule"],
+            )?,
+            l0: gauge(
+                "dictionary_l0",
+                "Mean active features per sampled token.",
+                &["dictionary"],
+            )?,
+            fvu: gauge(
+                "dictionary_fvu",
+                "Fraction of variance unexplained on sampled tokens.",
+                &["dictionary"],
+            )?,
+            nonfinite: counter(
+                "nonfinite_tokens_total",
+                "Tokens whose activations were NaN or infinite.",
+                &["hook"],
+            )?,
             errors: counter("errors_total", "Errors by kind.", &["kind"])?,
-            policy_traps: counter("policy_traps_total", "Policy calls that failed, by reason.", &["policy", "reason"])?,
-            reloads: counter("config_reloads_total", "Config reloads by result.", &["result"])?,
+            policy_traps: counter(
+                "policy_traps_total",
+                "Policy calls that failed, by reason.",
+                &["policy", "reason"],
+            )?,
+            reloads: counter(
+                "config_reloads_total",
+                "Config reloads by result.",
+                &["result"],
+            )?,
         };
-        let info = IntGaugeVec::new(Opts::new("build_info", "Build information."), &["version", "onnxruntime"])
-            .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+        let info = IntGaugeVec::new(
+            Opts::new("build_info", "Build information."),
+            &["version", "onnxruntime"],
+        )
+        .map_err(|e| Error::invalid("metrics", e.to_string()))?;
         reg(Box::new(info.clone()))?;
-        info.with_label_values(&[env!("CARGO_PKG_VERSION"), crate::onnxruntime::ORT_VERSION]).set(1);
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), crate::onnxruntime::ORT_VERSION])
+            .set(1);
         let m = families.with_registry(registry);
         for kind in ERROR_KINDS {
             m.errors.with_label_values(&[kind]);

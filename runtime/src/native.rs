@@ -26,7 +26,10 @@ fn vector(file: &DictionaryFile, name: &str) -> Result<Array1<f32>> {
 
 /// Whether slicing `activation` keeps the activations exact.
 pub fn slicing_is_exact(activation: Activation) -> bool {
-    matches!(activation, Activation::Relu | Activation::JumpRelu | Activation::BatchTopK | Activation::Gated)
+    matches!(
+        activation,
+        Activation::Relu | Activation::JumpRelu | Activation::BatchTopK | Activation::Gated
+    )
 }
 
 impl SlicedEncoder {
@@ -45,7 +48,10 @@ impl SlicedEncoder {
             .map_err(|e| Error::dictionary(file.path(), format!("`W_enc`: {e}")))?;
         let cols: Vec<usize> = features.iter().map(|&f| f as usize).collect();
         if let Some(bad) = cols.iter().find(|&&c| c >= m.d_sae) {
-            return Err(Error::dictionary(file.path(), format!("feature {bad} is out of range (d_sae = {})", m.d_sae)));
+            return Err(Error::dictionary(
+                file.path(),
+                format!("feature {bad} is out of range (d_sae = {})", m.d_sae),
+            ));
         }
         let w = w_enc.select(Axis(1), &cols);
         let gated = m.activation == Activation::Gated;
@@ -53,12 +59,21 @@ impl SlicedEncoder {
         // Whether the graph subtracts b_dec from its input: Tiller graphs name that node's inputs.
         let graph = file.model().graph.as_ref();
         let subtracts_b_dec = graph.is_some_and(|g| {
-            g.node.iter().any(|n| n.op_type == "Sub" && n.input.iter().any(|i| i == "b_dec"))
+            g.node
+                .iter()
+                .any(|n| n.op_type == "Sub" && n.input.iter().any(|i| i == "b_dec"))
         });
-        let b_dec_in = if subtracts_b_dec { Some(file.b_dec()?) } else { None };
+        let b_dec_in = if subtracts_b_dec {
+            Some(file.b_dec()?)
+        } else {
+            None
+        };
         let threshold = match m.activation {
             Activation::JumpRelu => Some(vector(file, "threshold")?.select(Axis(0), &cols)),
-            Activation::BatchTopK => Some(Array1::from_elem(cols.len(), vector(file, "threshold")?.first().copied().unwrap_or(0.0))),
+            Activation::BatchTopK => Some(Array1::from_elem(
+                cols.len(),
+                vector(file, "threshold")?.first().copied().unwrap_or(0.0),
+            )),
             _ => None,
         };
         let gated = if gated {
@@ -67,11 +82,25 @@ impl SlicedEncoder {
         } else {
             None
         };
-        Ok(Some(Self { activation: m.activation, norm: m.input_norm, d_in: m.d_in, w, b, b_dec_in, threshold, gated }))
+        Ok(Some(Self {
+            activation: m.activation,
+            norm: m.input_norm,
+            d_in: m.d_in,
+            w,
+            b,
+            b_dec_in,
+            threshold,
+            gated,
+        }))
     }
 
     /// Encodes `x` (`[n, d_in]`) into `out` (`[n, width]`), using `scratch` (`[n, d_in]`).
-    pub fn encode(&self, x: ArrayView2<'_, f32>, scratch: &mut Array2<f32>, out: &mut ArrayViewMut2<'_, f32>) {
+    pub fn encode(
+        &self,
+        x: ArrayView2<'_, f32>,
+        scratch: &mut Array2<f32>,
+        out: &mut ArrayViewMut2<'_, f32>,
+    ) {
         let n = x.nrows();
         if scratch.dim() != (n, self.d_in) {
             *scratch = Array2::zeros((n, self.d_in));

@@ -63,8 +63,14 @@ impl ActivationsMut<'_> {
     fn read_into(&self, out: &mut [f32]) {
         match self {
             Self::F32(a) => out.copy_from_slice(a),
-            Self::F16(a) => out.iter_mut().zip(a.iter()).for_each(|(o, v)| *o = v.to_f32()),
-            Self::Bf16(a) => out.iter_mut().zip(a.iter()).for_each(|(o, v)| *o = v.to_f32()),
+            Self::F16(a) => out
+                .iter_mut()
+                .zip(a.iter())
+                .for_each(|(o, v)| *o = v.to_f32()),
+            Self::Bf16(a) => out
+                .iter_mut()
+                .zip(a.iter())
+                .for_each(|(o, v)| *o = v.to_f32()),
         }
     }
 
@@ -72,8 +78,14 @@ impl ActivationsMut<'_> {
         let end = start + row.len();
         match self {
             Self::F32(a) => a[start..end].copy_from_slice(row),
-            Self::F16(a) => a[start..end].iter_mut().zip(row).for_each(|(o, v)| *o = half::f16::from_f32(*v)),
-            Self::Bf16(a) => a[start..end].iter_mut().zip(row).for_each(|(o, v)| *o = half::bf16::from_f32(*v)),
+            Self::F16(a) => a[start..end]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(o, v)| *o = half::f16::from_f32(*v)),
+            Self::Bf16(a) => a[start..end]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(o, v)| *o = half::bf16::from_f32(*v)),
         }
     }
 }
@@ -204,12 +216,19 @@ impl State {
         let opts = SessionOptions {
             intra_threads: config.runtime.threads,
             pool_size: config.runtime.pool_size,
-            onnxruntime: config.runtime.onnxruntime.as_ref().map(|p| config.resolve(p)),
+            onnxruntime: config
+                .runtime
+                .onnxruntime
+                .as_ref()
+                .map(|p| config.resolve(p)),
         };
         // Features each dictionary must produce: monitored and steered ones.
         let mut needed: HashMap<&str, HashSet<u32>> = HashMap::new();
         for m in &config.monitors {
-            needed.entry(m.dictionary.as_str()).or_default().extend(&m.features);
+            needed
+                .entry(m.dictionary.as_str())
+                .or_default()
+                .extend(&m.features);
         }
         for p in &config.profiles {
             for s in &p.steer {
@@ -224,22 +243,55 @@ impl State {
             let path = config.resolve(&dc.path);
             let file = DictionaryFile::open(&path)?;
             let meta = file.meta().clone();
-            if matches!(meta.kind, Kind::Crosscoder | Kind::Clt | Kind::Probe | Kind::Vector) {
-                return Err(Error::dictionary(&path, format!("{} dictionaries cannot be attached to hooks yet", meta.kind)));
+            if matches!(
+                meta.kind,
+                Kind::Crosscoder | Kind::Clt | Kind::Probe | Kind::Vector
+            ) {
+                return Err(Error::dictionary(
+                    &path,
+                    format!("{} dictionaries cannot be attached to hooks yet", meta.kind),
+                ));
             }
             let hook_in = dc.hook.clone().unwrap_or_else(|| meta.hook_in.clone());
-            let hook_out = dc.hook_out.clone().or_else(|| dc.hook.clone()).unwrap_or_else(|| meta.hook_out.clone());
-            let hook_out = if hook_out.is_empty() { hook_in.clone() } else { hook_out };
+            let hook_out = dc
+                .hook_out
+                .clone()
+                .or_else(|| dc.hook.clone())
+                .unwrap_or_else(|| meta.hook_out.clone());
+            let hook_out = if hook_out.is_empty() {
+                hook_in.clone()
+            } else {
+                hook_out
+            };
             if hook_in.is_empty() {
-                return Err(Error::dictionary(&path, format!("dictionary `{}` names no hook: set `hook` in the config", dc.name)));
+                return Err(Error::dictionary(
+                    &path,
+                    format!(
+                        "dictionary `{}` names no hook: set `hook` in the config",
+                        dc.name
+                    ),
+                ));
             }
-            let mut features: Vec<u32> = needed.get(dc.name.as_str()).map(|s| s.iter().copied().collect()).unwrap_or_default();
+            let mut features: Vec<u32> = needed
+                .get(dc.name.as_str())
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
             features.sort_unstable();
             if let Some(bad) = features.iter().find(|&&f| f as usize >= meta.d_sae) {
-                return Err(Error::dictionary(&path, format!("the config names feature {bad}, but `{}` has {} features", dc.name, meta.d_sae)));
+                return Err(Error::dictionary(
+                    &path,
+                    format!(
+                        "the config names feature {bad}, but `{}` has {} features",
+                        dc.name, meta.d_sae
+                    ),
+                ));
             }
             let position = features.iter().enumerate().map(|(i, &f)| (f, i)).collect();
-            let sliced = if features.is_empty() { None } else { SlicedEncoder::new(&file, &features)? };
+            let sliced = if features.is_empty() {
+                None
+            } else {
+                SlicedEncoder::new(&file, &features)?
+            };
             let w_dec = Arc::new(file.w_dec()?);
             let feature_metrics = features
                 .iter()
@@ -289,37 +341,50 @@ impl State {
                 action: m.action,
                 profile: m.profile.clone(),
                 apply_to: m.apply_to,
-                events: metrics.monitor_events.with_label_values(&[m.name.as_str(), action_name(m.action)]),
+                events: metrics
+                    .monitor_events
+                    .with_label_values(&[m.name.as_str(), action_name(m.action)]),
             });
         }
-        let profiles: HashMap<String, Vec<SteerConfig>> =
-            config.profiles.iter().map(|p| (p.name.clone(), p.steer.clone())).collect();
+        let profiles: HashMap<String, Vec<SteerConfig>> = config
+            .profiles
+            .iter()
+            .map(|p| (p.name.clone(), p.steer.clone()))
+            .collect();
         let mut hooks: HashMap<String, HookPlan> = HashMap::new();
-        let plan = |hooks: &mut HashMap<String, HookPlan>, name: &str, width: usize| -> Result<()> {
-            let p = hooks.entry(name.to_string()).or_insert_with(|| HookPlan {
-                width,
-                reads: Vec::new(),
-                writes: Vec::new(),
-                vector_rules: false,
-                metrics: HookMetrics {
-                    tokens: metrics.tokens.with_label_values(&[name]),
-                    duration: metrics.hook_duration.with_label_values(&[name]),
-                    nonfinite: metrics.nonfinite.with_label_values(&[name]),
-                },
-            });
-            if p.width != width {
-                return Err(Error::invalid(
-                    format!("hook `{name}`"),
-                    format!("dictionaries disagree on its width ({} and {width})", p.width),
-                ));
-            }
-            Ok(())
-        };
+        let plan =
+            |hooks: &mut HashMap<String, HookPlan>, name: &str, width: usize| -> Result<()> {
+                let p = hooks.entry(name.to_string()).or_insert_with(|| HookPlan {
+                    width,
+                    reads: Vec::new(),
+                    writes: Vec::new(),
+                    vector_rules: false,
+                    metrics: HookMetrics {
+                        tokens: metrics.tokens.with_label_values(&[name]),
+                        duration: metrics.hook_duration.with_label_values(&[name]),
+                        nonfinite: metrics.nonfinite.with_label_values(&[name]),
+                    },
+                });
+                if p.width != width {
+                    return Err(Error::invalid(
+                        format!("hook `{name}`"),
+                        format!(
+                            "dictionaries disagree on its width ({} and {width})",
+                            p.width
+                        ),
+                    ));
+                }
+                Ok(())
+            };
         for (i, d) in dicts.iter().enumerate() {
             plan(&mut hooks, &d.hook_in, d.meta.d_in)?;
-            hooks.get_mut(&d.hook_in).map(|p| p.reads.push(i));
+            if let Some(p) = hooks.get_mut(&d.hook_in) {
+                p.reads.push(i);
+            }
             plan(&mut hooks, &d.hook_out, d.meta.d_out)?;
-            hooks.get_mut(&d.hook_out).map(|p| p.writes.push(i));
+            if let Some(p) = hooks.get_mut(&d.hook_out) {
+                p.writes.push(i);
+            }
         }
         let mut state = Self {
             sample_every: if config.runtime.fvu_sample_rate > 0.0 {
@@ -341,7 +406,10 @@ impl State {
         for name in names {
             let rules = state.profiles[&name].clone();
             let compiled = state.compile(&name, &rules, metrics)?;
-            for r in compiled.iter().filter(|r| r.op == Op::Vector || r.op == Op::ProjectCap) {
+            for r in compiled
+                .iter()
+                .filter(|r| r.op == Op::Vector || r.op == Op::ProjectCap)
+            {
                 let width = r.direction.len();
                 plan(&mut state.hooks, &r.hook, width)?;
                 if let Some(p) = state.hooks.get_mut(&r.hook) {
@@ -353,28 +421,48 @@ impl State {
     }
 
     /// Compiles `rules` (named after `profile`).
-    fn compile(&self, profile: &str, rules: &[SteerConfig], metrics: &Metrics) -> Result<Vec<Rule>> {
+    fn compile(
+        &self,
+        profile: &str,
+        rules: &[SteerConfig],
+        metrics: &Metrics,
+    ) -> Result<Vec<Rule>> {
         let dicts: HashSet<&str> = self.dict_index.keys().map(String::as_str).collect();
         let monitors: HashSet<&str> = self.monitor_index.keys().map(String::as_str).collect();
         let mut out = Vec::with_capacity(rules.len());
         for (i, s) in rules.iter().enumerate() {
-            s.check(&dicts, &monitors)
-                .map_err(|(key, m)| Error::invalid(format!("rule {i} of `{profile}`"), format!("`{key}`: {m}")))?;
+            s.check(&dicts, &monitors).map_err(|(key, m)| {
+                Error::invalid(format!("rule {i} of `{profile}`"), format!("`{key}`: {m}"))
+            })?;
             let name = s.name.clone().unwrap_or_else(|| format!("{profile}.{i}"));
             let when = s.when.as_ref().map(|w| self.monitor_index[w]);
             let (dictionary, direction, hook, param) = match s.op {
                 Op::Vector | Op::ProjectCap => {
-                    let path = self.config.resolve(s.vector.as_deref().unwrap_or(Path::new("")));
+                    let path = self
+                        .config
+                        .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
                     let mut u = load_direction(&path, s.index.unwrap_or(0))?;
                     if s.op == Op::ProjectCap {
                         let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
                         if n == 0.0 || !n.is_finite() {
-                            return Err(Error::tensor(path.display().to_string(), "the direction has zero length"));
+                            return Err(Error::tensor(
+                                path.display().to_string(),
+                                "the direction has zero length",
+                            ));
                         }
                         u.iter_mut().for_each(|v| *v /= n);
                     }
-                    let param = if s.op == Op::Vector { s.strength } else { s.value };
-                    (None, Arc::new(u), s.hook.clone().unwrap_or_default(), param.unwrap_or(0.0))
+                    let param = if s.op == Op::Vector {
+                        s.strength
+                    } else {
+                        s.value
+                    };
+                    (
+                        None,
+                        Arc::new(u),
+                        s.hook.clone().unwrap_or_default(),
+                        param.unwrap_or(0.0),
+                    )
                 }
                 _ => {
                     let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
@@ -383,7 +471,10 @@ impl State {
                     if f as usize >= d.meta.d_sae {
                         return Err(Error::invalid(
                             format!("rule `{name}`"),
-                            format!("feature {f} is out of range: `{}` has {} features", d.name, d.meta.d_sae),
+                            format!(
+                                "feature {f} is out of range: `{}` has {} features",
+                                d.name, d.meta.d_sae
+                            ),
                         ));
                     }
                     let mut row = d.w_dec.row(f as usize).to_vec();
@@ -399,11 +490,20 @@ impl State {
                         Op::Scale => s.factor,
                         _ => Some(0.0),
                     };
-                    (Some(di), Arc::new(row), d.hook_out.clone(), param.unwrap_or(0.0))
+                    (
+                        Some(di),
+                        Arc::new(row),
+                        d.hook_out.clone(),
+                        param.unwrap_or(0.0),
+                    )
                 }
             };
             // Per-request rules share one label value: a request id must never become a label.
-            let label = if profile.starts_with(OVERRIDE_PREFIX) { "request_override" } else { name.as_str() };
+            let label = if profile.starts_with(OVERRIDE_PREFIX) {
+                "request_override"
+            } else {
+                name.as_str()
+            };
             out.push(Rule {
                 counter: metrics.steering_tokens.with_label_values(&[label]),
                 name,
@@ -428,12 +528,18 @@ fn load_direction(path: &Path, index: usize) -> Result<Vec<f32>> {
     if path.extension().is_some_and(|e| e == "gguf") {
         let cv = crate::vectors::read_gguf_control_vector(path)?;
         return cv.directions.get(&index).cloned().ok_or_else(|| {
-            Error::tensor(path.display().to_string(), format!("has no `direction.{index}`"))
+            Error::tensor(
+                path.display().to_string(),
+                format!("has no `direction.{index}`"),
+            )
         });
     }
     let v = crate::vectors::read_npy_vectors(path)?;
     if index >= v.nrows() {
-        return Err(Error::tensor(path.display().to_string(), format!("has {} directions, not {}", v.nrows(), index + 1)));
+        return Err(Error::tensor(
+            path.display().to_string(),
+            format!("has {} directions, not {}", v.nrows(), index + 1),
+        ));
     }
     Ok(v.row(index).to_vec())
 }
@@ -477,11 +583,19 @@ impl Request {
                 Some(r) => rules.extend(state.compile(p, r, metrics)?),
                 None => {
                     metrics.error("profile");
-                    return Err(Error::Unknown { what: "profile", name: p.clone(), message: "not in the current config".into() });
+                    return Err(Error::Unknown {
+                        what: "profile",
+                        name: p.clone(),
+                        message: "not in the current config".into(),
+                    });
                 }
             }
         }
-        rules.extend(state.compile(&format!("{OVERRIDE_PREFIX}{}", self.id), &self.overrides.steer, metrics)?);
+        rules.extend(state.compile(
+            &format!("{OVERRIDE_PREFIX}{}", self.id),
+            &self.overrides.steer,
+            metrics,
+        )?);
         let rules = Arc::new(rules);
         self.compiled = Some((state.generation, self.profile.clone(), rules.clone()));
         Ok(rules)
@@ -524,7 +638,10 @@ impl Runtime {
 
     /// Builds a runtime from a parsed config.
     pub fn new(config: Config) -> Result<Self> {
-        let metrics = Metrics::new(&config.runtime.metrics_prefix, &config.runtime.metrics_labels)?;
+        let metrics = Metrics::new(
+            &config.runtime.metrics_prefix,
+            &config.runtime.metrics_labels,
+        )?;
         let state = State::build(config, 1, &metrics)?;
         Ok(Self {
             state: RwLock::new(Arc::new(state)),
@@ -546,7 +663,12 @@ impl Runtime {
 
     /// The hooks the config attaches to, with their widths.
     pub fn hooks(&self) -> Vec<(String, usize)> {
-        let mut h: Vec<(String, usize)> = self.state().hooks.iter().map(|(k, p)| (k.clone(), p.width)).collect();
+        let mut h: Vec<(String, usize)> = self
+            .state()
+            .hooks
+            .iter()
+            .map(|(k, p)| (k.clone(), p.width))
+            .collect();
         h.sort();
         h
     }
@@ -554,9 +676,14 @@ impl Runtime {
     /// Reloads the config file the runtime was built from (or `path`): the new state is built aside
     /// and swapped in atomically; on error the running state is untouched and the error returned.
     pub fn reload(&self, path: Option<&Path>) -> Result<()> {
-        let path: Option<PathBuf> = path.map(Path::to_path_buf).or_else(|| self.state().config.source.clone());
+        let path: Option<PathBuf> = path
+            .map(Path::to_path_buf)
+            .or_else(|| self.state().config.source.clone());
         let Some(path) = path else {
-            return Err(Error::invalid("reload", "the runtime was not built from a file; pass one"));
+            return Err(Error::invalid(
+                "reload",
+                "the runtime was not built from a file; pass one",
+            ));
         };
         self.reload_config(Config::from_file(&path))
     }
@@ -581,13 +708,22 @@ impl Runtime {
     }
 
     /// Begins request `id` with a profile (or none) and optional JSON overrides.
-    pub fn begin_request(&self, id: u64, profile: Option<&str>, overrides: Option<&str>) -> Result<()> {
+    pub fn begin_request(
+        &self,
+        id: u64,
+        profile: Option<&str>,
+        overrides: Option<&str>,
+    ) -> Result<()> {
         let state = self.state();
         if let Some(p) = profile
             && !state.profiles.contains_key(p)
         {
             self.metrics.error("profile");
-            return Err(Error::Unknown { what: "profile", name: p.to_string(), message: "no such profile in the config".into() });
+            return Err(Error::Unknown {
+                what: "profile",
+                name: p.to_string(),
+                message: "no such profile in the config".into(),
+            });
         }
         let overrides = match overrides {
             Some(o) if !o.trim().is_empty() => Overrides::from_json(o)?,
@@ -609,7 +745,11 @@ impl Runtime {
         req.rules(&state, &self.metrics)?;
         let mut map = self.requests.write().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
-            return Err(Error::Unknown { what: "request", name: id.to_string(), message: "is already running".into() });
+            return Err(Error::Unknown {
+                what: "request",
+                name: id.to_string(),
+                message: "is already running".into(),
+            });
         }
         map.insert(id, Arc::new(Mutex::new(req)));
         Ok(())
@@ -617,10 +757,19 @@ impl Runtime {
 
     /// Ends request `id` and returns its summary.
     pub fn end_request(&self, id: u64) -> Result<RequestSummary> {
-        let req = self.requests.write().unwrap_or_else(|p| p.into_inner()).remove(&id).ok_or_else(|| {
-            self.metrics.error("unknown_request");
-            Error::Unknown { what: "request", name: id.to_string(), message: "was never begun or has ended".into() }
-        })?;
+        let req = self
+            .requests
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .ok_or_else(|| {
+                self.metrics.error("unknown_request");
+                Error::Unknown {
+                    what: "request",
+                    name: id.to_string(),
+                    message: "was never begun or has ended".into(),
+                }
+            })?;
         Ok(req.lock().unwrap_or_else(|p| p.into_inner()).summary())
     }
 
@@ -648,7 +797,11 @@ impl Runtime {
                 None => {
                     let r = map.get(&t.request).ok_or_else(|| {
                         self.metrics.error("unknown_request");
-                        Error::Unknown { what: "request", name: t.request.to_string(), message: "was never begun or has ended".into() }
+                        Error::Unknown {
+                            what: "request",
+                            name: t.request.to_string(),
+                            message: "was never begun or has ended".into(),
+                        }
                     })?;
                     ids.push(t.request);
                     reqs.push(r.clone());
@@ -660,7 +813,11 @@ impl Runtime {
         drop(map);
         let mut rules = Vec::with_capacity(reqs.len());
         for r in &reqs {
-            rules.push(r.lock().unwrap_or_else(|p| p.into_inner()).rules(&state, &self.metrics)?);
+            rules.push(
+                r.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .rules(&state, &self.metrics)?,
+            );
         }
         let mut token_index = Vec::with_capacity(tokens.len());
         for &slot in &token_req {
@@ -694,6 +851,23 @@ impl Runtime {
     }
 }
 
+/// A dictionary's activations for one hook call: the features the config names, and every feature
+/// when a request's own rules needed the full dictionary.
+struct Encoded {
+    named: Array2<f32>,
+    full: Option<Array2<f32>>,
+}
+
+impl Encoded {
+    fn get(&self, d: &DictState, t: usize, feature: u32) -> f32 {
+        match (d.position.get(&feature), &self.full) {
+            (Some(&p), _) => self.named[[t, p]],
+            (None, Some(full)) => full[[t, feature as usize]],
+            (None, None) => 0.0,
+        }
+    }
+}
+
 /// One forward step. Call [`Step::hook`] at each hook, in the model's order, then [`Step::finish`].
 pub struct Step<'r> {
     rt: &'r Runtime,
@@ -703,7 +877,7 @@ pub struct Step<'r> {
     reqs: Vec<Arc<Mutex<Request>>>,
     rules: Vec<Arc<Vec<Rule>>>,
     /// Feature activations computed at a dictionary's input hook, for its edits at a later output hook.
-    pending: HashMap<usize, Array2<f32>>,
+    pending: HashMap<usize, Encoded>,
     /// Each token's index within its request.
     token_index: Vec<u64>,
     result: StepResult,
@@ -713,7 +887,9 @@ pub struct Step<'r> {
 
 impl std::fmt::Debug for Step<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Step").field("tokens", &self.tokens.len()).finish_non_exhaustive()
+        f.debug_struct("Step")
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -724,7 +900,11 @@ impl Step<'_> {
         let state = self.state.clone();
         let Some(plan) = state.hooks.get(name) else {
             self.rt.metrics.error("unknown_hook");
-            return Err(Error::Unknown { what: "hook", name: name.to_string(), message: "no dictionary or rule is attached to it".into() });
+            return Err(Error::Unknown {
+                what: "hook",
+                name: name.to_string(),
+                message: "no dictionary or rule is attached to it".into(),
+            });
         };
         let n = self.tokens.len();
         let width = plan.width;
@@ -732,12 +912,20 @@ impl Step<'_> {
             self.rt.metrics.error("shape");
             return Err(Error::tensor(
                 name,
-                format!("holds {} values; {n} tokens × width {width} = {} expected", acts.len(), n * width),
+                format!(
+                    "holds {} values; {n} tokens × width {width} = {} expected",
+                    acts.len(),
+                    n * width
+                ),
             ));
         }
         self.x.resize(n * width, 0.0);
         acts.read_into(&mut self.x);
-        let finite: Vec<bool> = self.x.chunks_exact(width.max(1)).map(|r| r.iter().all(|v| v.is_finite())).collect();
+        let finite: Vec<bool> = self
+            .x
+            .chunks_exact(width.max(1))
+            .map(|r| r.iter().all(|v| v.is_finite()))
+            .collect();
         let bad = finite.iter().filter(|f| !**f).count();
         if bad > 0 {
             plan.metrics.nonfinite.inc_by(bad as u64);
@@ -745,15 +933,17 @@ impl Step<'_> {
         plan.metrics.tokens.inc_by(n as u64);
         // Encode every dictionary that reads this hook.
         for &di in &plan.reads {
-            let acts_needed = self.encode(di, &finite, width)?;
-            self.observe(di, &acts_needed, &finite);
-            self.pending.insert(di, acts_needed);
+            let encoded = self.encode(di, &finite, width)?;
+            self.observe(di, &encoded.named, &finite);
+            self.pending.insert(di, encoded);
         }
 
         // Edits written at this hook.
         let mut edited = vec![false; n];
         for &di in &plan.writes {
-            let Some(acts_needed) = self.pending.get(&di) else { continue };
+            let Some(encoded) = self.pending.get(&di) else {
+                continue;
+            };
             let d = &state.dicts[di];
             for t in 0..n {
                 if !finite[t] {
@@ -762,20 +952,25 @@ impl Step<'_> {
                 let slot = self.token_req[t];
                 let phase = self.tokens[t].phase;
                 let row = &mut self.x[t * width..(t + 1) * width];
-                for rule in self.rules[slot].iter().filter(|r| r.dictionary == Some(di) && r.hook == name) {
+                for rule in self.rules[slot]
+                    .iter()
+                    .filter(|r| r.dictionary == Some(di) && r.hook == name)
+                {
                     if !covers(rule.apply_to, phase) || !triggered(&self.reqs[slot], &state, rule) {
                         continue;
                     }
-                    let f = match d.position.get(&rule.feature) {
-                        Some(&p) => acts_needed[[t, p]],
-                        None => 0.0,
-                    };
+                    let f = encoded.get(d, t, rule.feature);
                     if let Some(c) = rule.coefficient(f, row)
                         && rule.apply(c, row)
                     {
                         edited[t] = true;
                         rule.counter.inc();
-                        *self.reqs[slot].lock().unwrap_or_else(|p| p.into_inner()).steering.entry(rule.name.clone()).or_default() += 1;
+                        *self.reqs[slot]
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .steering
+                            .entry(rule.name.clone())
+                            .or_default() += 1;
                     }
                 }
             }
@@ -788,7 +983,10 @@ impl Step<'_> {
                 let slot = self.token_req[t];
                 let phase = self.tokens[t].phase;
                 let row = &mut self.x[t * width..(t + 1) * width];
-                for rule in self.rules[slot].iter().filter(|r| r.dictionary.is_none() && r.hook == name) {
+                for rule in self.rules[slot]
+                    .iter()
+                    .filter(|r| r.dictionary.is_none() && r.hook == name)
+                {
                     if !covers(rule.apply_to, phase) || !triggered(&self.reqs[slot], &state, rule) {
                         continue;
                     }
@@ -797,7 +995,12 @@ impl Step<'_> {
                     {
                         edited[t] = true;
                         rule.counter.inc();
-                        *self.reqs[slot].lock().unwrap_or_else(|p| p.into_inner()).steering.entry(rule.name.clone()).or_default() += 1;
+                        *self.reqs[slot]
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .steering
+                            .entry(rule.name.clone())
+                            .or_default() += 1;
                     }
                 }
             }
@@ -805,12 +1008,14 @@ impl Step<'_> {
         for t in (0..n).filter(|&t| edited[t]) {
             acts.write_row(t * width, &self.x[t * width..(t + 1) * width]);
         }
-        plan.metrics.duration.observe(started.elapsed().as_secs_f64());
+        plan.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// The needed features of dictionary `d` for every token (zeros for non-finite tokens).
-    fn encode(&mut self, di: usize, finite: &[bool], width: usize) -> Result<Array2<f32>> {
+    fn encode(&mut self, di: usize, finite: &[bool], width: usize) -> Result<Encoded> {
         let state = self.state.clone();
         let d = &state.dicts[di];
         let n = self.tokens.len();
@@ -824,8 +1029,11 @@ impl Step<'_> {
         }
         let m = d.features.len();
         // A request's own rules may name features outside the slice: then the full dictionary runs.
-        let needs_full =
-            self.rules.iter().flat_map(|rs| rs.iter()).any(|r| r.dictionary == Some(di) && !d.position.contains_key(&r.feature));
+        let needs_full = self
+            .rules
+            .iter()
+            .flat_map(|rs| rs.iter())
+            .any(|r| r.dictionary == Some(di) && !d.position.contains_key(&r.feature));
         let sample = self.state.sample_every > 0 && {
             let c = self.rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
             c / self.state.sample_every != (c + n as u64) / self.state.sample_every
@@ -834,20 +1042,22 @@ impl Step<'_> {
             self.measure_fvu(d, &x, finite);
         }
         let mut out = Array2::zeros((n, m));
+        let mut full = None;
         match (&d.sliced, needs_full) {
             (Some(s), false) => s.encode(x.view(), &mut self.scratch, &mut out.view_mut()),
-            _ if m == 0 => {}
+            _ if m == 0 && !needs_full => {}
             _ => {
-                let enc = d.dict.encode(x.view()).map_err(|e| {
-                    self.rt.metrics.error("encode");
-                    e
-                })?;
+                let enc = d
+                    .dict
+                    .encode(x.view())
+                    .inspect_err(|_| self.rt.metrics.error("encode"))?;
                 for (j, &f) in d.features.iter().enumerate() {
                     out.column_mut(j).assign(&enc.acts.column(f as usize));
                 }
+                full = needs_full.then_some(enc.acts);
             }
         }
-        Ok(out)
+        Ok(Encoded { named: out, full })
     }
 
     fn measure_fvu(&self, d: &DictState, x: &Array2<f32>, finite: &[bool]) {
@@ -857,11 +1067,18 @@ impl Step<'_> {
         };
         let mut w = d.fvu.lock().unwrap_or_else(|p| p.into_inner());
         if w.sum.len() != x.ncols() {
-            *w = FvuWindow { sum: vec![0.0; x.ncols()], ..FvuWindow::default() };
+            *w = FvuWindow {
+                sum: vec![0.0; x.ncols()],
+                ..FvuWindow::default()
+            };
         }
         for t in (0..x.nrows()).filter(|&t| finite[t]) {
             let (xr, rr) = (x.row(t), recon.row(t));
-            w.err += xr.iter().zip(rr.iter()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+            w.err += xr
+                .iter()
+                .zip(rr.iter())
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum::<f64>();
             w.sum_sq += xr.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
             for (s, a) in w.sum.iter_mut().zip(xr.iter()) {
                 *s += f64::from(*a);
@@ -876,7 +1093,10 @@ impl Step<'_> {
                 d.gauges.fvu.set(w.err / var);
             }
             d.gauges.l0.set(w.l0 / n);
-            *w = FvuWindow { sum: vec![0.0; x.ncols()], ..FvuWindow::default() };
+            *w = FvuWindow {
+                sum: vec![0.0; x.ncols()],
+                ..FvuWindow::default()
+            };
         }
     }
 
@@ -895,7 +1115,12 @@ impl Step<'_> {
                     let fm = &d.feature_metrics[j];
                     fm.activation.observe(f64::from(v));
                     fm.active.inc();
-                    let s = req.features.entry(d.name.clone()).or_default().entry(d.features[j]).or_insert(FeatureStats { max: v, count: 0 });
+                    let s = req
+                        .features
+                        .entry(d.name.clone())
+                        .or_default()
+                        .entry(d.features[j])
+                        .or_insert(FeatureStats { max: v, count: 0 });
                     s.max = s.max.max(v);
                     s.count += 1;
                 }
@@ -906,7 +1131,11 @@ impl Step<'_> {
                 if !covers(m.apply_to, phase) {
                     continue;
                 }
-                let value = m.positions.iter().map(|&p| row[p]).fold(f32::NEG_INFINITY, f32::max);
+                let value = m
+                    .positions
+                    .iter()
+                    .map(|&p| row[p])
+                    .fold(f32::NEG_INFINITY, f32::max);
                 let run = req.monitors.entry(m.name.clone()).or_default();
                 let fire = match m.window {
                     Window::Token => value > m.threshold,
@@ -916,7 +1145,11 @@ impl Step<'_> {
                         } else {
                             run.n += 1;
                             run.sum += f64::from(value);
-                            run.max = if run.n == 1 { value } else { run.max.max(value) };
+                            run.max = if run.n == 1 {
+                                value
+                            } else {
+                                run.max.max(value)
+                            };
                             if value > m.threshold {
                                 run.count += 1;
                             }
@@ -940,7 +1173,13 @@ impl Step<'_> {
                     _ => value,
                 };
                 m.events.inc();
-                let event = Event { monitor: m.name.clone(), action: action_name(m.action), request: req.id, token: token_index, value: reported };
+                let event = Event {
+                    monitor: m.name.clone(),
+                    action: action_name(m.action),
+                    request: req.id,
+                    token: token_index,
+                    value: reported,
+                };
                 match m.action {
                     Action::Flag => req.flagged = true,
                     Action::SwitchProfile => req.profile = m.profile.clone(),
@@ -968,7 +1207,11 @@ fn triggered(req: &Arc<Mutex<Request>>, state: &State, rule: &Rule) -> bool {
         None => true,
         Some(mi) => {
             let name = &state.monitors[mi].name;
-            req.lock().unwrap_or_else(|p| p.into_inner()).monitors.get(name).is_some_and(|r| r.fired)
+            req.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .monitors
+                .get(name)
+                .is_some_and(|r| r.fired)
         }
     }
 }

@@ -49,7 +49,11 @@ impl Rule {
             Op::Scale => (self.param - 1.0) * f,
             Op::Cap => f.min(self.param) - f,
             Op::ProjectCap => {
-                let p: f32 = x.iter().zip(self.direction.iter()).map(|(a, b)| a * b).sum();
+                let p: f32 = x
+                    .iter()
+                    .zip(self.direction.iter())
+                    .map(|(a, b)| a * b)
+                    .sum();
                 -(p.max(self.param) - self.param)
             }
         };
@@ -59,7 +63,10 @@ impl Rule {
     /// Applies `x += c·d` when the result stays finite; returns whether it did.
     pub fn apply(&self, c: f32, x: &mut [f32]) -> bool {
         let d = &self.direction;
-        if x.iter().zip(d.iter()).any(|(a, b)| !(a + c * b).is_finite()) {
+        if x.iter()
+            .zip(d.iter())
+            .any(|(a, b)| !(a + c * b).is_finite())
+        {
             return false;
         }
         for (a, b) in x.iter_mut().zip(d.iter()) {

@@ -108,9 +108,9 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
         2 | 3 => {}
         0 => return Err(src.err("GGUF version 0 is not valid")),
         1 => {
-            return Err(src.err(
-                "GGUF version 1 is not supported (only 2 and 3; v1 used 32-bit counts)",
-            ));
+            return Err(
+                src.err("GGUF version 1 is not supported (only 2 and 3; v1 used 32-bit counts)")
+            );
         }
         v if v & 0xFFFF == 0 => {
             return Err(src.err(format!(
@@ -163,9 +163,7 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
                 }
                 let a = src.u32("`general.alignment`")?;
                 if !a.is_power_of_two() {
-                    return Err(src.err(format!(
-                        "`general.alignment` is {a}, not a power of two"
-                    )));
+                    return Err(src.err(format!("`general.alignment` is {a}, not a power of two")));
                 }
                 alignment = u64::from(a);
             }
@@ -183,7 +181,11 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
     // Tensor infos.
     let mut infos = Vec::new();
     for i in 0..n_tensors {
-        let name = gguf_string(&mut src, format_args!("the name of tensor {i}"), MAX_NAME_LEN)?;
+        let name = gguf_string(
+            &mut src,
+            format_args!("the name of tensor {i}"),
+            MAX_NAME_LEN,
+        )?;
         let n_dims = src.u32(format_args!("tensor `{name}`: the dimension count"))?;
         if n_dims > MAX_DIMS {
             return Err(src.err(format!(
@@ -221,10 +223,7 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
         let len = match info.dims.split_first() {
             Some((&len, rest)) if rest.iter().all(|&d| d == 1) => len,
             _ => {
-                return Err(src.err(format!(
-                    "tensor `{name}`: shape {:?} is not 1-D",
-                    info.dims
-                )));
+                return Err(src.err(format!("tensor `{name}`: shape {:?} is not 1-D", info.dims)));
             }
         };
         if len == 0 {
@@ -292,7 +291,10 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
             Float::F32
         };
         src.seek_to(start)?;
-        let bytes = src.bytes(n_embd as u64 * float.size(), format_args!("tensor `{name}`"))?;
+        let bytes = src.bytes(
+            n_embd as u64 * float.size(),
+            format_args!("tensor `{name}`"),
+        )?;
         let mut values = Vec::with_capacity(n_embd);
         if let Some((j, v)) = decode(&bytes, float, &mut values) {
             return Err(src.err(format!(
@@ -337,8 +339,8 @@ pub fn read_npy_vectors(path: &Path) -> Result<Array2<f32>> {
         )));
     }
     let header = src.bytes(header_len, "the header")?;
-    let header = String::from_utf8(header)
-        .map_err(|_| src.err("the header is not ASCII / UTF-8 text"))?;
+    let header =
+        String::from_utf8(header).map_err(|_| src.err("the header is not ASCII / UTF-8 text"))?;
     let header = header.trim_end();
     let (float, fortran, shape) =
         npy_header(header).map_err(|m| src.err(format!("header `{header}`: {m}")))?;
@@ -603,12 +605,12 @@ fn skip_value(src: &mut Source<'_>, ty: u32, key: &str, depth: u32) -> Result<()
                 T_STRING => MIN_STRING_BYTES,
                 T_ARRAY => MIN_ARRAY_BYTES,
                 t => {
-                    return Err(src.err(format!(
-                        "`{key}`: array elements of unknown type {t}"
-                    )));
+                    return Err(src.err(format!("`{key}`: array elements of unknown type {t}")));
                 }
             };
-            if n.checked_mul(min).is_none_or(|total| total > src.remaining()) {
+            if n.checked_mul(min)
+                .is_none_or(|total| total > src.remaining())
+            {
                 return Err(too_long(min));
             }
             for _ in 0..n {
@@ -625,14 +627,18 @@ fn direction_layer(name: &str) -> std::result::Result<usize, String> {
     let digits = name
         .strip_prefix("direction.")
         .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(|| "a control vector holds only tensors named `direction.{layer}`".to_string())?;
+        .ok_or_else(|| {
+            "a control vector holds only tensors named `direction.{layer}`".to_string()
+        })?;
     let layer = digits
         .parse::<usize>()
         .map_err(|_| format!("layer index {digits} is too large"))?;
     if layer == 0 {
-        return Err("layer indices start at 1 (llama.cpp refuses `direction.0`: the \
+        return Err(
+            "layer indices start at 1 (llama.cpp refuses `direction.0`: the \
                     output of the first block cannot be steered)"
-            .to_string());
+                .to_string(),
+        );
     }
     Ok(layer)
 }
@@ -640,8 +646,8 @@ fn direction_layer(name: &str) -> std::result::Result<usize, String> {
 fn ggml_type_name(ty: u32) -> String {
     const NAMES: [&str; 31] = [
         "F32", "F16", "Q4_0", "Q4_1", "", "", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
-        "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL",
-        "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
+        "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
+        "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16",
     ];
     match NAMES.get(ty as usize) {
         Some(name) if !name.is_empty() => (*name).to_string(),
@@ -730,7 +736,7 @@ fn npy_header(text: &str) -> std::result::Result<(Float, bool, Vec<u64>), String
     let mut descr = None;
     let mut fortran = None;
     let mut shape = None;
-    lit.expect(b'{')?;
+    lit.require(b'{')?;
     loop {
         if lit.eat(b'}') {
             break;
@@ -739,14 +745,17 @@ fn npy_header(text: &str) -> std::result::Result<(Float, bool, Vec<u64>), String
         if !matches!(key.as_str(), "descr" | "fortran_order" | "shape") {
             return Err(format!("unexpected key `{key}`"));
         }
-        lit.expect(b':')?;
+        lit.require(b':')?;
         let value = lit.value()?;
         let slot_taken = match (key.as_str(), value) {
             ("descr", PyValue::Str(s)) => descr.replace(s).is_some(),
             ("fortran_order", PyValue::Bool(b)) => fortran.replace(b).is_some(),
             ("shape", PyValue::Tuple(t)) => shape.replace(t).is_some(),
             (_, v) => {
-                return Err(format!("`{key}` has the wrong kind of value ({})", v.kind()));
+                return Err(format!(
+                    "`{key}` has the wrong kind of value ({})",
+                    v.kind()
+                ));
             }
         };
         if slot_taken {
@@ -755,7 +764,7 @@ fn npy_header(text: &str) -> std::result::Result<(Float, bool, Vec<u64>), String
         if lit.eat(b',') {
             continue;
         }
-        lit.expect(b'}')?;
+        lit.require(b'}')?;
         break;
     }
     lit.ws();
@@ -824,7 +833,7 @@ impl PyLit<'_> {
         }
     }
 
-    fn expect(&mut self, c: u8) -> std::result::Result<(), String> {
+    fn require(&mut self, c: u8) -> std::result::Result<(), String> {
         if self.eat(c) {
             Ok(())
         } else {
@@ -843,7 +852,9 @@ impl PyLit<'_> {
         loop {
             match self.s.get(self.i) {
                 Some(&c) if c == quote => break,
-                Some(b'\\') => return Err(format!("escapes in strings are not supported ({})", self.i)),
+                Some(b'\\') => {
+                    return Err(format!("escapes in strings are not supported ({})", self.i));
+                }
                 Some(_) => self.i += 1,
                 None => return Err("unterminated string".to_string()),
             }
@@ -868,7 +879,7 @@ impl PyLit<'_> {
                     if self.eat(b',') {
                         continue;
                     }
-                    self.expect(b')')?;
+                    self.require(b')')?;
                     break;
                 }
                 Ok(PyValue::Tuple(items))

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use tiller::dictionary::{build_model, reference};
-use tiller::{ActivationsMut, Activation, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -22,11 +22,26 @@ fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
     Array2::from_shape_simple_fn(shape, || n.sample(rng))
 }
 
-fn write_dict(dir: &Path, name: &str, kind: Kind, activation: Activation, d_out: usize, seed: u64) -> (Meta, Weights) {
+fn write_dict(
+    dir: &Path,
+    name: &str,
+    kind: Kind,
+    activation: Activation,
+    d_out: usize,
+    seed: u64,
+) -> (Meta, Weights) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut meta = Meta::new(kind, activation, D, F, d_out);
-    meta.hook_in = if kind == Kind::Sae { "layer.3".into() } else { "mlp.3.in".into() };
-    meta.hook_out = if kind == Kind::Sae { "layer.3".into() } else { "mlp.3.out".into() };
+    meta.hook_in = if kind == Kind::Sae {
+        "layer.3".into()
+    } else {
+        "mlp.3.in".into()
+    };
+    meta.hook_out = if kind == Kind::Sae {
+        "layer.3".into()
+    } else {
+        "mlp.3.out".into()
+    };
     if activation == Activation::TopK {
         meta.k = Some(12);
     }
@@ -41,7 +56,8 @@ fn write_dict(dir: &Path, name: &str, kind: Kind, activation: Activation, d_out:
         b_skip: None,
         apply_b_dec_to_input: kind == Kind::Sae,
     };
-    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX).unwrap();
+    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX)
+        .unwrap();
     (meta, w)
 }
 
@@ -62,7 +78,10 @@ fn edit(x: &mut [f64], f: f64, d: &[f32], op: &str, p: f64) {
 
 fn rel(a: &[f32], b: &[f64]) -> f64 {
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
+        / scale
 }
 
 fn setup(dir: &Path, activation: Activation) -> ((Meta, Weights), (Meta, Weights)) {
@@ -140,12 +159,30 @@ fn two_profiles_in_one_batch_match_the_reference() {
         rt.begin_request(3, None, None).unwrap();
 
         let tokens = [
-            Token { request: 1, phase: Phase::Prompt },
-            Token { request: 2, phase: Phase::Prompt },
-            Token { request: 1, phase: Phase::Generated },
-            Token { request: 3, phase: Phase::Generated },
-            Token { request: 2, phase: Phase::Generated },
-            Token { request: 2, phase: Phase::Prompt },
+            Token {
+                request: 1,
+                phase: Phase::Prompt,
+            },
+            Token {
+                request: 2,
+                phase: Phase::Prompt,
+            },
+            Token {
+                request: 1,
+                phase: Phase::Generated,
+            },
+            Token {
+                request: 3,
+                phase: Phase::Generated,
+            },
+            Token {
+                request: 2,
+                phase: Phase::Generated,
+            },
+            Token {
+                request: 2,
+                phase: Phase::Prompt,
+            },
         ];
         let mut rng = StdRng::seed_from_u64(activation as u64 + 10);
         let x = randn(&mut rng, (tokens.len(), D), 1.0);
@@ -185,17 +222,32 @@ fn two_profiles_in_one_batch_match_the_reference() {
         let mut got_m = xm.clone();
         let mut got_y = ym.clone();
         let mut step = rt.step(&tokens).unwrap();
-        step.hook("layer.3", ActivationsMut::F32(got.as_slice_mut().unwrap())).unwrap();
-        step.hook("mlp.3.in", ActivationsMut::F32(got_m.as_slice_mut().unwrap())).unwrap();
-        step.hook("mlp.3.out", ActivationsMut::F32(got_y.as_slice_mut().unwrap())).unwrap();
+        step.hook("layer.3", ActivationsMut::F32(got.as_slice_mut().unwrap()))
+            .unwrap();
+        step.hook(
+            "mlp.3.in",
+            ActivationsMut::F32(got_m.as_slice_mut().unwrap()),
+        )
+        .unwrap();
+        step.hook(
+            "mlp.3.out",
+            ActivationsMut::F32(got_y.as_slice_mut().unwrap()),
+        )
+        .unwrap();
         let result = step.finish();
         assert!(result.stop.is_empty() && result.events.is_empty());
 
         let e = rel(got.as_slice().unwrap(), want.as_slice().unwrap());
         assert!(e < TOL, "{activation}: residual edits, rel err {e:e}");
-        assert_eq!(got_m, xm, "the transcoder's input hook is read, not written");
+        assert_eq!(
+            got_m, xm,
+            "the transcoder's input hook is read, not written"
+        );
         let e = rel(got_y.as_slice().unwrap(), want_y.as_slice().unwrap());
-        assert!(e < TOL, "{activation}: transcoder edits at hook_out, rel err {e:e}");
+        assert!(
+            e < TOL,
+            "{activation}: transcoder edits at hook_out, rel err {e:e}"
+        );
         // Request 3 has no profile: untouched, bit for bit.
         assert_eq!(got.row(3), x.row(3));
         assert_ne!(got.row(0), x.row(0));
@@ -203,18 +255,34 @@ fn two_profiles_in_one_batch_match_the_reference() {
         let s1 = rt.end_request(1).unwrap();
         assert_eq!(s1.tokens, 2);
         assert_eq!(s1.steering.get("a.0"), Some(&2));
-        assert_eq!(s1.steering.get("a.1"), Some(&1), "add applies to generated tokens only");
+        assert_eq!(
+            s1.steering.get("a.1"),
+            Some(&1),
+            "add applies to generated tokens only"
+        );
         let s2 = rt.end_request(2).unwrap();
-        let prompt_active = tokens.iter().enumerate().filter(|(t, k)| k.request == 2 && k.phase == Phase::Prompt && fa[[*t, 12]] > 0.0).count() as u64;
+        let prompt_active = tokens
+            .iter()
+            .enumerate()
+            .filter(|(t, k)| k.request == 2 && k.phase == Phase::Prompt && fa[[*t, 12]] > 0.0)
+            .count() as u64;
         assert_eq!(s2.steering.get("b.2").copied().unwrap_or(0), prompt_active);
         // Feature statistics of the named features.
         let res = &s2.features["res"];
         for (f, stats) in res {
-            let vals: Vec<f64> = tokens.iter().enumerate().filter(|(_, k)| k.request == 2).map(|(t, _)| fa[[t, *f as usize]]).collect();
+            let vals: Vec<f64> = tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.request == 2)
+                .map(|(t, _)| fa[[t, *f as usize]])
+                .collect();
             let count = vals.iter().filter(|v| **v > 0.0).count() as u64;
             let max = vals.iter().cloned().fold(0.0, f64::max);
             assert_eq!(stats.count, count, "feature {f}");
-            assert!((f64::from(stats.max) - max).abs() < 1e-4 * max.max(1.0), "feature {f}");
+            assert!(
+                (f64::from(stats.max) - max).abs() < 1e-4 * max.max(1.0),
+                "feature {f}"
+            );
         }
         assert!(rt.end_request(1).is_err(), "ending twice is an error");
     }
@@ -228,7 +296,10 @@ fn half_precision_host_memory() {
     std::fs::write(&cfg_path, CONFIG).unwrap();
     let rt = Runtime::from_config_file(&cfg_path).unwrap();
     rt.begin_request(1, Some("a"), None).unwrap();
-    let tokens = [Token { request: 1, phase: Phase::Prompt }; 4];
+    let tokens = [Token {
+        request: 1,
+        phase: Phase::Prompt,
+    }; 4];
     let x = randn(&mut StdRng::seed_from_u64(5), (4, D), 1.0);
     let x16: Vec<half::f16> = x.iter().map(|v| half::f16::from_f32(*v)).collect();
     let xb: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_f32(*v)).collect();
@@ -241,12 +312,19 @@ fn half_precision_host_memory() {
         let fa = reference::encode(&sm, &sw, xin.view());
         let mut want = xin.mapv(f64::from);
         for t in 0..4 {
-            edit(want.row_mut(t).into_slice().unwrap(), fa[[t, 3]], &sw.w_dec.row(3).to_vec(), "clamp", 2.5);
+            edit(
+                want.row_mut(t).into_slice().unwrap(),
+                fa[[t, 3]],
+                &sw.w_dec.row(3).to_vec(),
+                "clamp",
+                2.5,
+            );
         }
         let mut step = rt.step(&tokens).unwrap();
         let got: Vec<f32> = if bf {
             let mut buf = xb.clone();
-            step.hook("layer.3", ActivationsMut::Bf16(&mut buf)).unwrap();
+            step.hook("layer.3", ActivationsMut::Bf16(&mut buf))
+                .unwrap();
             buf.iter().map(|v| v.to_f32()).collect()
         } else {
             let mut buf = x16.clone();
@@ -322,18 +400,39 @@ when = "tok"
     // One token per step, as in decoding.
     for t in 0..8 {
         let mut row = x.row(t).to_owned();
-        let mut step = rt.step(&[Token { request: 7, phase: Phase::Generated }]).unwrap();
-        step.hook("layer.3", ActivationsMut::F32(row.as_slice_mut().unwrap())).unwrap();
+        let mut step = rt
+            .step(&[Token {
+                request: 7,
+                phase: Phase::Generated,
+            }])
+            .unwrap();
+        step.hook("layer.3", ActivationsMut::F32(row.as_slice_mut().unwrap()))
+            .unwrap();
         let r = step.finish();
         events.extend(r.events);
         stops.extend(r.stop);
     }
     let above: Vec<u64> = (0..8).filter(|&t| col[t] > th).map(|t| t as u64).collect();
     assert_eq!(above.len(), 2);
-    let tok: Vec<u64> = events.iter().filter(|e| e.monitor == "tok").map(|e| e.token).collect();
-    assert_eq!(tok, above, "a token monitor fires on every token over the threshold");
-    let two: Vec<u64> = events.iter().filter(|e| e.monitor == "two").map(|e| e.token).collect();
-    assert_eq!(two, vec![above[1]], "count=2 fires once, at the second token");
+    let tok: Vec<u64> = events
+        .iter()
+        .filter(|e| e.monitor == "tok")
+        .map(|e| e.token)
+        .collect();
+    assert_eq!(
+        tok, above,
+        "a token monitor fires on every token over the threshold"
+    );
+    let two: Vec<u64> = events
+        .iter()
+        .filter(|e| e.monitor == "two")
+        .map(|e| e.token)
+        .collect();
+    assert_eq!(
+        two,
+        vec![above[1]],
+        "count=2 fires once, at the second token"
+    );
     assert_eq!(stops, vec![7]);
     let s = rt.end_request(7).unwrap();
     assert!(s.flagged && s.stopped);
@@ -343,10 +442,15 @@ when = "tok"
     let after: u64 = (above[0] as usize + 1..8).filter(|&t| col[t] > 0.0).count() as u64;
     assert_eq!(ablated, after);
     let text = rt.metrics_text();
-    assert!(text.contains(r#"tiller_monitor_events_total{action="flag",monitor="tok"} 2"#), "{text}");
+    assert!(
+        text.contains(r#"tiller_monitor_events_total{action="flag",monitor="tok"} 2"#),
+        "{text}"
+    );
     assert!(text.contains(r#"tiller_monitor_events_total{action="stop",monitor="two"} 1"#));
     assert!(text.contains(r#"tiller_tokens_total{hook="layer.3"} 8"#));
     let active = col.iter().filter(|v| **v > 0.0).count();
-    assert!(text.contains(&format!(r#"tiller_feature_active_total{{dictionary="res",feature="{f}"}} {active}"#)));
+    assert!(text.contains(&format!(
+        r#"tiller_feature_active_total{{dictionary="res",feature="{f}"}} {active}"#
+    )));
     assert!(text.contains("tiller_dictionary_fvu{dictionary=\"res\"}"));
 }

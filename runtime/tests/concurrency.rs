@@ -1,0 +1,380 @@
+//! Many threads at once give the same results as one; reloads under load never disturb steps and a
+//! broken config changes nothing; per-request overrides work and never become metric labels.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ndarray::{Array1, Array2};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use tiller::dictionary::{build_model, reference};
+use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+
+const D: usize = 32;
+const F: usize = 96;
+
+fn randn(seed: u64, shape: (usize, usize)) -> Array2<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = Normal::new(0.0f32, 1.0).unwrap();
+    Array2::from_shape_simple_fn(shape, || n.sample(&mut rng))
+}
+
+fn write_dict(dir: &Path, activation: Activation) -> (Meta, Weights) {
+    let mut meta = Meta::new(Kind::Sae, activation, D, F, D);
+    meta.hook_in = "blocks.2".into();
+    meta.hook_out = "blocks.2".into();
+    meta.k = (activation == Activation::TopK).then_some(16);
+    let w = Weights {
+        w_enc: randn(1, (D, F)) * 0.3,
+        b_enc: Array1::from_elem(F, 0.02),
+        w_dec: randn(2, (F, D)) * 0.3,
+        b_dec: Array1::zeros(D),
+        threshold: None,
+        gated: None,
+        w_skip: None,
+        b_skip: None,
+        apply_b_dec_to_input: true,
+    };
+    tiller::graph::write_model(
+        build_model(&meta, &w).unwrap(),
+        &dir.join("d.onnx"),
+        usize::MAX,
+    )
+    .unwrap();
+    (meta, w)
+}
+
+const GOOD: &str = r#"
+[runtime]
+fvu_sample_rate = 0.25
+[[dictionary]]
+name = "res"
+path = "d.onnx"
+[[monitor]]
+name = "m"
+dictionary = "res"
+features = [1, 2, 3]
+threshold = 0.5
+window = "token"
+[[profile]]
+name = "p0"
+[[profile.steer]]
+name = "clamp4"
+dictionary = "res"
+op = "clamp"
+feature = 4
+value = 3.0
+[[profile]]
+name = "p1"
+[[profile.steer]]
+name = "ablate9"
+dictionary = "res"
+op = "ablate"
+feature = 9
+[[profile.steer]]
+name = "add1"
+dictionary = "res"
+op = "add"
+feature = 1
+strength = -0.5
+normalize = true
+"#;
+
+/// Runs `steps` continuous-batching steps for thread `tid` and returns every step's output.
+fn drive(rt: &Runtime, tid: u64, steps: usize) -> Vec<Vec<f32>> {
+    let ids = [tid * 100 + 1, tid * 100 + 2, tid * 100 + 3];
+    rt.begin_request(ids[0], Some("p0"), None).unwrap();
+    rt.begin_request(ids[1], Some("p1"), None).unwrap();
+    rt.begin_request(
+        ids[2],
+        None,
+        Some(r#"{"steer": [{"dictionary": "res", "op": "clamp", "feature": 50, "value": 1.0}]}"#),
+    )
+    .unwrap();
+    let mut outs = Vec::new();
+    for s in 0..steps {
+        let phase = if s == 0 {
+            Phase::Prompt
+        } else {
+            Phase::Generated
+        };
+        let tokens: Vec<Token> = (0..5)
+            .map(|i| Token {
+                request: ids[i % 3],
+                phase,
+            })
+            .collect();
+        let mut x = randn(tid * 10_000 + s as u64, (tokens.len(), D));
+        let mut step = rt.step(&tokens).unwrap();
+        step.hook("blocks.2", ActivationsMut::F32(x.as_slice_mut().unwrap()))
+            .unwrap();
+        step.finish();
+        outs.push(x.into_raw_vec_and_offset().0);
+    }
+    for id in ids {
+        rt.end_request(id).unwrap();
+    }
+    outs
+}
+
+#[test]
+fn many_threads_match_one_thread() {
+    for activation in [Activation::Relu, Activation::TopK] {
+        let dir = tempfile::tempdir().unwrap();
+        write_dict(dir.path(), activation);
+        let cfg = dir.path().join("t.toml");
+        std::fs::write(&cfg, GOOD).unwrap();
+        let single = Runtime::from_config_file(&cfg).unwrap();
+        let want: Vec<Vec<Vec<f32>>> = (0..8).map(|t| drive(&single, t, 30)).collect();
+        let shared = Arc::new(Runtime::from_config_file(&cfg).unwrap());
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let rt = shared.clone();
+                std::thread::spawn(move || drive(&rt, t, 30))
+            })
+            .collect();
+        for (t, h) in handles.into_iter().enumerate() {
+            assert_eq!(
+                h.join().unwrap(),
+                want[t],
+                "{activation}: thread {t} differs from the single-threaded run"
+            );
+        }
+        let text = shared.metrics_text();
+        assert!(
+            text.contains(&format!(
+                "tiller_tokens_total{{hook=\"blocks.2\"}} {}",
+                8 * 30 * 5
+            )),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn reloads_under_load_and_broken_configs_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dict(dir.path(), Activation::Relu);
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, GOOD).unwrap();
+    let reference_rt = Runtime::from_config_file(&cfg).unwrap();
+    let want: Vec<Vec<Vec<f32>>> = (0..4).map(|t| drive(&reference_rt, t, 40)).collect();
+
+    let rt = Arc::new(Runtime::from_config_file(&cfg).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let reloader = {
+        let (rt, stop, cfg, dir) = (
+            rt.clone(),
+            stop.clone(),
+            cfg.clone(),
+            dir.path().to_path_buf(),
+        );
+        std::thread::spawn(move || {
+            let broken = [
+                ("syntax", "[[dictionary]\nname = "),
+                (
+                    "missing file",
+                    "[[dictionary]]\nname = \"res\"\npath = \"nowhere.onnx\"\n",
+                ),
+                (
+                    "bad feature",
+                    &GOOD.replace("feature = 4", "feature = 4000"),
+                ),
+            ];
+            let (mut ok, mut bad) = (0, 0);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let bad_path = dir.join("broken.toml");
+                let (what, text) = broken[i % broken.len()];
+                std::fs::write(&bad_path, text).unwrap();
+                assert!(
+                    rt.reload(Some(&bad_path)).is_err(),
+                    "{what} must be rejected"
+                );
+                bad += 1;
+                rt.reload(Some(&cfg)).unwrap();
+                ok += 1;
+                i += 1;
+            }
+            (ok, bad)
+        })
+    };
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let rt = rt.clone();
+            std::thread::spawn(move || drive(&rt, t, 40))
+        })
+        .collect();
+    for (t, h) in handles.into_iter().enumerate() {
+        assert_eq!(
+            h.join().unwrap(),
+            want[t],
+            "thread {t}: a reload changed a result"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, bad) = reloader.join().unwrap();
+    assert!(ok >= 1 && bad >= 1);
+    let text = rt.metrics_text();
+    assert!(
+        text.contains(&format!(
+            "tiller_config_reloads_total{{result=\"accepted\"}} {ok}"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "tiller_config_reloads_total{{result=\"rejected\"}} {bad}"
+    )));
+
+    // The error names the file, the line and the key.
+    let bad_path = dir.path().join("broken.toml");
+    std::fs::write(
+        &bad_path,
+        GOOD.replace("threshold = 0.5", "threshold = \"high\""),
+    )
+    .unwrap();
+    let e = rt.reload(Some(&bad_path)).unwrap_err().to_string();
+    assert!(e.contains("broken.toml:") && e.contains("threshold"), "{e}");
+    std::fs::write(
+        &bad_path,
+        GOOD.replace(
+            "dictionary = \"res\"\nfeatures",
+            "dictionary = \"resx\"\nfeatures",
+        ),
+    )
+    .unwrap();
+    let e = rt.reload(Some(&bad_path)).unwrap_err().to_string();
+    assert!(
+        e.contains("broken.toml:9:") && e.contains("`dictionary`") && e.contains("resx"),
+        "{e}"
+    );
+}
+
+#[test]
+fn overrides_and_bounded_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, w) = write_dict(dir.path(), Activation::Relu);
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, GOOD).unwrap();
+    let rt = Runtime::from_config_file(&cfg).unwrap();
+    // Feature 50 is not named by the config: the full dictionary runs for this request.
+    rt.begin_request(
+        123_456,
+        None,
+        Some(r#"{"steer": [{"dictionary": "res", "op": "clamp", "feature": 50, "value": 1.0}]}"#),
+    )
+    .unwrap();
+    let mut x = randn(77, (3, D));
+    let f = reference::encode(&meta, &w, x.view());
+    let mut want = x.mapv(f64::from);
+    for t in 0..3 {
+        let c = 1.0 - f[[t, 50]];
+        for j in 0..D {
+            want[[t, j]] += c * f64::from(w.w_dec[[50, j]]);
+        }
+    }
+    let tokens = [Token {
+        request: 123_456,
+        phase: Phase::Prompt,
+    }; 3];
+    let mut step = rt.step(&tokens).unwrap();
+    step.hook("blocks.2", ActivationsMut::F32(x.as_slice_mut().unwrap()))
+        .unwrap();
+    step.finish();
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = x
+        .iter()
+        .zip(want.iter())
+        .fold(0.0f64, |m, (a, b)| m.max((f64::from(*a) - b).abs()))
+        / scale;
+    assert!(err < 1e-5, "override rule: rel err {err:e}");
+
+    // Bad overrides are refused with the reason.
+    assert!(
+        rt.begin_request(9, None, Some("{\"steer\": 3}"))
+            .unwrap_err()
+            .to_string()
+            .contains("request overrides")
+    );
+    assert!(
+        rt.begin_request(
+            9,
+            None,
+            Some(
+                r#"{"steer": [{"dictionary": "res", "op": "clamp", "feature": 99999, "value": 1}]}"#
+            )
+        )
+        .is_err()
+    );
+    assert!(rt.begin_request(9, Some("nope"), None).is_err());
+    assert!(
+        rt.step(&[Token {
+            request: 424242,
+            phase: Phase::Prompt
+        }])
+        .is_err()
+    );
+    let mut step = rt.step(&tokens).unwrap();
+    let mut short = vec![0.0f32; D * 2];
+    assert!(
+        step.hook("blocks.2", ActivationsMut::F32(&mut short))
+            .is_err()
+    );
+    assert!(
+        step.hook("nowhere", ActivationsMut::F32(&mut short))
+            .is_err()
+    );
+    step.finish();
+
+    // Every label value comes from the config or from fixed sets.
+    let allowed: BTreeSet<String> = [
+        "blocks.2",
+        "res",
+        "m",
+        "clamp4",
+        "ablate9",
+        "add1",
+        "request_override",
+        "1",
+        "2",
+        "3",
+        "4",
+        "9",
+        "flag",
+        "switch_profile",
+        "stop",
+        "accepted",
+        "rejected",
+        "shape",
+        "unknown_hook",
+        "unknown_request",
+        "encode",
+        "profile",
+        env!("CARGO_PKG_VERSION"),
+        "1.31.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for line in rt.metrics_text().lines().filter(|l| !l.starts_with('#')) {
+        let Some(start) = line.find('{') else {
+            continue;
+        };
+        let end = line.rfind('}').unwrap();
+        for pair in line[start + 1..end].split(',') {
+            let (k, v) = pair.split_once('=').unwrap();
+            if k == "le" {
+                continue;
+            }
+            let v = v.trim_matches('"');
+            assert!(
+                allowed.contains(v),
+                "label {k}={v} is not from a bounded set: {line}"
+            );
+        }
+    }
+}
