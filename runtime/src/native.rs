@@ -2,7 +2,7 @@
 //! Gated dictionary (for which slicing is exact), their encoder columns are computed here with a
 //! cache-friendly matrix product, without ONNX Runtime's per-call overhead.
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis, linalg::general_mat_mul};
+use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 use crate::dictionary::{Activation, DictionaryFile, InputNorm, Kind, LAYER_NORM_EPS};
 use crate::{Error, Result};
@@ -13,7 +13,9 @@ pub struct SlicedEncoder {
     activation: Activation,
     norm: InputNorm,
     d_in: usize,
-    w: Array2<f32>,
+    /// The selected encoder columns, transposed: `[m, d_in]`.
+    wt: Vec<f32>,
+    m: usize,
     b: Array1<f32>,
     b_dec_in: Option<Array1<f32>>,
     threshold: Option<Array1<f32>>,
@@ -53,7 +55,7 @@ impl SlicedEncoder {
                 format!("feature {bad} is out of range (d_sae = {})", m.d_sae),
             ));
         }
-        let w = w_enc.select(Axis(1), &cols);
+        let wt: Vec<f32> = w_enc.select(Axis(1), &cols).t().iter().copied().collect();
         let gated = m.activation == Activation::Gated;
         let b = vector(file, if gated { "b_gate" } else { "b_enc" })?.select(Axis(0), &cols);
         // Whether the graph subtracts b_dec from its input: Tiller graphs name that node's inputs.
@@ -86,7 +88,8 @@ impl SlicedEncoder {
             activation: m.activation,
             norm: m.input_norm,
             d_in: m.d_in,
-            w,
+            wt,
+            m: cols.len(),
             b,
             b_dec_in,
             threshold,
@@ -94,41 +97,35 @@ impl SlicedEncoder {
         }))
     }
 
-    /// Encodes `x` (`[n, d_in]`) into `out` (`[n, width]`), using `scratch` (`[n, d_in]`).
-    pub fn encode(
-        &self,
-        x: ArrayView2<'_, f32>,
-        scratch: &mut Array2<f32>,
-        out: &mut ArrayViewMut2<'_, f32>,
-    ) {
+    /// Encodes `x` (`[n, d_in]`) into `out` (`[n, width]`, row-major), using `scratch`.
+    pub fn encode(&self, x: ArrayView2<'_, f32>, scratch: &mut Vec<f32>, out: &mut [f32]) {
         let n = x.nrows();
-        if scratch.dim() != (n, self.d_in) {
-            *scratch = Array2::zeros((n, self.d_in));
-        }
-        scratch.assign(&x);
+        scratch.clear();
+        scratch.extend(x.iter());
         let d = self.d_in as f32;
-        for mut row in scratch.rows_mut() {
+        for row in scratch.chunks_exact_mut(self.d_in.max(1)) {
             match self.norm {
                 InputNorm::None => {}
-                InputNorm::Scale(s) => row.mapv_inplace(|v| v * s),
+                InputNorm::Scale(s) => row.iter_mut().for_each(|v| *v *= s),
                 InputNorm::NormRescale => {
-                    let c = d.sqrt() / row.dot(&row).sqrt();
-                    row.mapv_inplace(|v| v * c);
+                    let c = d.sqrt() / row.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    row.iter_mut().for_each(|v| *v *= c);
                 }
                 InputNorm::LayerNorm => {
-                    let mu = row.sum() / d;
-                    row.mapv_inplace(|v| v - mu);
-                    let std = (row.dot(&row) / (d - 1.0).max(1.0)).sqrt();
+                    let mu = row.iter().sum::<f32>() / d;
+                    row.iter_mut().for_each(|v| *v -= mu);
+                    let std = (row.iter().map(|v| v * v).sum::<f32>() / (d - 1.0).max(1.0)).sqrt();
                     let denom = std + LAYER_NORM_EPS as f32;
-                    row.mapv_inplace(|v| v / denom);
+                    row.iter_mut().for_each(|v| *v /= denom);
                 }
             }
             if let Some(b) = &self.b_dec_in {
-                row -= b;
+                row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v -= b);
             }
         }
-        general_mat_mul(1.0, scratch, &self.w, 0.0, out);
-        for mut row in out.rows_mut() {
+        let m = self.m;
+        crate::kernels::dots(scratch, n, self.d_in, &self.wt, m, out);
+        for row in out.chunks_exact_mut(m.max(1)) {
             for (j, v) in row.iter_mut().enumerate() {
                 let xw = *v;
                 let pre = xw + self.b[j];

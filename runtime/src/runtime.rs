@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView2};
 use serde::Serialize;
 
 use crate::config::{Action, Aggregate, ApplyTo, Config, Op, Overrides, SteerConfig, Window};
@@ -194,6 +194,7 @@ struct HookPlan {
 struct State {
     config: Config,
     generation: u64,
+    names: Arc<Names>,
     dicts: Vec<DictState>,
     dict_index: HashMap<String, usize>,
     monitors: Vec<MonitorState>,
@@ -386,7 +387,15 @@ impl State {
                 p.writes.push(i);
             }
         }
+        let names = Arc::new(Names {
+            dicts: dicts
+                .iter()
+                .map(|d| (d.name.clone(), d.features.clone()))
+                .collect(),
+            monitors: monitors.iter().map(|m| m.name.clone()).collect(),
+        });
         let mut state = Self {
+            names,
             sample_every: if config.runtime.fvu_sample_rate > 0.0 {
                 (1.0 / config.runtime.fvu_sample_rate).round().max(1.0) as u64
             } else {
@@ -553,27 +562,112 @@ struct MonitorRun {
     fired: bool,
 }
 
+/// Names of the state's tables, so a request can file its tallies by name when the state changes.
+#[derive(Debug, Default)]
+struct Names {
+    dicts: Vec<(String, Vec<u32>)>,
+    monitors: Vec<String>,
+}
+
+/// A request's tallies from earlier states or profiles, by name.
+#[derive(Debug, Default, Clone)]
+struct Archive {
+    monitors: HashMap<String, MonitorRun>,
+    features: BTreeMap<String, BTreeMap<u32, FeatureStats>>,
+    steering: BTreeMap<String, u64>,
+}
+
+struct Compiled {
+    generation: u64,
+    profile: Option<String>,
+    rules: Arc<Vec<Rule>>,
+}
+
 struct Request {
     id: u64,
     profile: Option<String>,
     overrides: Overrides,
-    compiled: Option<(u64, Option<String>, Arc<Vec<Rule>>)>,
-    monitors: HashMap<String, MonitorRun>,
-    features: BTreeMap<String, BTreeMap<u32, FeatureStats>>,
+    compiled: Option<Compiled>,
+    /// The state the index-based tallies below refer to.
+    names: Arc<Names>,
+    /// By monitor index.
+    monitors: Vec<MonitorRun>,
+    /// By dictionary index, then feature position; `count == 0` means it never fired.
+    features: Vec<Vec<FeatureStats>>,
+    /// By rule index of `compiled`.
+    steering: Vec<u64>,
+    archive: Archive,
     events: Vec<Event>,
-    steering: BTreeMap<String, u64>,
     tokens: u64,
     flagged: bool,
     stopped: bool,
 }
 
 impl Request {
-    fn rules(&mut self, state: &State, metrics: &Metrics) -> Result<Arc<Vec<Rule>>> {
-        if let Some((g, p, r)) = &self.compiled
-            && *g == state.generation
-            && *p == self.profile
+    fn new(id: u64, profile: Option<String>, overrides: Overrides) -> Self {
+        Self {
+            id,
+            profile,
+            overrides,
+            compiled: None,
+            names: Arc::new(Names::default()),
+            monitors: Vec::new(),
+            features: Vec::new(),
+            steering: Vec::new(),
+            archive: Archive::default(),
+            events: Vec::new(),
+            tokens: 0,
+            flagged: false,
+            stopped: false,
+        }
+    }
+
+    /// Files the current tallies by name.
+    fn archive_tallies(&mut self) {
+        for (i, run) in self.monitors.drain(..).enumerate() {
+            if let Some(name) = self.names.monitors.get(i) {
+                self.archive.monitors.insert(name.clone(), run);
+            }
+        }
+        for (di, stats) in self.features.drain(..).enumerate() {
+            let Some((dname, feats)) = self.names.dicts.get(di) else {
+                continue;
+            };
+            for (pos, s) in stats.into_iter().enumerate().filter(|(_, s)| s.count > 0) {
+                let e = self
+                    .archive
+                    .features
+                    .entry(dname.clone())
+                    .or_default()
+                    .entry(feats[pos])
+                    .or_insert(FeatureStats {
+                        max: s.max,
+                        count: 0,
+                    });
+                e.max = e.max.max(s.max);
+                e.count += s.count;
+            }
+        }
+        if let Some(c) = &self.compiled {
+            for (r, n) in c
+                .rules
+                .iter()
+                .zip(self.steering.drain(..))
+                .filter(|(_, n)| *n > 0)
+            {
+                *self.archive.steering.entry(r.name.clone()).or_default() += n;
+            }
+        }
+    }
+
+    /// Brings the tallies and the compiled rules up to date with `state` (allocates only when the
+    /// state or the profile changed).
+    fn sync(&mut self, state: &State, metrics: &Metrics) -> Result<Arc<Vec<Rule>>> {
+        if let Some(c) = &self.compiled
+            && c.generation == state.generation
+            && c.profile == self.profile
         {
-            return Ok(r.clone());
+            return Ok(c.rules.clone());
         }
         let mut rules = Vec::new();
         if !self.overrides.replace
@@ -596,21 +690,107 @@ impl Request {
             &self.overrides.steer,
             metrics,
         )?);
+        self.archive_tallies();
+        self.names = state.names.clone();
+        self.monitors = self
+            .names
+            .monitors
+            .iter()
+            .map(|m| self.archive.monitors.remove(m).unwrap_or_default())
+            .collect();
+        self.features = self
+            .names
+            .dicts
+            .iter()
+            .map(|(_, f)| vec![FeatureStats { max: 0.0, count: 0 }; f.len()])
+            .collect();
+        self.steering = vec![0; rules.len()];
         let rules = Arc::new(rules);
-        self.compiled = Some((state.generation, self.profile.clone(), rules.clone()));
+        self.compiled = Some(Compiled {
+            generation: state.generation,
+            profile: self.profile.clone(),
+            rules: rules.clone(),
+        });
         Ok(rules)
     }
 
     fn summary(&self) -> RequestSummary {
+        let mut a = self.archive.clone();
+        for (i, run) in self.monitors.iter().enumerate() {
+            if let Some(name) = self.names.monitors.get(i) {
+                a.monitors.insert(name.clone(), run.clone());
+            }
+        }
+        for (di, stats) in self.features.iter().enumerate() {
+            let Some((dname, feats)) = self.names.dicts.get(di) else {
+                continue;
+            };
+            for (pos, s) in stats.iter().enumerate().filter(|(_, s)| s.count > 0) {
+                let e = a
+                    .features
+                    .entry(dname.clone())
+                    .or_default()
+                    .entry(feats[pos])
+                    .or_insert(FeatureStats {
+                        max: s.max,
+                        count: 0,
+                    });
+                e.max = e.max.max(s.max);
+                e.count += s.count;
+            }
+        }
+        if let Some(c) = &self.compiled {
+            for (r, n) in c.rules.iter().zip(&self.steering).filter(|(_, n)| **n > 0) {
+                *a.steering.entry(r.name.clone()).or_default() += n;
+            }
+        }
         RequestSummary {
             request: self.id,
             profile: self.profile.clone(),
             tokens: self.tokens,
-            features: self.features.clone(),
+            features: a.features,
             events: self.events.clone(),
-            steering: self.steering.clone(),
+            steering: a.steering,
             flagged: self.flagged,
             stopped: self.stopped,
+        }
+    }
+}
+
+/// Buffers a step reuses, so that a steady-state step allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    tokens: Vec<Token>,
+    token_req: Vec<usize>,
+    token_index: Vec<u64>,
+    ids: Vec<u64>,
+    reqs: Vec<Arc<Mutex<Request>>>,
+    rules: Vec<Arc<Vec<Rule>>>,
+    x: Vec<f32>,
+    finite: Vec<bool>,
+    edited: Vec<bool>,
+    enc_in: Vec<f32>,
+    enc_scratch: Vec<f32>,
+    /// By dictionary index: the activations computed at its input hook during this step.
+    pending: Vec<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    valid: bool,
+    /// `[n, m]`: the features the config names.
+    named: Vec<f32>,
+    m: usize,
+    /// Every feature, when a request's own rules needed the full dictionary.
+    full: Option<Array2<f32>>,
+}
+
+impl Pending {
+    fn get(&self, d: &DictState, t: usize, feature: u32) -> f32 {
+        match (d.position.get(&feature), &self.full) {
+            (Some(&p), _) => self.named[t * self.m + p],
+            (None, Some(full)) => full[[t, feature as usize]],
+            (None, None) => 0.0,
         }
     }
 }
@@ -622,6 +802,7 @@ pub struct Runtime {
     metrics: Metrics,
     generation: AtomicU64,
     sampled: AtomicU64,
+    scratch: Mutex<Vec<Scratch>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -649,6 +830,7 @@ impl Runtime {
             metrics,
             generation: AtomicU64::new(1),
             sampled: AtomicU64::new(0),
+            scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -729,20 +911,8 @@ impl Runtime {
             Some(o) if !o.trim().is_empty() => Overrides::from_json(o)?,
             _ => Overrides::default(),
         };
-        let mut req = Request {
-            id,
-            profile: profile.map(str::to_string),
-            overrides,
-            compiled: None,
-            monitors: HashMap::new(),
-            features: BTreeMap::new(),
-            events: Vec::new(),
-            steering: BTreeMap::new(),
-            tokens: 0,
-            flagged: false,
-            stopped: false,
-        };
-        req.rules(&state, &self.metrics)?;
+        let mut req = Request::new(id, profile.map(str::to_string), overrides);
+        req.sync(&state, &self.metrics)?;
         let mut map = self.requests.write().unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&id) {
             return Err(Error::Unknown {
@@ -787,57 +957,27 @@ impl Runtime {
     /// Opens a forward step over `tokens` (the batch's token → request map and phases).
     pub fn step(&self, tokens: &[Token]) -> Result<Step<'_>> {
         let state = self.state();
-        let map = self.requests.read().unwrap_or_else(|p| p.into_inner());
-        let mut reqs: Vec<Arc<Mutex<Request>>> = Vec::new();
-        let mut ids: Vec<u64> = Vec::new();
-        let mut token_req = Vec::with_capacity(tokens.len());
-        for t in tokens {
-            let slot = match ids.iter().position(|&i| i == t.request) {
-                Some(s) => s,
-                None => {
-                    let r = map.get(&t.request).ok_or_else(|| {
-                        self.metrics.error("unknown_request");
-                        Error::Unknown {
-                            what: "request",
-                            name: t.request.to_string(),
-                            message: "was never begun or has ended".into(),
-                        }
-                    })?;
-                    ids.push(t.request);
-                    reqs.push(r.clone());
-                    ids.len() - 1
-                }
-            };
-            token_req.push(slot);
-        }
-        drop(map);
-        let mut rules = Vec::with_capacity(reqs.len());
-        for r in &reqs {
-            rules.push(
-                r.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .rules(&state, &self.metrics)?,
-            );
-        }
-        let mut token_index = Vec::with_capacity(tokens.len());
-        for &slot in &token_req {
-            let mut r = reqs[slot].lock().unwrap_or_else(|p| p.into_inner());
-            token_index.push(r.tokens);
-            r.tokens += 1;
-        }
-        Ok(Step {
+        let mut sc = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        sc.tokens.clear();
+        sc.tokens.extend_from_slice(tokens);
+        sc.token_req.clear();
+        sc.token_index.clear();
+        sc.ids.clear();
+        sc.reqs.clear();
+        sc.rules.clear();
+        let mut step = Step {
             rt: self,
             state,
-            tokens: tokens.to_vec(),
-            token_req,
-            reqs,
-            rules,
-            pending: HashMap::new(),
-            token_index,
+            sc: Some(sc),
             result: StepResult::default(),
-            x: Vec::new(),
-            scratch: Array2::zeros((0, 0)),
-        })
+        };
+        step.open(tokens)?;
+        Ok(step)
     }
 
     /// The Prometheus text exposition of the runtime's metrics.
@@ -851,65 +991,106 @@ impl Runtime {
     }
 }
 
-/// A dictionary's activations for one hook call: the features the config names, and every feature
-/// when a request's own rules needed the full dictionary.
-struct Encoded {
-    named: Array2<f32>,
-    full: Option<Array2<f32>>,
-}
-
-impl Encoded {
-    fn get(&self, d: &DictState, t: usize, feature: u32) -> f32 {
-        match (d.position.get(&feature), &self.full) {
-            (Some(&p), _) => self.named[[t, p]],
-            (None, Some(full)) => full[[t, feature as usize]],
-            (None, None) => 0.0,
-        }
-    }
-}
-
 /// One forward step. Call [`Step::hook`] at each hook, in the model's order, then [`Step::finish`].
 pub struct Step<'r> {
     rt: &'r Runtime,
     state: Arc<State>,
-    tokens: Vec<Token>,
-    token_req: Vec<usize>,
-    reqs: Vec<Arc<Mutex<Request>>>,
-    rules: Vec<Arc<Vec<Rule>>>,
-    /// Feature activations computed at a dictionary's input hook, for its edits at a later output hook.
-    pending: HashMap<usize, Encoded>,
-    /// Each token's index within its request.
-    token_index: Vec<u64>,
+    /// Always `Some` until the step is dropped, when it goes back to the runtime's pool.
+    sc: Option<Scratch>,
     result: StepResult,
-    x: Vec<f32>,
-    scratch: Array2<f32>,
 }
 
 impl std::fmt::Debug for Step<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Step")
-            .field("tokens", &self.tokens.len())
+            .field("tokens", &self.sc.as_ref().map_or(0, |s| s.tokens.len()))
             .finish_non_exhaustive()
     }
 }
 
+impl Drop for Step<'_> {
+    fn drop(&mut self) {
+        if let Some(mut sc) = self.sc.take() {
+            // Release the requests and rules now: a pooled buffer must not keep them alive.
+            sc.reqs.clear();
+            sc.rules.clear();
+            self.rt
+                .scratch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(sc);
+        }
+    }
+}
+
+fn lock(r: &Mutex<Request>) -> std::sync::MutexGuard<'_, Request> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Step<'_> {
+    fn open(&mut self, tokens: &[Token]) -> Result<()> {
+        let rt = self.rt;
+        let state = self.state.clone();
+        let Some(sc) = self.sc.as_mut() else {
+            return Ok(());
+        };
+        {
+            let map = rt.requests.read().unwrap_or_else(|p| p.into_inner());
+            for t in tokens {
+                let slot = match sc.ids.iter().position(|&i| i == t.request) {
+                    Some(s) => s,
+                    None => {
+                        let r = map.get(&t.request).ok_or_else(|| {
+                            rt.metrics.error("unknown_request");
+                            Error::Unknown {
+                                what: "request",
+                                name: t.request.to_string(),
+                                message: "was never begun or has ended".into(),
+                            }
+                        })?;
+                        sc.ids.push(t.request);
+                        sc.reqs.push(r.clone());
+                        sc.ids.len() - 1
+                    }
+                };
+                sc.token_req.push(slot);
+            }
+        }
+        for r in &sc.reqs {
+            sc.rules.push(lock(r).sync(&state, &rt.metrics)?);
+        }
+        for &slot in &sc.token_req {
+            let mut r = lock(&sc.reqs[slot]);
+            sc.token_index.push(r.tokens);
+            r.tokens += 1;
+        }
+        sc.pending.resize_with(state.dicts.len(), Pending::default);
+        for p in &mut sc.pending {
+            p.valid = false;
+        }
+        Ok(())
+    }
+
     /// Processes the activations at hook `name` in place: `[n_tokens, width]`.
     pub fn hook(&mut self, name: &str, mut acts: ActivationsMut<'_>) -> Result<()> {
         let started = Instant::now();
+        let rt = self.rt;
         let state = self.state.clone();
         let Some(plan) = state.hooks.get(name) else {
-            self.rt.metrics.error("unknown_hook");
+            rt.metrics.error("unknown_hook");
             return Err(Error::Unknown {
                 what: "hook",
                 name: name.to_string(),
                 message: "no dictionary or rule is attached to it".into(),
             });
         };
-        let n = self.tokens.len();
+        let Some(sc) = self.sc.as_mut() else {
+            return Ok(());
+        };
+        let n = sc.tokens.len();
         let width = plan.width;
         if acts.len() != n * width {
-            self.rt.metrics.error("shape");
+            rt.metrics.error("shape");
             return Err(Error::tensor(
                 name,
                 format!(
@@ -919,94 +1100,37 @@ impl Step<'_> {
                 ),
             ));
         }
-        self.x.resize(n * width, 0.0);
-        acts.read_into(&mut self.x);
-        let finite: Vec<bool> = self
-            .x
-            .chunks_exact(width.max(1))
-            .map(|r| r.iter().all(|v| v.is_finite()))
-            .collect();
-        let bad = finite.iter().filter(|f| !**f).count();
+        sc.x.resize(n * width, 0.0);
+        acts.read_into(&mut sc.x);
+        sc.finite.clear();
+        sc.finite.extend(
+            sc.x.chunks_exact(width.max(1))
+                .map(|r| r.iter().all(|v| v.is_finite())),
+        );
+        let bad = sc.finite.iter().filter(|f| !**f).count();
         if bad > 0 {
             plan.metrics.nonfinite.inc_by(bad as u64);
         }
         plan.metrics.tokens.inc_by(n as u64);
-        // Encode every dictionary that reads this hook.
+
         for &di in &plan.reads {
-            let encoded = self.encode(di, &finite, width)?;
-            self.observe(di, &encoded.named, &finite);
-            self.pending.insert(di, encoded);
+            encode(rt, &state, sc, di, width)?;
+            observe(&state, sc, di, &mut self.result);
         }
 
-        // Edits written at this hook.
-        let mut edited = vec![false; n];
+        sc.edited.clear();
+        sc.edited.resize(n, false);
         for &di in &plan.writes {
-            let Some(encoded) = self.pending.get(&di) else {
+            if !sc.pending[di].valid {
                 continue;
-            };
-            let d = &state.dicts[di];
-            for t in 0..n {
-                if !finite[t] {
-                    continue;
-                }
-                let slot = self.token_req[t];
-                let phase = self.tokens[t].phase;
-                let row = &mut self.x[t * width..(t + 1) * width];
-                for rule in self.rules[slot]
-                    .iter()
-                    .filter(|r| r.dictionary == Some(di) && r.hook == name)
-                {
-                    if !covers(rule.apply_to, phase) || !triggered(&self.reqs[slot], &state, rule) {
-                        continue;
-                    }
-                    let f = encoded.get(d, t, rule.feature);
-                    if let Some(c) = rule.coefficient(f, row)
-                        && rule.apply(c, row)
-                    {
-                        edited[t] = true;
-                        rule.counter.inc();
-                        *self.reqs[slot]
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .steering
-                            .entry(rule.name.clone())
-                            .or_default() += 1;
-                    }
-                }
             }
+            edit(&state, sc, name, width, Some(di));
         }
         if plan.vector_rules {
-            for t in 0..n {
-                if !finite[t] {
-                    continue;
-                }
-                let slot = self.token_req[t];
-                let phase = self.tokens[t].phase;
-                let row = &mut self.x[t * width..(t + 1) * width];
-                for rule in self.rules[slot]
-                    .iter()
-                    .filter(|r| r.dictionary.is_none() && r.hook == name)
-                {
-                    if !covers(rule.apply_to, phase) || !triggered(&self.reqs[slot], &state, rule) {
-                        continue;
-                    }
-                    if let Some(c) = rule.coefficient(0.0, row)
-                        && rule.apply(c, row)
-                    {
-                        edited[t] = true;
-                        rule.counter.inc();
-                        *self.reqs[slot]
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .steering
-                            .entry(rule.name.clone())
-                            .or_default() += 1;
-                    }
-                }
-            }
+            edit(&state, sc, name, width, None);
         }
-        for t in (0..n).filter(|&t| edited[t]) {
-            acts.write_row(t * width, &self.x[t * width..(t + 1) * width]);
+        for t in (0..n).filter(|&t| sc.edited[t]) {
+            acts.write_row(t * width, &sc.x[t * width..(t + 1) * width]);
         }
         plan.metrics
             .duration
@@ -1014,204 +1138,239 @@ impl Step<'_> {
         Ok(())
     }
 
-    /// The needed features of dictionary `d` for every token (zeros for non-finite tokens).
-    fn encode(&mut self, di: usize, finite: &[bool], width: usize) -> Result<Encoded> {
-        let state = self.state.clone();
-        let d = &state.dicts[di];
-        let n = self.tokens.len();
-        let mut x = ArrayView2::from_shape((n, width), &self.x)
-            .map_err(|e| Error::tensor("activations", e.to_string()))?
-            .to_owned();
-        for (t, ok) in finite.iter().enumerate() {
-            if !ok {
-                x.row_mut(t).fill(0.0);
-            }
-        }
-        let m = d.features.len();
-        // A request's own rules may name features outside the slice: then the full dictionary runs.
-        let needs_full = self
-            .rules
-            .iter()
-            .flat_map(|rs| rs.iter())
-            .any(|r| r.dictionary == Some(di) && !d.position.contains_key(&r.feature));
-        let sample = self.state.sample_every > 0 && {
-            let c = self.rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
-            c / self.state.sample_every != (c + n as u64) / self.state.sample_every
-        };
-        if sample {
-            self.measure_fvu(d, &x, finite);
-        }
-        let mut out = Array2::zeros((n, m));
-        let mut full = None;
-        match (&d.sliced, needs_full) {
-            (Some(s), false) => s.encode(x.view(), &mut self.scratch, &mut out.view_mut()),
-            _ if m == 0 && !needs_full => {}
-            _ => {
-                let enc = d
-                    .dict
-                    .encode(x.view())
-                    .inspect_err(|_| self.rt.metrics.error("encode"))?;
-                for (j, &f) in d.features.iter().enumerate() {
-                    out.column_mut(j).assign(&enc.acts.column(f as usize));
-                }
-                full = needs_full.then_some(enc.acts);
-            }
-        }
-        Ok(Encoded { named: out, full })
-    }
-
-    fn measure_fvu(&self, d: &DictState, x: &Array2<f32>, finite: &[bool]) {
-        let Ok((acts, recon)) = d.dict.encode_decode(x.view()) else {
-            self.rt.metrics.error("encode");
-            return;
-        };
-        let mut w = d.fvu.lock().unwrap_or_else(|p| p.into_inner());
-        if w.sum.len() != x.ncols() {
-            *w = FvuWindow {
-                sum: vec![0.0; x.ncols()],
-                ..FvuWindow::default()
-            };
-        }
-        for t in (0..x.nrows()).filter(|&t| finite[t]) {
-            let (xr, rr) = (x.row(t), recon.row(t));
-            w.err += xr
-                .iter()
-                .zip(rr.iter())
-                .map(|(a, b)| f64::from(a - b).powi(2))
-                .sum::<f64>();
-            w.sum_sq += xr.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
-            for (s, a) in w.sum.iter_mut().zip(xr.iter()) {
-                *s += f64::from(*a);
-            }
-            w.l0 += acts.row(t).iter().filter(|v| **v > 0.0).count() as f64;
-            w.n += 1;
-        }
-        if w.n >= 32 {
-            let n = w.n as f64;
-            let var = w.sum_sq - w.sum.iter().map(|s| s * s).sum::<f64>() / n;
-            if var > 0.0 {
-                d.gauges.fvu.set(w.err / var);
-            }
-            d.gauges.l0.set(w.l0 / n);
-            *w = FvuWindow {
-                sum: vec![0.0; x.ncols()],
-                ..FvuWindow::default()
-            };
-        }
-    }
-
-    /// Metrics, request statistics and monitors for dictionary `di`'s activations.
-    fn observe(&mut self, di: usize, acts: &Array2<f32>, finite: &[bool]) {
-        let state = self.state.clone();
-        let d = &state.dicts[di];
-        for (t, row) in acts.axis_iter(Axis(0)).enumerate() {
-            if !finite[t] {
-                continue;
-            }
-            let slot = self.token_req[t];
-            let mut req = self.reqs[slot].lock().unwrap_or_else(|p| p.into_inner());
-            for (j, &v) in row.iter().enumerate() {
-                if v > 0.0 {
-                    let fm = &d.feature_metrics[j];
-                    fm.activation.observe(f64::from(v));
-                    fm.active.inc();
-                    let s = req
-                        .features
-                        .entry(d.name.clone())
-                        .or_default()
-                        .entry(d.features[j])
-                        .or_insert(FeatureStats { max: v, count: 0 });
-                    s.max = s.max.max(v);
-                    s.count += 1;
-                }
-            }
-            let phase = self.tokens[t].phase;
-            let token_index = self.token_index[t];
-            for m in state.monitors.iter().filter(|m| m.dictionary == di) {
-                if !covers(m.apply_to, phase) {
-                    continue;
-                }
-                let value = m
-                    .positions
-                    .iter()
-                    .map(|&p| row[p])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let run = req.monitors.entry(m.name.clone()).or_default();
-                let fire = match m.window {
-                    Window::Token => value > m.threshold,
-                    Window::Request => {
-                        if run.fired {
-                            false
-                        } else {
-                            run.n += 1;
-                            run.sum += f64::from(value);
-                            run.max = if run.n == 1 {
-                                value
-                            } else {
-                                run.max.max(value)
-                            };
-                            if value > m.threshold {
-                                run.count += 1;
-                            }
-                            match m.aggregate {
-                                Aggregate::Any => value > m.threshold,
-                                Aggregate::Count => run.count >= m.count,
-                                Aggregate::Max => run.max > m.threshold,
-                                Aggregate::Mean => (run.sum / run.n as f64) as f32 > m.threshold,
-                            }
-                        }
-                    }
-                };
-                if !fire {
-                    continue;
-                }
-                run.fired = true;
-                let reported = match (m.window, m.aggregate) {
-                    (Window::Request, Aggregate::Count) => run.count as f32,
-                    (Window::Request, Aggregate::Max) => run.max,
-                    (Window::Request, Aggregate::Mean) => (run.sum / run.n as f64) as f32,
-                    _ => value,
-                };
-                m.events.inc();
-                let event = Event {
-                    monitor: m.name.clone(),
-                    action: action_name(m.action),
-                    request: req.id,
-                    token: token_index,
-                    value: reported,
-                };
-                match m.action {
-                    Action::Flag => req.flagged = true,
-                    Action::SwitchProfile => req.profile = m.profile.clone(),
-                    Action::Stop => {
-                        req.stopped = true;
-                        if !self.result.stop.contains(&req.id) {
-                            self.result.stop.push(req.id);
-                        }
-                    }
-                }
-                req.events.push(event.clone());
-                self.result.events.push(event);
-            }
-        }
-    }
-
-    /// Closes the step.
-    pub fn finish(self) -> StepResult {
-        self.result
+    /// Closes the step: the requests to stop and the events that fired.
+    pub fn finish(mut self) -> StepResult {
+        std::mem::take(&mut self.result)
     }
 }
 
-fn triggered(req: &Arc<Mutex<Request>>, state: &State, rule: &Rule) -> bool {
-    match rule.when {
-        None => true,
-        Some(mi) => {
-            let name = &state.monitors[mi].name;
-            req.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .monitors
-                .get(name)
-                .is_some_and(|r| r.fired)
+/// Applies the rules that write hook `name` through dictionary `di` (or, with `None`, the raw
+/// direction rules) to every token.
+fn edit(state: &State, sc: &mut Scratch, name: &str, width: usize, di: Option<usize>) {
+    let n = sc.tokens.len();
+    for t in 0..n {
+        if !sc.finite[t] {
+            continue;
+        }
+        let slot = sc.token_req[t];
+        let phase = sc.tokens[t].phase;
+        let rules = &sc.rules[slot];
+        let row = &mut sc.x[t * width..(t + 1) * width];
+        for (ri, rule) in rules.iter().enumerate() {
+            if rule.dictionary != di || rule.hook != name || !covers(rule.apply_to, phase) {
+                continue;
+            }
+            let mut req = lock(&sc.reqs[slot]);
+            if let Some(mi) = rule.when
+                && !req.monitors.get(mi).is_some_and(|r| r.fired)
+            {
+                continue;
+            }
+            let f = match di {
+                Some(di) => sc.pending[di].get(&state.dicts[di], t, rule.feature),
+                None => 0.0,
+            };
+            if let Some(c) = rule.coefficient(f, row)
+                && rule.apply(c, row)
+            {
+                sc.edited[t] = true;
+                rule.counter.inc();
+                if let Some(count) = req.steering.get_mut(ri) {
+                    *count += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Computes dictionary `di`'s features for every token into `sc.pending[di]` (zeros for non-finite
+/// tokens).
+fn encode(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, width: usize) -> Result<()> {
+    let d = &state.dicts[di];
+    let n = sc.tokens.len();
+    let m = d.features.len();
+    // A request's own rules may name features outside the slice: then the full dictionary runs.
+    let needs_full = sc
+        .rules
+        .iter()
+        .flat_map(|rs| rs.iter())
+        .any(|r| r.dictionary == Some(di) && !d.position.contains_key(&r.feature));
+    sc.enc_in.clear();
+    sc.enc_in.extend_from_slice(&sc.x);
+    for (t, ok) in sc.finite.iter().enumerate() {
+        if !ok {
+            sc.enc_in[t * width..(t + 1) * width].fill(0.0);
+        }
+    }
+    let x = ArrayView2::from_shape((n, width), &sc.enc_in)
+        .map_err(|e| Error::tensor("activations", e.to_string()))?;
+    if state.sample_every > 0 {
+        let c = rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
+        if c / state.sample_every != (c + n as u64) / state.sample_every {
+            measure_fvu(rt, d, x, &sc.finite);
+        }
+    }
+    let p = &mut sc.pending[di];
+    p.valid = true;
+    p.m = m;
+    p.named.clear();
+    p.named.resize(n * m, 0.0);
+    p.full = None;
+    match (&d.sliced, needs_full) {
+        (Some(s), false) => s.encode(x, &mut sc.enc_scratch, &mut p.named),
+        _ if m == 0 && !needs_full => {}
+        _ => {
+            let enc = d
+                .dict
+                .encode(x)
+                .inspect_err(|_| rt.metrics.error("encode"))?;
+            for t in 0..n {
+                for (j, &f) in d.features.iter().enumerate() {
+                    p.named[t * m + j] = enc.acts[[t, f as usize]];
+                }
+            }
+            p.full = needs_full.then_some(enc.acts);
+        }
+    }
+    Ok(())
+}
+
+fn measure_fvu(rt: &Runtime, d: &DictState, x: ArrayView2<'_, f32>, finite: &[bool]) {
+    let Ok((acts, recon)) = d.dict.encode_decode(x) else {
+        rt.metrics.error("encode");
+        return;
+    };
+    let mut w = d.fvu.lock().unwrap_or_else(|p| p.into_inner());
+    if w.sum.len() != x.ncols() {
+        *w = FvuWindow {
+            sum: vec![0.0; x.ncols()],
+            ..FvuWindow::default()
+        };
+    }
+    for t in (0..x.nrows()).filter(|&t| finite[t]) {
+        let (xr, rr) = (x.row(t), recon.row(t));
+        w.err += xr
+            .iter()
+            .zip(rr.iter())
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>();
+        w.sum_sq += xr.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
+        for (s, a) in w.sum.iter_mut().zip(xr.iter()) {
+            *s += f64::from(*a);
+        }
+        w.l0 += acts.row(t).iter().filter(|v| **v > 0.0).count() as f64;
+        w.n += 1;
+    }
+    if w.n >= 32 {
+        let n = w.n as f64;
+        let var = w.sum_sq - w.sum.iter().map(|s| s * s).sum::<f64>() / n;
+        if var > 0.0 {
+            d.gauges.fvu.set(w.err / var);
+        }
+        d.gauges.l0.set(w.l0 / n);
+        *w = FvuWindow {
+            sum: vec![0.0; x.ncols()],
+            ..FvuWindow::default()
+        };
+    }
+}
+
+/// Metrics, request statistics and monitors for dictionary `di`'s activations.
+fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) {
+    let d = &state.dicts[di];
+    let p = &sc.pending[di];
+    let m = p.m;
+    for t in 0..sc.tokens.len() {
+        if !sc.finite[t] {
+            continue;
+        }
+        let row = &p.named[t * m..(t + 1) * m];
+        let mut req = lock(&sc.reqs[sc.token_req[t]]);
+        for (j, &v) in row.iter().enumerate() {
+            if v > 0.0 {
+                let fm = &d.feature_metrics[j];
+                fm.activation.observe(f64::from(v));
+                fm.active.inc();
+                if let Some(s) = req.features.get_mut(di).and_then(|f| f.get_mut(j)) {
+                    s.max = if s.count == 0 { v } else { s.max.max(v) };
+                    s.count += 1;
+                }
+            }
+        }
+        let phase = sc.tokens[t].phase;
+        let token_index = sc.token_index[t];
+        for (mi, mon) in state
+            .monitors
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.dictionary == di)
+        {
+            if !covers(mon.apply_to, phase) {
+                continue;
+            }
+            let value = mon
+                .positions
+                .iter()
+                .map(|&p| row[p])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let Some(run) = req.monitors.get_mut(mi) else {
+                continue;
+            };
+            let fire = match mon.window {
+                Window::Token => value > mon.threshold,
+                Window::Request => {
+                    if run.fired {
+                        false
+                    } else {
+                        run.n += 1;
+                        run.sum += f64::from(value);
+                        run.max = if run.n == 1 {
+                            value
+                        } else {
+                            run.max.max(value)
+                        };
+                        if value > mon.threshold {
+                            run.count += 1;
+                        }
+                        match mon.aggregate {
+                            Aggregate::Any => value > mon.threshold,
+                            Aggregate::Count => run.count >= mon.count,
+                            Aggregate::Max => run.max > mon.threshold,
+                            Aggregate::Mean => (run.sum / run.n as f64) as f32 > mon.threshold,
+                        }
+                    }
+                }
+            };
+            if !fire {
+                continue;
+            }
+            run.fired = true;
+            let reported = match (mon.window, mon.aggregate) {
+                (Window::Request, Aggregate::Count) => run.count as f32,
+                (Window::Request, Aggregate::Max) => run.max,
+                (Window::Request, Aggregate::Mean) => (run.sum / run.n as f64) as f32,
+                _ => value,
+            };
+            mon.events.inc();
+            let event = Event {
+                monitor: mon.name.clone(),
+                action: action_name(mon.action),
+                request: req.id,
+                token: token_index,
+                value: reported,
+            };
+            match mon.action {
+                Action::Flag => req.flagged = true,
+                Action::SwitchProfile => req.profile = mon.profile.clone(),
+                Action::Stop => {
+                    req.stopped = true;
+                    if !result.stop.contains(&req.id) {
+                        result.stop.push(req.id);
+                    }
+                }
+            }
+            req.events.push(event.clone());
+            result.events.push(event);
         }
     }
 }

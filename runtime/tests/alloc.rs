@@ -1,0 +1,178 @@
+//! A steady-state step on the CPU path allocates nothing: after warm-up, opening a step, calling the
+//! hook (sliced native encode, monitors, four steering rules, metrics) and closing it makes no heap
+//! allocation on the calling thread. Counted with a global allocator wrapper.
+#![allow(clippy::unwrap_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use ndarray::{Array1, Array2};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use tiller::dictionary::build_model;
+use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+
+struct Counting;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static COUNT: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.with(Cell::get) {
+            COUNT.with(|c| c.set(c.get() + 1));
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.with(Cell::get) {
+            COUNT.with(|c| c.set(c.get() + 1));
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn counted<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    COUNT.with(|c| c.set(0));
+    COUNTING.with(|c| c.set(true));
+    let r = f();
+    COUNTING.with(|c| c.set(false));
+    (r, COUNT.with(Cell::get))
+}
+
+#[test]
+fn steady_state_steps_allocate_nothing() {
+    let (d, f) = (256, 4096);
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let n = Normal::new(0.0f32, 0.1).unwrap();
+    let mut meta = Meta::new(Kind::Sae, Activation::Relu, d, f, d);
+    meta.hook_in = "h".into();
+    meta.hook_out = "h".into();
+    let w = Weights {
+        w_enc: Array2::from_shape_simple_fn((d, f), || n.sample(&mut rng)),
+        b_enc: Array1::zeros(f),
+        w_dec: Array2::from_shape_simple_fn((f, d), || n.sample(&mut rng)),
+        b_dec: Array1::zeros(d),
+        threshold: None,
+        gated: None,
+        w_skip: None,
+        b_skip: None,
+        apply_b_dec_to_input: true,
+    };
+    tiller::graph::write_model(
+        build_model(&meta, &w).unwrap(),
+        &dir.path().join("d.onnx"),
+        usize::MAX,
+    )
+    .unwrap();
+    let features: Vec<String> = (0..64).map(|i| (i * 61).to_string()).collect();
+    std::fs::write(
+        dir.path().join("t.toml"),
+        format!(
+            r#"
+[runtime]
+fvu_sample_rate = 0.0
+[[dictionary]]
+name = "res"
+path = "d.onnx"
+[[monitor]]
+name = "m"
+dictionary = "res"
+features = [{}]
+threshold = 1e9
+window = "request"
+aggregate = "max"
+[[profile]]
+name = "p"
+[[profile.steer]]
+dictionary = "res"
+op = "clamp"
+feature = 61
+value = 1.0
+[[profile.steer]]
+dictionary = "res"
+op = "add"
+feature = 122
+strength = 0.5
+[[profile.steer]]
+dictionary = "res"
+op = "scale"
+feature = 183
+factor = 0.5
+[[profile.steer]]
+dictionary = "res"
+op = "cap"
+feature = 244
+value = 0.1
+"#,
+            features.join(", ")
+        ),
+    )
+    .unwrap();
+    let rt = Runtime::from_config_file(dir.path().join("t.toml")).unwrap();
+    rt.begin_request(1, Some("p"), None).unwrap();
+    rt.begin_request(2, None, None).unwrap();
+    let xs: Vec<Vec<f32>> = (0..8)
+        .map(|s| {
+            (0..8 * d)
+                .map(|i| ((i * 7 + s * 13) % 17) as f32 / 17.0 - 0.5)
+                .collect()
+        })
+        .collect();
+    let tokens = |batch: usize| -> Vec<Token> {
+        let two = [
+            Token {
+                request: 1,
+                phase: Phase::Generated,
+            },
+            Token {
+                request: 2,
+                phase: Phase::Generated,
+            },
+        ];
+        two.iter().cycle().take(batch).copied().collect()
+    };
+    let (tokens8, tokens1) = (tokens(8), tokens(1));
+    // Warm-up at the largest batch, so that every buffer has its capacity.
+    for x in xs.iter().take(3) {
+        let mut x = x.clone();
+        let mut step = rt.step(&tokens8).unwrap();
+        step.hook("h", ActivationsMut::F32(&mut x)).unwrap();
+        step.finish();
+    }
+    let mut bufs: Vec<Vec<f32>> = xs.clone();
+    let mut events = 0;
+    let ((), allocations) = counted(|| {
+        for buf in bufs.iter_mut() {
+            for tokens in [&tokens8[..], &tokens1[..]] {
+                let mut step = rt.step(tokens).unwrap();
+                step.hook("h", ActivationsMut::F32(&mut buf[..tokens.len() * d]))
+                    .unwrap();
+                events += step.finish().events.len();
+            }
+        }
+    });
+    assert_eq!(
+        allocations, 0,
+        "steady-state steps allocated {allocations} times"
+    );
+    assert_eq!(events, 0);
+    // The steps did real work: request 1's activations were steered.
+    assert_ne!(bufs[0], xs[0]);
+    let s = rt.end_request(1).unwrap();
+    assert!(s.steering.values().sum::<u64>() > 0);
+}
