@@ -53,10 +53,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             }
         }
     }
-    let mut s = 0.0;
-    for i in 0..LANES {
-        s += acc[0][i] + acc[1][i];
-    }
+    let mut s: f32 = acc[0].iter().zip(&acc[1]).map(|(a, b)| a + b).sum();
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
         s += x * y;
     }

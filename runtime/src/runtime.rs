@@ -1205,8 +1205,10 @@ fn encode(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, width: usize
     let x = ArrayView2::from_shape((n, width), &sc.enc_in)
         .map_err(|e| Error::tensor("activations", e.to_string()))?;
     if state.sample_every > 0 {
+        // Sample when this call crosses a multiple of `sample_every` tokens.
         let c = rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
-        if c / state.sample_every != (c + n as u64) / state.sample_every {
+        let every = state.sample_every;
+        if c.checked_div(every) != (c + n as u64).checked_div(every) {
             measure_fvu(rt, d, x, &sc.finite);
         }
     }
