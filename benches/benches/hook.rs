@@ -11,7 +11,8 @@ const F: usize = 16384;
 
 fn bench_hook(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = tiller_benches::write_random_sae(dir.path(), tiller::Activation::Relu, D, F, 11).expect("dictionary");
+    let path = tiller_benches::write_random_sae(dir.path(), tiller::Activation::Relu, D, F, 11)
+        .expect("dictionary");
     let features: Vec<u32> = (0..64).map(|i| i * 251 % F as u32).collect();
     let list: Vec<String> = features.iter().map(u32::to_string).collect();
     let config = format!(
@@ -65,13 +66,20 @@ feature = {}
 
     // ONNX Runtime plainly on the sliced graph: the 64 columns as their own dictionary.
     let file = DictionaryFile::open(&path).expect("open");
-    let sliced = tiller_benches::slice_relu(&file, &features, &dir.path().join("sliced.onnx")).expect("slice");
+    let sliced = tiller_benches::slice_relu(&file, &features, &dir.path().join("sliced.onnx"))
+        .expect("slice");
     let ort = Dictionary::load(&sliced, &SessionOptions::default()).expect("load sliced");
 
     let mut group = c.benchmark_group("hook_2304x16k_64feat_4rules");
     for batch in [1usize, 64] {
         let x = tiller_benches::random_activations(batch, D, 5);
-        let tokens = vec![Token { request: 1, phase: Phase::Generated }; batch];
+        let tokens = vec![
+            Token {
+                request: 1,
+                phase: Phase::Generated
+            };
+            batch
+        ];
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::new("tiller", batch), &batch, |b, _| {
             let mut buf = x.clone().into_raw_vec_and_offset().0;
@@ -82,9 +90,11 @@ feature = {}
                 step.finish()
             })
         });
-        group.bench_with_input(BenchmarkId::new("ort_sliced_encode", batch), &batch, |b, _| {
-            b.iter(|| ort.encode(x.view()).expect("encode").acts.sum_axis(Axis(1)))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("ort_sliced_encode", batch),
+            &batch,
+            |b, _| b.iter(|| ort.encode(x.view()).expect("encode").acts.sum_axis(Axis(1))),
+        );
     }
     group.finish();
 }

@@ -58,10 +58,15 @@ pub fn random_activations(batch: usize, d: usize, seed: u64) -> Array2<f32> {
 
 /// Writes the ReLU dictionary made of `features` of `file` (their encoder columns and decoder
 /// rows), as a plain ONNX graph: what running ONNX Runtime on a sliced dictionary costs.
-pub fn slice_relu(file: &tiller::DictionaryFile, features: &[u32], out: &Path) -> tiller::Result<PathBuf> {
+pub fn slice_relu(
+    file: &tiller::DictionaryFile,
+    features: &[u32],
+    out: &Path,
+) -> tiller::Result<PathBuf> {
     let m = file.meta();
     let (_, w_enc) = file.tensor_f32("W_enc")?;
-    let w_enc = Array2::from_shape_vec((m.d_in, m.d_sae), w_enc).map_err(|e| tiller::Error::invalid("W_enc", e.to_string()))?;
+    let w_enc = Array2::from_shape_vec((m.d_in, m.d_sae), w_enc)
+        .map_err(|e| tiller::Error::invalid("W_enc", e.to_string()))?;
     let b_enc = Array1::from_vec(file.tensor_f32("b_enc")?.1);
     let cols: Vec<usize> = features.iter().map(|&f| f as usize).collect();
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, m.d_in, cols.len(), m.d_out);
@@ -77,6 +82,10 @@ pub fn slice_relu(file: &tiller::DictionaryFile, features: &[u32], out: &Path) -
         b_skip: None,
         apply_b_dec_to_input: true,
     };
-    tiller::graph::write_model(tiller::dictionary::build_model(&meta, &weights)?, out, tiller::graph::EXTERNAL_DATA_THRESHOLD)?;
+    tiller::graph::write_model(
+        tiller::dictionary::build_model(&meta, &weights)?,
+        out,
+        tiller::graph::EXTERNAL_DATA_THRESHOLD,
+    )?;
     Ok(out.to_path_buf())
 }

@@ -55,9 +55,12 @@ pub struct RuntimeConfig {
     /// Fraction of tokens whose reconstruction error and L0 are measured.
     #[serde(default = "default_sample")]
     pub fvu_sample_rate: f64,
-    /// Watch the config file and reload it when it changes.
+    /// Watch the config file and reload it when it changes (see `Runtime::start_services`).
     #[serde(default)]
     pub watch: bool,
+    /// How often the watcher looks at the file, in milliseconds.
+    #[serde(default = "default_watch_interval")]
+    pub watch_interval_ms: u64,
 }
 
 fn default_ep() -> String {
@@ -72,6 +75,9 @@ fn default_prefix() -> String {
 fn default_sample() -> f64 {
     0.01
 }
+fn default_watch_interval() -> u64 {
+    500
+}
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -85,6 +91,7 @@ impl Default for RuntimeConfig {
             metrics_listen: None,
             fvu_sample_rate: default_sample(),
             watch: false,
+            watch_interval_ms: default_watch_interval(),
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod metrics;
 mod native;
 pub mod onnxruntime;
 mod runtime;
+mod service;
 mod session;
 pub mod steering;
 pub mod vectors;
@@ -42,4 +43,5 @@ pub use error::{Error, Result};
 pub use runtime::{
     ActivationsMut, Event, FeatureStats, Phase, RequestSummary, Runtime, Step, StepResult, Token,
 };
+pub use service::Service;
 pub use session::{Dictionary, Encoded, SessionOptions};

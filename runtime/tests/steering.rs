@@ -454,3 +454,166 @@ when = "tok"
     )));
     assert!(text.contains("tiller_dictionary_fvu{dictionary=\"res\"}"));
 }
+
+/// Writes a GGUF v3 control vector with float32 `direction.{layer}` tensors.
+fn write_gguf(path: &Path, directions: &[(usize, Vec<f32>)]) {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, v: &str| {
+        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        b.extend_from_slice(v.as_bytes());
+    };
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&(directions.len() as u64).to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    s(&mut b, "general.architecture");
+    b.extend_from_slice(&8u32.to_le_bytes());
+    s(&mut b, "controlvector");
+    let mut offset = 0u64;
+    for (layer, v) in directions {
+        s(&mut b, &format!("direction.{layer}"));
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        offset += (v.len() as u64 * 4).div_ceil(32) * 32;
+    }
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    for (_, v) in directions {
+        let start = b.len();
+        b.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        while (b.len() - start) % 32 != 0 {
+            b.push(0);
+        }
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn vector_and_project_cap_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), Activation::Relu);
+    let mut rng = StdRng::seed_from_u64(21);
+    let u: Vec<f32> = {
+        let v = randn(&mut rng, (1, D), 1.0).row(0).to_vec();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    };
+    let other = randn(&mut rng, (1, D), 1.0).row(0).to_vec();
+    let npy = dir.path().join("dirs.npy");
+    {
+        use ndarray_npy::WriteNpyExt;
+        let a = Array2::from_shape_vec((2, D), other.iter().chain(u.iter()).copied().collect())
+            .unwrap();
+        a.write_npy(std::fs::File::create(&npy).unwrap()).unwrap();
+    }
+    let gguf = dir.path().join("cv.gguf");
+    write_gguf(&gguf, &[(2, other.clone()), (3, u.clone())]);
+    let config = r#"
+[runtime]
+fvu_sample_rate = 0.0
+[[dictionary]]
+name = "res"
+path = "sae.onnx"
+[[profile]]
+name = "push"
+[[profile.steer]]
+op = "vector"
+vector = "dirs.npy"
+index = 1
+hook = "layer.3"
+strength = 2.0
+[[profile]]
+name = "push-gguf"
+[[profile.steer]]
+op = "vector"
+vector = "cv.gguf"
+index = 3
+hook = "layer.3"
+strength = -1.5
+[[profile]]
+name = "cap"
+[[profile.steer]]
+op = "project_cap"
+vector = "dirs.npy"
+index = 1
+hook = "layer.3"
+value = 0.25
+"#;
+    std::fs::write(dir.path().join("tiller.toml"), config).unwrap();
+    let rt = Runtime::from_config_file(dir.path().join("tiller.toml")).unwrap();
+    let x = randn(&mut rng, (16, D), 1.0);
+    let proj = |a: &Array2<f32>| -> Vec<f64> {
+        a.rows()
+            .into_iter()
+            .map(|r| {
+                r.iter()
+                    .zip(&u)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum()
+            })
+            .collect()
+    };
+    let before = proj(&x);
+    for (i, (profile, shift)) in [("push", 2.0), ("push-gguf", -1.5)].into_iter().enumerate() {
+        rt.begin_request(i as u64, Some(profile), None).unwrap();
+        let mut y = x.clone();
+        let mut step = rt
+            .step(
+                &[Token {
+                    request: i as u64,
+                    phase: Phase::Prompt,
+                }; 16],
+            )
+            .unwrap();
+        step.hook("layer.3", ActivationsMut::F32(y.as_slice_mut().unwrap()))
+            .unwrap();
+        step.finish();
+        for (t, (a, b)) in proj(&y).iter().zip(&before).enumerate() {
+            assert!(
+                (a - b - shift).abs() < 1e-5,
+                "{profile}: token {t} projection moved by {} not {shift}",
+                a - b
+            );
+        }
+        // Only the direction moved: the orthogonal part is untouched.
+        for t in 0..16 {
+            for j in 0..D {
+                let want = f64::from(x[[t, j]]) + shift * f64::from(u[j]);
+                assert!((f64::from(y[[t, j]]) - want).abs() < 1e-5);
+            }
+        }
+    }
+    rt.begin_request(9, Some("cap"), None).unwrap();
+    let mut y = x.clone();
+    let mut step = rt
+        .step(
+            &[Token {
+                request: 9,
+                phase: Phase::Generated,
+            }; 16],
+        )
+        .unwrap();
+    step.hook("layer.3", ActivationsMut::F32(y.as_slice_mut().unwrap()))
+        .unwrap();
+    step.finish();
+    let after = proj(&y);
+    let mut capped = 0;
+    for t in 0..16 {
+        assert!(
+            after[t] <= 0.25 + 1e-5,
+            "token {t}: projection {} over the cap",
+            after[t]
+        );
+        if before[t] <= 0.25 {
+            assert_eq!(y.row(t), x.row(t), "token {t} under the cap is untouched");
+        } else {
+            capped += 1;
+            assert!((after[t] - 0.25).abs() < 1e-5);
+        }
+    }
+    assert!(capped > 0 && capped < 16);
+    assert_eq!(rt.end_request(9).unwrap().steering["cap.0"], capped);
+}
