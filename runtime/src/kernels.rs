@@ -4,7 +4,7 @@
 
 use multiversion::multiversion;
 
-const LANES: usize = 8;
+const L: usize = 8;
 
 /// `out[t·m + j] = Σ_k x[t·d + k] · wt[j·d + k]` for `n` tokens and `m` features: each output is
 /// the dot product of a token with one (transposed) encoder column.
@@ -13,75 +13,89 @@ pub fn dots(x: &[f32], n: usize, d: usize, wt: &[f32], m: usize, out: &mut [f32]
     dots_impl(x, n, d, wt, m, out);
 }
 
-#[multiversion(targets("x86_64+avx2+fma", "x86_64+avx", "aarch64+neon"))]
+// FMA only where the target has it: elsewhere `mul_add` would be a slow library call.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+avx",
+    "aarch64+neon"
+))]
 fn dots_impl(x: &[f32], n: usize, d: usize, wt: &[f32], m: usize, out: &mut [f32]) {
+    let fma =
+        multiversion::target::target_cfg_f!(any(target_feature = "fma", target_arch = "aarch64"));
     let mut t = 0;
-    // Four tokens at a time share each load of an encoder column.
     while t + 4 <= n {
-        let xs = [
-            &x[t * d..(t + 1) * d],
-            &x[(t + 1) * d..(t + 2) * d],
-            &x[(t + 2) * d..(t + 3) * d],
-            &x[(t + 3) * d..(t + 4) * d],
-        ];
-        for j in 0..m {
-            let s = dot4(xs, &wt[j * d..(j + 1) * d]);
-            for (i, v) in s.iter().enumerate() {
-                out[(t + i) * m + j] = *v;
-            }
+        let mut j = 0;
+        while j + 2 <= m {
+            block::<4, 2>(x, t, d, wt, j, m, out, fma);
+            j += 2;
+        }
+        while j < m {
+            block::<4, 1>(x, t, d, wt, j, m, out, fma);
+            j += 1;
         }
         t += 4;
     }
     while t < n {
-        let xt = &x[t * d..(t + 1) * d];
-        for j in 0..m {
-            out[t * m + j] = dot(xt, &wt[j * d..(j + 1) * d]);
+        let mut j = 0;
+        while j + 4 <= m {
+            block::<1, 4>(x, t, d, wt, j, m, out, fma);
+            j += 4;
+        }
+        while j < m {
+            block::<1, 1>(x, t, d, wt, j, m, out, fma);
+            j += 1;
         }
         t += 1;
     }
 }
 
+/// `TB` tokens from `t` against `FB` features from `j`: `TB·FB` independent accumulators of `L`
+/// lanes, so that each load of a token or a column feeds several multiply-adds.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [[0f32; LANES]; 2];
-    let mut ca = a.chunks_exact(2 * LANES);
-    let mut cb = b.chunks_exact(2 * LANES);
-    for (pa, pb) in (&mut ca).zip(&mut cb) {
-        for u in 0..2 {
-            for i in 0..LANES {
-                acc[u][i] += pa[u * LANES + i] * pb[u * LANES + i];
-            }
-        }
-    }
-    let mut s: f32 = acc[0].iter().zip(&acc[1]).map(|(a, b)| a + b).sum();
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        s += x * y;
-    }
-    s
-}
-
-#[inline(always)]
-fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-    let mut acc = [[0f32; LANES]; 4];
-    let chunks = w.len() / LANES;
+#[allow(clippy::too_many_arguments)]
+fn block<const TB: usize, const FB: usize>(
+    x: &[f32],
+    t: usize,
+    d: usize,
+    wt: &[f32],
+    j: usize,
+    m: usize,
+    out: &mut [f32],
+    fma: bool,
+) {
+    let mut acc = [[[0f32; L]; FB]; TB];
+    let xs: [&[f32]; TB] = std::array::from_fn(|a| &x[(t + a) * d..(t + a + 1) * d]);
+    let ws: [&[f32]; FB] = std::array::from_fn(|b| &wt[(j + b) * d..(j + b + 1) * d]);
+    let chunks = d / L;
     for c in 0..chunks {
-        let wc = &w[c * LANES..(c + 1) * LANES];
-        for (r, xr) in x.iter().enumerate() {
-            let xc = &xr[c * LANES..(c + 1) * LANES];
-            for i in 0..LANES {
-                acc[r][i] += xc[i] * wc[i];
+        let xv: [&[f32; L]; TB] = std::array::from_fn(|a| {
+            <&[f32; L]>::try_from(&xs[a][c * L..c * L + L]).unwrap_or(&[0.0; L])
+        });
+        let wv: [&[f32; L]; FB] = std::array::from_fn(|b| {
+            <&[f32; L]>::try_from(&ws[b][c * L..c * L + L]).unwrap_or(&[0.0; L])
+        });
+        for a in 0..TB {
+            for b in 0..FB {
+                for i in 0..L {
+                    acc[a][b][i] = if fma {
+                        xv[a][i].mul_add(wv[b][i], acc[a][b][i])
+                    } else {
+                        acc[a][b][i] + xv[a][i] * wv[b][i]
+                    };
+                }
             }
         }
     }
-    let mut out = [0f32; 4];
-    for r in 0..4 {
-        let mut s: f32 = acc[r].iter().sum();
-        for k in chunks * LANES..w.len() {
-            s += x[r][k] * w[k];
+    for a in 0..TB {
+        for b in 0..FB {
+            let mut s: f32 = acc[a][b].iter().sum();
+            for k in chunks * L..d {
+                s += xs[a][k] * ws[b][k];
+            }
+            out[(t + a) * m + j + b] = s;
         }
-        out[r] = s;
     }
-    out
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! Gated dictionary (for which slicing is exact), their encoder columns are computed here with a
 //! cache-friendly matrix product, without ONNX Runtime's per-call overhead.
 
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, Axis};
 
 use crate::dictionary::{Activation, DictionaryFile, InputNorm, Kind, LAYER_NORM_EPS};
 use crate::{Error, Result};
@@ -97,11 +97,18 @@ impl SlicedEncoder {
         }))
     }
 
-    /// Encodes `x` (`[n, d_in]`) into `out` (`[n, width]`, row-major), using `scratch`.
-    pub fn encode(&self, x: ArrayView2<'_, f32>, scratch: &mut Vec<f32>, out: &mut [f32]) {
-        let n = x.nrows();
+    /// Encodes `x` (`[n, d_in]` row-major; rows where `finite` is false read as zeros) into `out`
+    /// (`[n, width]`, row-major), using `scratch`.
+    pub fn encode(&self, x: &[f32], finite: &[bool], scratch: &mut Vec<f32>, out: &mut [f32]) {
+        let n = finite.len();
         scratch.clear();
-        scratch.extend(x.iter());
+        for (row, ok) in x.chunks_exact(self.d_in.max(1)).zip(finite) {
+            if *ok {
+                scratch.extend_from_slice(row);
+            } else {
+                scratch.resize(scratch.len() + self.d_in, 0.0);
+            }
+        }
         let d = self.d_in as f32;
         for row in scratch.chunks_exact_mut(self.d_in.max(1)) {
             match self.norm {

@@ -520,6 +520,7 @@ impl State {
                 dictionary,
                 feature: s.feature.unwrap_or(0),
                 param,
+                direction_max: direction.iter().fold(0.0, |m, v| m.max(v.abs())),
                 direction,
                 hook,
                 apply_to: s.apply_to,
@@ -768,6 +769,8 @@ struct Scratch {
     rules: Vec<Arc<Vec<Rule>>>,
     x: Vec<f32>,
     finite: Vec<bool>,
+    /// Per token, an upper bound of `max|x|` (kept up to date by the edits).
+    bound: Vec<f32>,
     edited: Vec<bool>,
     enc_in: Vec<f32>,
     enc_scratch: Vec<f32>,
@@ -1103,10 +1106,14 @@ impl Step<'_> {
         sc.x.resize(n * width, 0.0);
         acts.read_into(&mut sc.x);
         sc.finite.clear();
-        sc.finite.extend(
-            sc.x.chunks_exact(width.max(1))
-                .map(|r| r.iter().all(|v| v.is_finite())),
-        );
+        sc.bound.clear();
+        for r in sc.x.chunks_exact(width.max(1)) {
+            let m = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            // `max` skips NaN: check finiteness on its own.
+            sc.finite
+                .push(m.is_finite() && r.iter().all(|v| v.is_finite()));
+            sc.bound.push(m);
+        }
         let bad = sc.finite.iter().filter(|f| !**f).count();
         if bad > 0 {
             plan.metrics.nonfinite.inc_by(bad as u64);
@@ -1171,7 +1178,7 @@ fn edit(state: &State, sc: &mut Scratch, name: &str, width: usize, di: Option<us
                 None => 0.0,
             };
             if let Some(c) = rule.coefficient(f, row)
-                && rule.apply(c, row)
+                && rule.apply(c, row, &mut sc.bound[t])
             {
                 sc.edited[t] = true;
                 rule.counter.inc();
@@ -1195,21 +1202,21 @@ fn encode(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, width: usize
         .iter()
         .flat_map(|rs| rs.iter())
         .any(|r| r.dictionary == Some(di) && !d.position.contains_key(&r.feature));
-    sc.enc_in.clear();
-    sc.enc_in.extend_from_slice(&sc.x);
-    for (t, ok) in sc.finite.iter().enumerate() {
-        if !ok {
-            sc.enc_in[t * width..(t + 1) * width].fill(0.0);
-        }
-    }
-    let x = ArrayView2::from_shape((n, width), &sc.enc_in)
-        .map_err(|e| Error::tensor("activations", e.to_string()))?;
-    if state.sample_every > 0 {
+    let sample = state.sample_every > 0 && {
         // Sample when this call crosses a multiple of `sample_every` tokens.
         let c = rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
         let every = state.sample_every;
-        if c.checked_div(every) != (c + n as u64).checked_div(every) {
-            measure_fvu(rt, d, x, &sc.finite);
+        c.checked_div(every) != (c + n as u64).checked_div(every)
+    };
+    let native = d.sliced.as_ref().filter(|_| !needs_full);
+    if sample || native.is_none() {
+        // The input with non-finite tokens zeroed, for ONNX Runtime.
+        sc.enc_in.clear();
+        sc.enc_in.extend_from_slice(&sc.x);
+        for (t, ok) in sc.finite.iter().enumerate() {
+            if !ok {
+                sc.enc_in[t * width..(t + 1) * width].fill(0.0);
+            }
         }
     }
     let p = &mut sc.pending[di];
@@ -1218,13 +1225,20 @@ fn encode(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, width: usize
     p.named.clear();
     p.named.resize(n * m, 0.0);
     p.full = None;
-    match (&d.sliced, needs_full) {
-        (Some(s), false) => s.encode(x, &mut sc.enc_scratch, &mut p.named),
-        _ if m == 0 && !needs_full => {}
-        _ => {
+    let x = || {
+        ArrayView2::from_shape((n, width), &sc.enc_in)
+            .map_err(|e| Error::tensor("activations", e.to_string()))
+    };
+    if sample {
+        measure_fvu(rt, d, x()?, &sc.finite);
+    }
+    match native {
+        Some(s) => s.encode(&sc.x, &sc.finite, &mut sc.enc_scratch, &mut p.named),
+        None if m == 0 && !needs_full => {}
+        None => {
             let enc = d
                 .dict
-                .encode(x)
+                .encode(x()?)
                 .inspect_err(|_| rt.metrics.error("encode"))?;
             for t in 0..n {
                 for (j, &f) in d.features.iter().enumerate() {

@@ -23,6 +23,8 @@ pub struct Rule {
     pub param: f32,
     /// The direction added (`d_i`, unit `d_i` for normalised `add`, or a raw `u`), `[d_out]`.
     pub direction: Arc<Vec<f32>>,
+    /// `max|direction|`.
+    pub direction_max: f32,
     /// The hook it writes.
     pub hook: String,
     /// Which tokens.
@@ -60,18 +62,28 @@ impl Rule {
         (c != 0.0 && c.is_finite()).then_some(c)
     }
 
-    /// Applies `x += c·d` when the result stays finite; returns whether it did.
-    pub fn apply(&self, c: f32, x: &mut [f32]) -> bool {
+    /// Applies `x += c·d` unless the result would not be finite; returns whether it did.
+    ///
+    /// `bound` is an upper bound of `max|x|`, kept up to date: while `bound + |c|·max|d|` stays far
+    /// from `f32::MAX` the result is finite without looking (the common case, one pass over `x`).
+    pub fn apply(&self, c: f32, x: &mut [f32], bound: &mut f32) -> bool {
         let d = &self.direction;
-        if x.iter()
-            .zip(d.iter())
-            .any(|(a, b)| !(a + c * b).is_finite())
+        let grown = *bound + c.abs() * self.direction_max;
+        if grown.partial_cmp(&(f32::MAX / 4.0)) != Some(std::cmp::Ordering::Less)
+            && x.iter()
+                .zip(d.iter())
+                .any(|(a, b)| !(a + c * b).is_finite())
         {
             return false;
         }
         for (a, b) in x.iter_mut().zip(d.iter()) {
             *a += c * b;
         }
+        *bound = if grown.is_finite() {
+            grown
+        } else {
+            x.iter().fold(0.0, |m, v| m.max(v.abs()))
+        };
         true
     }
 }
