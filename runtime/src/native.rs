@@ -84,6 +84,24 @@ impl SlicedEncoder {
         } else {
             None
         };
+        // Without input normalisation, `(x - b_dec)·W = x·W - b_dec·W`: fold the constant into the
+        // biases (computed in f64) so that the kernel reads the host's activations directly.
+        let mut b = b;
+        let mut gated = gated;
+        let mut b_dec_in = b_dec_in;
+        if m.input_norm == InputNorm::None
+            && let Some(bd) = b_dec_in.take()
+        {
+            for (j, bj) in b.iter_mut().enumerate() {
+                let bdw: f64 = (0..m.d_in)
+                    .map(|k| f64::from(bd[k]) * f64::from(wt[j * m.d_in + k]))
+                    .sum();
+                *bj = (f64::from(*bj) - bdw) as f32;
+                if let Some((r, bm)) = gated.as_mut() {
+                    bm[j] = (f64::from(bm[j]) - bdw * f64::from(r[j])) as f32;
+                }
+            }
+        }
         Ok(Some(Self {
             activation: m.activation,
             norm: m.input_norm,
@@ -97,10 +115,16 @@ impl SlicedEncoder {
         }))
     }
 
-    /// Encodes `x` (`[n, d_in]` row-major; rows where `finite` is false read as zeros) into `out`
-    /// (`[n, width]`, row-major), using `scratch`.
+    /// Encodes `x` (`[n, d_in]` row-major) into `out` (`[n, width]`, row-major), using `scratch`.
+    /// Rows where `finite` is false give unspecified values: the caller skips them.
     pub fn encode(&self, x: &[f32], finite: &[bool], scratch: &mut Vec<f32>, out: &mut [f32]) {
         let n = finite.len();
+        let m = self.m;
+        if self.norm == InputNorm::None && self.b_dec_in.is_none() {
+            crate::kernels::dots(x, n, self.d_in, &self.wt, m, out);
+            self.activate(out);
+            return;
+        }
         scratch.clear();
         for (row, ok) in x.chunks_exact(self.d_in.max(1)).zip(finite) {
             if *ok {
@@ -130,8 +154,13 @@ impl SlicedEncoder {
                 row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v -= b);
             }
         }
-        let m = self.m;
         crate::kernels::dots(scratch, n, self.d_in, &self.wt, m, out);
+        self.activate(out);
+    }
+
+    /// Applies the activation to `out`, which holds `x·W` (without the bias).
+    fn activate(&self, out: &mut [f32]) {
+        let m = self.m;
         for row in out.chunks_exact_mut(m.max(1)) {
             for (j, v) in row.iter_mut().enumerate() {
                 let xw = *v;

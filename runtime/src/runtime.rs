@@ -1103,46 +1103,36 @@ impl Step<'_> {
                 ),
             ));
         }
-        sc.x.resize(n * width, 0.0);
-        acts.read_into(&mut sc.x);
-        sc.finite.clear();
-        sc.bound.clear();
-        for r in sc.x.chunks_exact(width.max(1)) {
-            let m = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            // `max` skips NaN: check finiteness on its own.
-            sc.finite
-                .push(m.is_finite() && r.iter().all(|v| v.is_finite()));
-            sc.bound.push(m);
-        }
-        let bad = sc.finite.iter().filter(|f| !**f).count();
-        if bad > 0 {
-            plan.metrics.nonfinite.inc_by(bad as u64);
-        }
-        plan.metrics.tokens.inc_by(n as u64);
-
-        for &di in &plan.reads {
-            encode(rt, &state, sc, di, width)?;
-            observe(&state, sc, di, &mut self.result);
-        }
-
-        sc.edited.clear();
-        sc.edited.resize(n, false);
-        for &di in &plan.writes {
-            if !sc.pending[di].valid {
-                continue;
+        // f32 host memory is read and edited where it lies; f16/bf16 go through an f32 buffer.
+        let mut buf = std::mem::take(&mut sc.x);
+        let outcome = match &mut acts {
+            ActivationsMut::F32(host) => {
+                process(rt, &state, plan, sc, name, width, host, &mut self.result)
             }
-            edit(&state, sc, name, width, Some(di));
-        }
-        if plan.vector_rules {
-            edit(&state, sc, name, width, None);
-        }
-        for t in (0..n).filter(|&t| sc.edited[t]) {
-            acts.write_row(t * width, &sc.x[t * width..(t + 1) * width]);
-        }
+            other => {
+                buf.resize(n * width, 0.0);
+                other.read_into(&mut buf);
+                let r = process(
+                    rt,
+                    &state,
+                    plan,
+                    sc,
+                    name,
+                    width,
+                    &mut buf,
+                    &mut self.result,
+                );
+                for t in (0..n).filter(|&t| sc.edited[t]) {
+                    other.write_row(t * width, &buf[t * width..(t + 1) * width]);
+                }
+                r
+            }
+        };
+        sc.x = buf;
         plan.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
-        Ok(())
+        outcome
     }
 
     /// Closes the step: the requests to stop and the events that fired.
@@ -1151,9 +1141,63 @@ impl Step<'_> {
     }
 }
 
+/// One hook call on f32 activations `x` (`[n, width]`), edited in place.
+#[allow(clippy::too_many_arguments)]
+fn process(
+    rt: &Runtime,
+    state: &State,
+    plan: &HookPlan,
+    sc: &mut Scratch,
+    name: &str,
+    width: usize,
+    x: &mut [f32],
+    result: &mut StepResult,
+) -> Result<()> {
+    let n = sc.tokens.len();
+    sc.finite.clear();
+    sc.bound.clear();
+    for r in x.chunks_exact(width.max(1)) {
+        // One pass: the largest magnitude, and `v - v`, which is NaN for NaN and ±inf.
+        let (m, nan) = r
+            .iter()
+            .fold((0.0f32, 0.0f32), |(m, z), v| (m.max(v.abs()), z + (v - v)));
+        sc.finite.push(nan == 0.0);
+        sc.bound.push(m);
+    }
+    let bad = sc.finite.iter().filter(|f| !**f).count();
+    if bad > 0 {
+        plan.metrics.nonfinite.inc_by(bad as u64);
+    }
+    plan.metrics.tokens.inc_by(n as u64);
+
+    sc.edited.clear();
+    sc.edited.resize(n, false);
+    for &di in &plan.reads {
+        encode(rt, state, sc, di, width, x)?;
+        observe(state, sc, di, result);
+    }
+    for &di in &plan.writes {
+        if !sc.pending[di].valid {
+            continue;
+        }
+        edit(state, sc, name, width, Some(di), x);
+    }
+    if plan.vector_rules {
+        edit(state, sc, name, width, None, x);
+    }
+    Ok(())
+}
+
 /// Applies the rules that write hook `name` through dictionary `di` (or, with `None`, the raw
 /// direction rules) to every token.
-fn edit(state: &State, sc: &mut Scratch, name: &str, width: usize, di: Option<usize>) {
+fn edit(
+    state: &State,
+    sc: &mut Scratch,
+    name: &str,
+    width: usize,
+    di: Option<usize>,
+    x: &mut [f32],
+) {
     let n = sc.tokens.len();
     for t in 0..n {
         if !sc.finite[t] {
@@ -1162,7 +1206,7 @@ fn edit(state: &State, sc: &mut Scratch, name: &str, width: usize, di: Option<us
         let slot = sc.token_req[t];
         let phase = sc.tokens[t].phase;
         let rules = &sc.rules[slot];
-        let row = &mut sc.x[t * width..(t + 1) * width];
+        let row = &mut x[t * width..(t + 1) * width];
         for (ri, rule) in rules.iter().enumerate() {
             if rule.dictionary != di || rule.hook != name || !covers(rule.apply_to, phase) {
                 continue;
@@ -1192,7 +1236,14 @@ fn edit(state: &State, sc: &mut Scratch, name: &str, width: usize, di: Option<us
 
 /// Computes dictionary `di`'s features for every token into `sc.pending[di]` (zeros for non-finite
 /// tokens).
-fn encode(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, width: usize) -> Result<()> {
+fn encode(
+    rt: &Runtime,
+    state: &State,
+    sc: &mut Scratch,
+    di: usize,
+    width: usize,
+    xs: &[f32],
+) -> Result<()> {
     let d = &state.dicts[di];
     let n = sc.tokens.len();
     let m = d.features.len();
@@ -1212,7 +1263,7 @@ fn encode(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, width: usize
     if sample || native.is_none() {
         // The input with non-finite tokens zeroed, for ONNX Runtime.
         sc.enc_in.clear();
-        sc.enc_in.extend_from_slice(&sc.x);
+        sc.enc_in.extend_from_slice(xs);
         for (t, ok) in sc.finite.iter().enumerate() {
             if !ok {
                 sc.enc_in[t * width..(t + 1) * width].fill(0.0);
@@ -1233,7 +1284,7 @@ fn encode(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, width: usize
         measure_fvu(rt, d, x()?, &sc.finite);
     }
     match native {
-        Some(s) => s.encode(&sc.x, &sc.finite, &mut sc.enc_scratch, &mut p.named),
+        Some(s) => s.encode(xs, &sc.finite, &mut sc.enc_scratch, &mut p.named),
         None if m == 0 && !needs_full => {}
         None => {
             let enc = d
