@@ -2,7 +2,7 @@
 //! monitored features, 4 steering rules; per call at batch 1 and per token at batch 64), beside
 //! ONNX Runtime run plainly on the same 64-feature sliced graph.
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::Axis;
 use tiller::{ActivationsMut, Dictionary, DictionaryFile, Phase, Runtime, SessionOptions, Token};
 
@@ -82,13 +82,16 @@ feature = {}
         ];
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::new("tiller", batch), &batch, |b, _| {
-            let mut buf = x.clone().into_raw_vec_and_offset().0;
-            b.iter(|| {
-                buf.copy_from_slice(x.as_slice().unwrap_or(&[]));
-                let mut step = rt.step(&tokens).expect("step");
-                step.hook("h", ActivationsMut::F32(&mut buf)).expect("hook");
-                step.finish()
-            })
+            // A fresh copy of the activations for every call, made outside the timed part.
+            b.iter_batched_ref(
+                || x.clone().into_raw_vec_and_offset().0,
+                |buf| {
+                    let mut step = rt.step(&tokens).expect("step");
+                    step.hook("h", ActivationsMut::F32(buf)).expect("hook");
+                    step.finish()
+                },
+                BatchSize::SmallInput,
+            )
         });
         group.bench_with_input(
             BenchmarkId::new("ort_sliced_encode", batch),

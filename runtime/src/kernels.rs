@@ -98,9 +98,50 @@ fn block<const TB: usize, const FB: usize>(
     }
 }
 
+/// The largest magnitude in `row`, and whether every value is finite, in one vectorisable pass.
+pub fn row_stats(row: &[f32]) -> (f32, bool) {
+    let mut m = [0f32; L];
+    // `v - v` is 0 for finite values and NaN for NaN and ±inf; the sum keeps any NaN.
+    let mut z = [0f32; L];
+    let chunks = row.chunks_exact(L);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..L {
+            let a = ch[i].abs();
+            m[i] = if a > m[i] { a } else { m[i] };
+            #[allow(clippy::eq_op)]
+            let zero = ch[i] - ch[i];
+            z[i] += zero;
+        }
+    }
+    let mut max = m.iter().fold(0.0f32, |a, b| a.max(*b));
+    let mut sum: f32 = z.iter().sum();
+    for v in rest {
+        max = max.max(v.abs());
+        #[allow(clippy::eq_op)]
+        let zero = v - v;
+        sum += zero;
+    }
+    (max, sum == 0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_stats_finds_the_maximum_and_non_finite_values() {
+        let mut r: Vec<f32> = (0..37).map(|i| (i as f32 - 20.0) * 0.5).collect();
+        assert_eq!(row_stats(&r), (10.0, true));
+        for (pos, bad) in [(3, f32::NAN), (36, f32::INFINITY), (17, f32::NEG_INFINITY)] {
+            let old = r[pos];
+            r[pos] = bad;
+            assert!(!row_stats(&r).1, "{bad} at {pos}");
+            r[pos] = old;
+        }
+        r[36] = -1e30;
+        assert_eq!(row_stats(&r), (1e30, true));
+    }
 
     #[test]
     fn dots_match_a_float64_reference() {

@@ -1157,11 +1157,8 @@ fn process(
     sc.finite.clear();
     sc.bound.clear();
     for r in x.chunks_exact(width.max(1)) {
-        // One pass: the largest magnitude, and `v - v`, which is NaN for NaN and ±inf.
-        let (m, nan) = r
-            .iter()
-            .fold((0.0f32, 0.0f32), |(m, z), v| (m.max(v.abs()), z + (v - v)));
-        sc.finite.push(nan == 0.0);
+        let (m, finite) = crate::kernels::row_stats(r);
+        sc.finite.push(finite);
         sc.bound.push(m);
     }
     let bad = sc.finite.iter().filter(|f| !**f).count();
