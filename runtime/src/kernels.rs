@@ -6,11 +6,14 @@ use multiversion::multiversion;
 
 const L: usize = 8;
 
-/// `out[t·m + j] = Σ_k x[t·d + k] · wt[j·d + k]` for `n` tokens and `m` features: each output is
-/// the dot product of a token with one (transposed) encoder column.
-pub fn dots(x: &[f32], n: usize, d: usize, wt: &[f32], m: usize, out: &mut [f32]) {
-    debug_assert!(x.len() >= n * d && wt.len() >= m * d && out.len() >= n * m);
-    dots_impl(x, n, d, wt, m, out);
+/// `out = x · w` for `x` `[n, d]`, `w` `[d, m]` (the selected encoder columns, in their natural
+/// layout) and `out` `[n, m]`, all row-major.
+///
+/// Each block keeps `TB` tokens × `VB·L` features in registers and streams `w` row by row: every
+/// load of `w` feeds `TB` multiply-adds, and a token's value is broadcast once per row.
+pub fn matmul(x: &[f32], n: usize, d: usize, w: &[f32], m: usize, out: &mut [f32]) {
+    debug_assert!(x.len() >= n * d && w.len() >= d * m && out.len() >= n * m);
+    imp(x, n, d, w, m, out);
 }
 
 // FMA only where the target has it: elsewhere `mul_add` would be a slow library call.
@@ -20,80 +23,89 @@ pub fn dots(x: &[f32], n: usize, d: usize, wt: &[f32], m: usize, out: &mut [f32]
     "x86_64+avx",
     "aarch64+neon"
 ))]
-fn dots_impl(x: &[f32], n: usize, d: usize, wt: &[f32], m: usize, out: &mut [f32]) {
+fn imp(x: &[f32], n: usize, d: usize, w: &[f32], m: usize, out: &mut [f32]) {
     let fma =
         multiversion::target::target_cfg_f!(any(target_feature = "fma", target_arch = "aarch64"));
     let mut t = 0;
     while t + 4 <= n {
         let mut j = 0;
-        while j + 2 <= m {
-            block::<4, 2>(x, t, d, wt, j, m, out, fma);
-            j += 2;
+        while j + 2 * L <= m {
+            gblock::<4, 2>(x, t, d, w, j, m, out, fma);
+            j += 2 * L;
         }
-        while j < m {
-            block::<4, 1>(x, t, d, wt, j, m, out, fma);
-            j += 1;
+        while j + L <= m {
+            gblock::<4, 1>(x, t, d, w, j, m, out, fma);
+            j += L;
         }
+        tail(x, t, 4, d, w, j, m, out);
         t += 4;
     }
     while t < n {
         let mut j = 0;
-        while j + 4 <= m {
-            block::<1, 4>(x, t, d, wt, j, m, out, fma);
-            j += 4;
+        while j + 8 * L <= m {
+            gblock::<1, 8>(x, t, d, w, j, m, out, fma);
+            j += 8 * L;
         }
-        while j < m {
-            block::<1, 1>(x, t, d, wt, j, m, out, fma);
-            j += 1;
+        while j + 2 * L <= m {
+            gblock::<1, 2>(x, t, d, w, j, m, out, fma);
+            j += 2 * L;
         }
+        while j + L <= m {
+            gblock::<1, 1>(x, t, d, w, j, m, out, fma);
+            j += L;
+        }
+        tail(x, t, 1, d, w, j, m, out);
         t += 1;
     }
 }
 
-/// `TB` tokens from `t` against `FB` features from `j`: `TB·FB` independent accumulators of `L`
-/// lanes, so that each load of a token or a column feeds several multiply-adds.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block<const TB: usize, const FB: usize>(
+fn gblock<const TB: usize, const VB: usize>(
     x: &[f32],
     t: usize,
     d: usize,
-    wt: &[f32],
+    w: &[f32],
     j: usize,
     m: usize,
     out: &mut [f32],
     fma: bool,
 ) {
-    let mut acc = [[[0f32; L]; FB]; TB];
+    let mut acc = [[[0f32; L]; VB]; TB];
     let xs: [&[f32]; TB] = std::array::from_fn(|a| &x[(t + a) * d..(t + a + 1) * d]);
-    let ws: [&[f32]; FB] = std::array::from_fn(|b| &wt[(j + b) * d..(j + b + 1) * d]);
-    let chunks = d / L;
-    for c in 0..chunks {
-        let xv: [&[f32; L]; TB] = std::array::from_fn(|a| {
-            <&[f32; L]>::try_from(&xs[a][c * L..c * L + L]).unwrap_or(&[0.0; L])
-        });
-        let wv: [&[f32; L]; FB] = std::array::from_fn(|b| {
-            <&[f32; L]>::try_from(&ws[b][c * L..c * L + L]).unwrap_or(&[0.0; L])
-        });
-        for a in 0..TB {
-            for b in 0..FB {
+    for k in 0..d {
+        let row = &w[k * m + j..k * m + j + VB * L];
+        let xv: [f32; TB] = std::array::from_fn(|a| xs[a][k]);
+        for v in 0..VB {
+            let wv = <&[f32; L]>::try_from(&row[v * L..v * L + L]).unwrap_or(&[0.0; L]);
+            for a in 0..TB {
                 for i in 0..L {
-                    acc[a][b][i] = if fma {
-                        xv[a][i].mul_add(wv[b][i], acc[a][b][i])
+                    acc[a][v][i] = if fma {
+                        xv[a].mul_add(wv[i], acc[a][v][i])
                     } else {
-                        acc[a][b][i] + xv[a][i] * wv[b][i]
+                        acc[a][v][i] + xv[a] * wv[i]
                     };
                 }
             }
         }
     }
     for a in 0..TB {
-        for b in 0..FB {
-            let mut s: f32 = acc[a][b].iter().sum();
-            for k in chunks * L..d {
-                s += xs[a][k] * ws[b][k];
+        for v in 0..VB {
+            out[(t + a) * m + j + v * L..(t + a) * m + j + v * L + L].copy_from_slice(&acc[a][v]);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tail(x: &[f32], t: usize, tb: usize, d: usize, w: &[f32], j0: usize, m: usize, out: &mut [f32]) {
+    for a in t..t + tb {
+        for j in j0..m {
+            let mut s = 0.0;
+            for k in 0..d {
+                s += x[a * d + k] * w[k * m + j];
             }
-            out[(t + a) * m + j + b] = s;
+            out[a * m + j] = s;
         }
     }
 }
@@ -144,29 +156,30 @@ mod tests {
     }
 
     #[test]
-    fn dots_match_a_float64_reference() {
-        let (d, m) = (37, 11);
-        for n in [1, 3, 4, 5, 9] {
-            let x: Vec<f32> = (0..n * d)
-                .map(|i| ((i * 31 % 97) as f32 - 48.0) / 17.0)
-                .collect();
-            let wt: Vec<f32> = (0..m * d)
-                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
-                .collect();
-            let mut out = vec![0.0; n * m];
-            dots(&x, n, d, &wt, m, &mut out);
-            for t in 0..n {
-                for j in 0..m {
-                    let r: f64 = (0..d)
-                        .map(|k| f64::from(x[t * d + k]) * f64::from(wt[j * d + k]))
-                        .sum();
-                    let scale: f64 = (0..d)
-                        .map(|k| (f64::from(x[t * d + k]) * f64::from(wt[j * d + k])).abs())
-                        .sum();
-                    assert!(
-                        (f64::from(out[t * m + j]) - r).abs() <= 1e-6 * scale,
-                        "n={n} t={t} j={j}"
-                    );
+    fn matmul_matches_a_float64_reference() {
+        let d = 37;
+        // Feature counts that exercise every block shape and the scalar tail.
+        for m in [1, 7, 8, 11, 16, 64, 75] {
+            for n in [1, 3, 4, 5, 9] {
+                let x: Vec<f32> = (0..n * d)
+                    .map(|i| ((i * 31 % 97) as f32 - 48.0) / 17.0)
+                    .collect();
+                let w: Vec<f32> = (0..d * m)
+                    .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
+                    .collect();
+                let mut out = vec![f32::NAN; n * m];
+                matmul(&x, n, d, &w, m, &mut out);
+                for t in 0..n {
+                    for j in 0..m {
+                        let terms =
+                            (0..d).map(|k| f64::from(x[t * d + k]) * f64::from(w[k * m + j]));
+                        let r: f64 = terms.clone().sum();
+                        let scale: f64 = terms.map(f64::abs).sum();
+                        assert!(
+                            (f64::from(out[t * m + j]) - r).abs() <= 1e-6 * scale,
+                            "m={m} n={n} t={t} j={j}"
+                        );
+                    }
                 }
             }
         }

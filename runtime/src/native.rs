@@ -13,8 +13,8 @@ pub struct SlicedEncoder {
     activation: Activation,
     norm: InputNorm,
     d_in: usize,
-    /// The selected encoder columns, transposed: `[m, d_in]`.
-    wt: Vec<f32>,
+    /// The selected encoder columns: `[d_in, m]`, row-major.
+    w: Vec<f32>,
     m: usize,
     b: Array1<f32>,
     b_dec_in: Option<Array1<f32>>,
@@ -55,7 +55,8 @@ impl SlicedEncoder {
                 format!("feature {bad} is out of range (d_sae = {})", m.d_sae),
             ));
         }
-        let wt: Vec<f32> = w_enc.select(Axis(1), &cols).t().iter().copied().collect();
+        let w: Vec<f32> = w_enc.select(Axis(1), &cols).iter().copied().collect();
+        let n_cols = cols.len();
         let gated = m.activation == Activation::Gated;
         let b = vector(file, if gated { "b_gate" } else { "b_enc" })?.select(Axis(0), &cols);
         // Whether the graph subtracts b_dec from its input: Tiller graphs name that node's inputs.
@@ -94,7 +95,7 @@ impl SlicedEncoder {
         {
             for (j, bj) in b.iter_mut().enumerate() {
                 let bdw: f64 = (0..m.d_in)
-                    .map(|k| f64::from(bd[k]) * f64::from(wt[j * m.d_in + k]))
+                    .map(|k| f64::from(bd[k]) * f64::from(w[k * n_cols + j]))
                     .sum();
                 *bj = (f64::from(*bj) - bdw) as f32;
                 if let Some((r, bm)) = gated.as_mut() {
@@ -106,7 +107,7 @@ impl SlicedEncoder {
             activation: m.activation,
             norm: m.input_norm,
             d_in: m.d_in,
-            wt,
+            w,
             m: cols.len(),
             b,
             b_dec_in,
@@ -121,7 +122,7 @@ impl SlicedEncoder {
         let n = finite.len();
         let m = self.m;
         if self.norm == InputNorm::None && self.b_dec_in.is_none() {
-            crate::kernels::dots(x, n, self.d_in, &self.wt, m, out);
+            crate::kernels::matmul(x, n, self.d_in, &self.w, m, out);
             self.activate(out);
             return;
         }
@@ -154,7 +155,7 @@ impl SlicedEncoder {
                 row.iter_mut().zip(b.iter()).for_each(|(v, b)| *v -= b);
             }
         }
-        crate::kernels::dots(scratch, n, self.d_in, &self.wt, m, out);
+        crate::kernels::matmul(scratch, n, self.d_in, &self.w, m, out);
         self.activate(out);
     }
 
