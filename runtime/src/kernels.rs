@@ -110,6 +110,51 @@ fn tail(x: &[f32], t: usize, tb: usize, d: usize, w: &[f32], j0: usize, m: usize
     }
 }
 
+/// `x += c·d`.
+pub fn axpy(c: f32, d: &[f32], x: &mut [f32]) {
+    axpy_impl(c, d, x);
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+avx",
+    "aarch64+neon"
+))]
+fn axpy_impl(c: f32, d: &[f32], x: &mut [f32]) {
+    for (a, b) in x.iter_mut().zip(d) {
+        *a += c * b;
+    }
+}
+
+/// `x · u`, accumulated in lanes.
+pub fn dot(x: &[f32], u: &[f32]) -> f32 {
+    dot_impl(x, u)
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+avx",
+    "aarch64+neon"
+))]
+fn dot_impl(x: &[f32], u: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let (cx, cu) = (x.chunks_exact(L), u.chunks_exact(L));
+    let tail: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cu.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in cx.zip(cu) {
+        for i in 0..L {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The largest magnitude in `row`, and whether every value is finite, in one vectorisable pass.
 pub fn row_stats(row: &[f32]) -> (f32, bool) {
     let mut m = [0f32; L];

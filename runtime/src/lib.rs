@@ -28,7 +28,7 @@ pub mod config;
 pub mod dictionary;
 mod error;
 pub mod graph;
-mod kernels;
+pub(crate) mod kernels;
 pub mod metrics;
 mod native;
 pub mod onnxruntime;

@@ -776,6 +776,9 @@ struct Scratch {
     enc_scratch: Vec<f32>,
     /// By dictionary index: the activations computed at its input hook during this step.
     pending: Vec<Pending>,
+    /// By dictionary, then feature: local histograms and active counts (for `local_generation`).
+    local: Vec<Vec<(prometheus::local::LocalHistogram, u64)>>,
+    local_generation: u64,
 }
 
 #[derive(Default)]
@@ -1342,8 +1345,23 @@ fn measure_fvu(rt: &Runtime, d: &DictState, x: ArrayView2<'_, f32>, finite: &[bo
 /// Metrics, request statistics and monitors for dictionary `di`'s activations.
 fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) {
     let d = &state.dicts[di];
+    // Per-call accumulators for the feature metrics, flushed once at the end of the call.
+    if sc.local_generation != state.generation {
+        sc.local_generation = state.generation;
+        sc.local = state
+            .dicts
+            .iter()
+            .map(|d| {
+                d.feature_metrics
+                    .iter()
+                    .map(|f| (f.activation.local(), 0u64))
+                    .collect()
+            })
+            .collect();
+    }
     let p = &sc.pending[di];
     let m = p.m;
+    let locals = &mut sc.local[di];
     for t in 0..sc.tokens.len() {
         if !sc.finite[t] {
             continue;
@@ -1352,9 +1370,9 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
         let mut req = lock(&sc.reqs[sc.token_req[t]]);
         for (j, &v) in row.iter().enumerate() {
             if v > 0.0 {
-                let fm = &d.feature_metrics[j];
-                fm.activation.observe(f64::from(v));
-                fm.active.inc();
+                let (hist, active) = &mut locals[j];
+                hist.observe(f64::from(v));
+                *active += 1;
                 if let Some(s) = req.features.get_mut(di).and_then(|f| f.get_mut(j)) {
                     s.max = if s.count == 0 { v } else { s.max.max(v) };
                     s.count += 1;
@@ -1435,6 +1453,13 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
             }
             req.events.push(event.clone());
             result.events.push(event);
+        }
+    }
+    for ((hist, active), fm) in locals.iter_mut().zip(&d.feature_metrics) {
+        if *active > 0 {
+            hist.flush();
+            fm.active.inc_by(*active);
+            *active = 0;
         }
     }
 }

@@ -51,11 +51,7 @@ impl Rule {
             Op::Scale => (self.param - 1.0) * f,
             Op::Cap => f.min(self.param) - f,
             Op::ProjectCap => {
-                let p: f32 = x
-                    .iter()
-                    .zip(self.direction.iter())
-                    .map(|(a, b)| a * b)
-                    .sum();
+                let p = crate::kernels::dot(x, &self.direction);
                 -(p.max(self.param) - self.param)
             }
         };
@@ -76,9 +72,7 @@ impl Rule {
         {
             return false;
         }
-        for (a, b) in x.iter_mut().zip(d.iter()) {
-            *a += c * b;
-        }
+        crate::kernels::axpy(c, d, x);
         *bound = if grown.is_finite() {
             grown
         } else {
