@@ -39,7 +39,7 @@ impl SlicedEncoder {
     /// graph is not one of Tiller's own.
     pub fn new(file: &DictionaryFile, features: &[u32]) -> Result<Option<Self>> {
         let m = file.meta();
-        if !slicing_is_exact(m.activation) || m.kind == Kind::Crosscoder || m.n_layers != 1 {
+        if !slicing_is_exact(m.activation) || m.kind == Kind::Crosscoder {
             return Ok(None);
         }
         let (dims, w_enc) = file.tensor_f32("W_enc")?;

@@ -11,7 +11,7 @@ use ndarray::{Array2, ArrayView2};
 use serde::Serialize;
 
 use crate::config::{Action, Aggregate, ApplyTo, Config, Op, Overrides, SteerConfig, Window};
-use crate::dictionary::{DictionaryFile, Kind, Meta};
+use crate::dictionary::{DictionaryFile, Kind, Meta, split_hooks};
 use crate::metrics::{DictionaryMetrics, FeatureMetrics, HookMetrics, Metrics};
 use crate::native::SlicedEncoder;
 use crate::session::{Dictionary, SessionOptions};
@@ -147,8 +147,10 @@ pub struct StepResult {
 struct DictState {
     name: String,
     meta: Meta,
-    hook_in: String,
-    hook_out: String,
+    /// The hooks it reads: one, or a crosscoder's layers in model order.
+    hooks_in: Vec<String>,
+    /// The hooks it writes: one, or each layer of a crosscoder's or CLT's decoder.
+    hooks_out: Vec<String>,
     dict: Dictionary,
     w_dec: Arc<Array2<f32>>,
     /// The features the config names (monitored or steered), sorted.
@@ -185,7 +187,8 @@ struct MonitorState {
 
 struct HookPlan {
     width: usize,
-    reads: Vec<usize>,
+    /// `(dictionary, input layer)` pairs read here.
+    reads: Vec<(usize, usize)>,
     writes: Vec<usize>,
     vector_rules: bool,
     metrics: HookMetrics,
@@ -244,32 +247,44 @@ impl State {
             let path = config.resolve(&dc.path);
             let file = DictionaryFile::open(&path)?;
             let meta = file.meta().clone();
-            if matches!(
-                meta.kind,
-                Kind::Crosscoder | Kind::Clt | Kind::Probe | Kind::Vector
-            ) {
+            if matches!(meta.kind, Kind::Probe | Kind::Vector) {
                 return Err(Error::dictionary(
                     &path,
                     format!("{} dictionaries cannot be attached to hooks yet", meta.kind),
                 ));
             }
-            let hook_in = dc.hook.clone().unwrap_or_else(|| meta.hook_in.clone());
-            let hook_out = dc
+            let hooks_in = dc
+                .hook
+                .as_deref()
+                .map_or_else(|| meta.hooks_in(), split_hooks);
+            let mut hooks_out = dc
                 .hook_out
-                .clone()
-                .or_else(|| dc.hook.clone())
-                .unwrap_or_else(|| meta.hook_out.clone());
-            let hook_out = if hook_out.is_empty() {
-                hook_in.clone()
-            } else {
-                hook_out
-            };
-            if hook_in.is_empty() {
+                .as_deref()
+                .or(dc.hook.as_deref())
+                .map_or_else(|| meta.hooks_out(), split_hooks);
+            if hooks_out.is_empty() && !meta.layered_decoder() {
+                hooks_out = hooks_in.clone();
+            }
+            if hooks_in.is_empty() {
                 return Err(Error::dictionary(
                     &path,
                     format!(
                         "dictionary `{}` names no hook: set `hook` in the config",
                         dc.name
+                    ),
+                ));
+            }
+            if hooks_in.len() != meta.input_layers() || hooks_out.len() != meta.output_layers() {
+                return Err(Error::dictionary(
+                    &path,
+                    format!(
+                        "dictionary `{}` reads {} and writes {} layers, but names the hooks in [{}] and out [{}]: \
+                         give one hook per layer (comma separated `hook` / `hook_out`)",
+                        dc.name,
+                        meta.input_layers(),
+                        meta.output_layers(),
+                        hooks_in.join(", "),
+                        hooks_out.join(", ")
                     ),
                 ));
             }
@@ -313,8 +328,8 @@ impl State {
             dicts.push(DictState {
                 name: dc.name.clone(),
                 meta,
-                hook_in,
-                hook_out,
+                hooks_in,
+                hooks_out,
                 dict,
                 w_dec,
                 features,
@@ -378,13 +393,19 @@ impl State {
                 Ok(())
             };
         for (i, d) in dicts.iter().enumerate() {
-            plan(&mut hooks, &d.hook_in, d.meta.d_in)?;
-            if let Some(p) = hooks.get_mut(&d.hook_in) {
-                p.reads.push(i);
+            for (layer, h) in d.hooks_in.iter().enumerate() {
+                plan(&mut hooks, h, d.meta.d_in)?;
+                if let Some(p) = hooks.get_mut(h) {
+                    p.reads.push((i, layer));
+                }
             }
-            plan(&mut hooks, &d.hook_out, d.meta.d_out)?;
-            if let Some(p) = hooks.get_mut(&d.hook_out) {
-                p.writes.push(i);
+            for h in &d.hooks_out {
+                plan(&mut hooks, h, d.meta.d_out)?;
+                if let Some(p) = hooks.get_mut(h)
+                    && !p.writes.contains(&i)
+                {
+                    p.writes.push(i);
+                }
             }
         }
         let names = Arc::new(Names {
@@ -445,88 +466,133 @@ impl State {
             })?;
             let name = s.name.clone().unwrap_or_else(|| format!("{profile}.{i}"));
             let when = s.when.as_ref().map(|w| self.monitor_index[w]);
-            let (dictionary, direction, hook, param) = match s.op {
-                Op::Vector | Op::ProjectCap => {
-                    let path = self
-                        .config
-                        .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
-                    let mut u = load_direction(&path, s.index.unwrap_or(0))?;
-                    if s.op == Op::ProjectCap {
-                        let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
-                        if n == 0.0 || !n.is_finite() {
-                            return Err(Error::tensor(
-                                path.display().to_string(),
-                                "the direction has zero length",
-                            ));
-                        }
-                        u.iter_mut().for_each(|v| *v /= n);
-                    }
-                    let param = if s.op == Op::Vector {
-                        s.strength
-                    } else {
-                        s.value
-                    };
-                    (
-                        None,
-                        Arc::new(u),
-                        s.hook.clone().unwrap_or_default(),
-                        param.unwrap_or(0.0),
-                    )
-                }
-                _ => {
-                    let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
-                    let d = &self.dicts[di];
-                    let f = s.feature.unwrap_or(0);
-                    if f as usize >= d.meta.d_sae {
-                        return Err(Error::invalid(
-                            format!("rule `{name}`"),
-                            format!(
-                                "feature {f} is out of range: `{}` has {} features",
-                                d.name, d.meta.d_sae
-                            ),
-                        ));
-                    }
-                    let mut row = d.w_dec.row(f as usize).to_vec();
-                    if s.op == Op::Add && s.normalize {
-                        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-                        if n > 0.0 {
-                            row.iter_mut().for_each(|v| *v /= n);
-                        }
-                    }
-                    let param = match s.op {
-                        Op::Add => s.strength,
-                        Op::Clamp | Op::Cap => s.value,
-                        Op::Scale => s.factor,
-                        _ => Some(0.0),
-                    };
-                    (
-                        Some(di),
-                        Arc::new(row),
-                        d.hook_out.clone(),
-                        param.unwrap_or(0.0),
-                    )
-                }
-            };
             // Per-request rules share one label value: a request id must never become a label.
             let label = if profile.starts_with(OVERRIDE_PREFIX) {
                 "request_override"
             } else {
                 name.as_str()
             };
-            out.push(Rule {
-                counter: metrics.steering_tokens.with_label_values(&[label]),
-                name,
-                op: s.op,
-                dictionary,
-                feature: s.feature.unwrap_or(0),
-                param,
-                direction_max: direction.iter().fold(0.0, |m, v| m.max(v.abs())),
-                direction,
-                hook,
-                apply_to: s.apply_to,
-                only_active: s.only_active,
-                when,
-            });
+            let counter = metrics.steering_tokens.with_label_values(&[label]);
+            // Where the rule writes: (hook, direction). Feature ops write the feature's decoder row
+            // at each layer it decodes to; raw directions write their one hook.
+            let (dictionary, targets, param): (Option<usize>, Vec<(String, Vec<f32>)>, f32) =
+                match s.op {
+                    Op::Vector | Op::ProjectCap => {
+                        let path = self
+                            .config
+                            .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
+                        let mut u = load_direction(&path, s.index.unwrap_or(0))?;
+                        if s.op == Op::ProjectCap {
+                            let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
+                            if n == 0.0 || !n.is_finite() {
+                                return Err(Error::tensor(
+                                    path.display().to_string(),
+                                    "the direction has zero length",
+                                ));
+                            }
+                            u.iter_mut().for_each(|v| *v /= n);
+                        }
+                        let param = if s.op == Op::Vector {
+                            s.strength
+                        } else {
+                            s.value
+                        };
+                        (
+                            None,
+                            vec![(s.hook.clone().unwrap_or_default(), u)],
+                            param.unwrap_or(0.0),
+                        )
+                    }
+                    _ => {
+                        let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
+                        let d = &self.dicts[di];
+                        let f = s.feature.unwrap_or(0);
+                        if f as usize >= d.meta.d_sae {
+                            return Err(Error::invalid(
+                                format!("rule `{name}`"),
+                                format!(
+                                    "feature {f} is out of range: `{}` has {} features",
+                                    d.name, d.meta.d_sae
+                                ),
+                            ));
+                        }
+                        let row = d.w_dec.row(f as usize);
+                        // A crosscoder knows its features only once it has read its last layer: it can
+                        // edit that layer and later ones, never an earlier one.
+                        let known_from = if d.meta.kind == Kind::Crosscoder {
+                            d.hooks_in.len() - 1
+                        } else {
+                            0
+                        };
+                        let mut targets = Vec::new();
+                        for (layer, h) in d.hooks_out.iter().enumerate() {
+                            if s.hook.as_ref().is_some_and(|want| want != h) {
+                                continue;
+                            }
+                            let past = d.meta.kind == Kind::Crosscoder
+                                && d.hooks_in[..known_from].contains(h);
+                            if past {
+                                if s.hook.is_some() || d.hooks_out.len() > 1 {
+                                    return Err(Error::invalid(
+                                        format!("rule `{name}`"),
+                                        format!(
+                                            "crosscoder `{}` knows its features only at `{}`, so it cannot edit `{h}`, \
+                                         which comes earlier: set `hook` to `{}` or a later layer",
+                                            d.name, d.hooks_in[known_from], d.hooks_in[known_from]
+                                        ),
+                                    ));
+                                }
+                                continue;
+                            }
+                            let d_out = d.meta.d_out;
+                            let mut dir = row
+                                .slice(ndarray::s![layer * d_out..(layer + 1) * d_out])
+                                .to_vec();
+                            if s.op == Op::Add && s.normalize {
+                                let n = dir.iter().map(|v| v * v).sum::<f32>().sqrt();
+                                if n > 0.0 {
+                                    dir.iter_mut().for_each(|v| *v /= n);
+                                }
+                            }
+                            targets.push((h.clone(), dir));
+                        }
+                        if targets.is_empty() {
+                            return Err(Error::invalid(
+                                format!("rule `{name}`"),
+                                format!(
+                                    "`hook` = `{}` is not a hook `{}` writes (it writes {})",
+                                    s.hook.as_deref().unwrap_or(""),
+                                    d.name,
+                                    d.hooks_out.join(", ")
+                                ),
+                            ));
+                        }
+                        let param = match s.op {
+                            Op::Add => s.strength,
+                            Op::Clamp | Op::Cap => s.value,
+                            Op::Scale => s.factor,
+                            _ => Some(0.0),
+                        };
+                        (Some(di), targets, param.unwrap_or(0.0))
+                    }
+                };
+            for (k, (hook, direction)) in targets.into_iter().enumerate() {
+                out.push(Rule {
+                    counter: counter.clone(),
+                    name: name.clone(),
+                    op: s.op,
+                    dictionary,
+                    feature: s.feature.unwrap_or(0),
+                    param,
+                    direction_max: direction.iter().fold(0.0, |m, v| m.max(v.abs())),
+                    direction: Arc::new(direction),
+                    hook,
+                    counts: k == 0,
+                    apply_to: s.apply_to,
+                    only_active: s.only_active,
+                    when,
+                });
+            }
         }
         Ok(out)
     }
@@ -789,6 +855,9 @@ struct Pending {
     m: usize,
     /// Every feature, when a request's own rules needed the full dictionary.
     full: Option<Array2<f32>>,
+    /// A crosscoder's input layers gathered so far in this step, `[n, layers·d_in]`.
+    stash: Vec<f32>,
+    stash_finite: Vec<bool>,
 }
 
 impl Pending {
@@ -1172,8 +1241,42 @@ fn process(
 
     sc.edited.clear();
     sc.edited.resize(n, false);
-    for &di in &plan.reads {
-        encode(rt, state, sc, di, width, x)?;
+    for &(di, layer) in &plan.reads {
+        let d = &state.dicts[di];
+        let layers = d.hooks_in.len();
+        if layers == 1 {
+            encode(rt, state, sc, di, width, x)?;
+        } else {
+            // A crosscoder: keep each layer's rows until the last layer arrives, then encode all.
+            let p = &mut sc.pending[di];
+            let row = layers * width;
+            if layer == 0 {
+                p.stash.clear();
+                p.stash.resize(n * row, 0.0);
+                p.stash_finite.clear();
+                p.stash_finite.resize(n, true);
+            }
+            if p.stash.len() != n * row {
+                // An earlier layer was not called in this step: nothing to encode.
+                continue;
+            }
+            for t in 0..n {
+                p.stash[t * row + layer * width..t * row + (layer + 1) * width]
+                    .copy_from_slice(&x[t * width..(t + 1) * width]);
+                p.stash_finite[t] &= sc.finite[t];
+            }
+            if layer + 1 < layers {
+                continue;
+            }
+            let stash = std::mem::take(&mut p.stash);
+            for t in 0..n {
+                sc.finite[t] &= sc.pending[di].stash_finite[t];
+            }
+            let r = encode(rt, state, sc, di, row, &stash);
+            sc.pending[di].stash = stash;
+            sc.pending[di].stash.clear();
+            r?;
+        }
         observe(state, sc, di, result);
     }
     for &di in &plan.writes {
@@ -1225,9 +1328,11 @@ fn edit(
                 && rule.apply(c, row, &mut sc.bound[t])
             {
                 sc.edited[t] = true;
-                rule.counter.inc();
-                if let Some(count) = req.steering.get_mut(ri) {
-                    *count += 1;
+                if rule.counts {
+                    rule.counter.inc();
+                    if let Some(count) = req.steering.get_mut(ri) {
+                        *count += 1;
+                    }
                 }
             }
         }

@@ -144,7 +144,7 @@ impl Dictionary {
 
     /// Builds sessions for an already validated file.
     pub fn from_file(file: DictionaryFile, opts: &SessionOptions) -> Result<Self> {
-        if matches!(file.meta().kind, Kind::Vector | Kind::Probe | Kind::Clt) {
+        if matches!(file.meta().kind, Kind::Vector | Kind::Probe) {
             return Err(Error::dictionary(
                 file.path(),
                 format!(
@@ -178,7 +178,7 @@ impl Dictionary {
     }
 
     fn input_width(&self) -> usize {
-        self.meta().n_layers * self.meta().d_in
+        self.meta().input_layers() * self.meta().d_in
     }
 
     fn check_input(&self, x: &ArrayView2<'_, f32>) -> Result<()> {
@@ -210,7 +210,7 @@ impl Dictionary {
     fn input_shape(&self, batch: usize) -> Vec<usize> {
         let m = self.meta();
         if m.kind == Kind::Crosscoder {
-            vec![batch, m.n_layers, m.d_in]
+            vec![batch, m.input_layers(), m.d_in]
         } else {
             vec![batch, m.d_in]
         }

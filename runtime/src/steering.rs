@@ -27,6 +27,9 @@ pub struct Rule {
     pub direction_max: f32,
     /// The hook it writes.
     pub hook: String,
+    /// Whether edits by this rule count in the metrics and the summary (a feature that writes
+    /// several layers is one rule with one target per layer; only the first counts).
+    pub counts: bool,
     /// Which tokens.
     pub apply_to: ApplyTo,
     /// Only where the feature is active.

@@ -46,12 +46,20 @@ struct Case {
 fn make(case: &Case, seed: u64) -> (Meta, Weights) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (d_in, d_sae) = (32, 96);
-    let d_out = if matches!(case.kind, Kind::Transcoder | Kind::SkipTranscoder) {
+    let d_out = if matches!(
+        case.kind,
+        Kind::Transcoder | Kind::SkipTranscoder | Kind::Clt
+    ) {
         24
     } else {
         d_in
     };
-    let l = if case.kind == Kind::Crosscoder { 3 } else { 1 };
+    let l = if matches!(case.kind, Kind::Crosscoder | Kind::Clt) {
+        3
+    } else {
+        1
+    };
+    let li = if case.kind == Kind::Crosscoder { l } else { 1 };
     let mut meta = Meta::new(case.kind, case.activation, d_in, d_sae, d_out);
     meta.n_layers = l;
     meta.input_norm = case.norm;
@@ -60,7 +68,7 @@ fn make(case: &Case, seed: u64) -> (Meta, Weights) {
     }
     let u = Uniform::new(0.0f32, 0.4).unwrap();
     let w = Weights {
-        w_enc: randn(&mut rng, (l * d_in, d_sae), 0.3),
+        w_enc: randn(&mut rng, (li * d_in, d_sae), 0.3),
         b_enc: randv(&mut rng, d_sae, 0.1),
         w_dec: randn(&mut rng, (d_sae, l * d_out), 0.3),
         b_dec: randv(&mut rng, l * d_out, 0.2),
@@ -95,7 +103,7 @@ fn check(case: &Case, seed: u64) {
     let dict = Dictionary::from_file(file, &SessionOptions::default()).unwrap();
 
     let mut rng = StdRng::seed_from_u64(seed + 1000);
-    let x = randn(&mut rng, (17, meta.n_layers * meta.d_in), 1.0) + 0.3;
+    let x = randn(&mut rng, (17, meta.input_layers() * meta.d_in), 1.0) + 0.3;
     let enc = dict.encode(x.view()).unwrap();
     let (acts, recon) = dict.encode_decode(x.view()).unwrap();
     let (ref_acts, ref_recon) = reference::encode_decode(&meta, &w, x.view());
@@ -188,6 +196,18 @@ fn transcoders_and_crosscoders_match_the_reference() {
                     seed,
                 );
             }
+            // A cross-layer transcoder: one input, a decoder to three layers.
+            seed += 1;
+            check(
+                &Case {
+                    kind: Kind::Clt,
+                    activation,
+                    norm,
+                    apply_b_dec: false,
+                    skip_bias: false,
+                },
+                seed,
+            );
             for apply_b_dec in [false, true] {
                 seed += 1;
                 check(

@@ -617,3 +617,185 @@ value = 0.25
     assert!(capped > 0 && capped < 16);
     assert_eq!(rt.end_request(9).unwrap().steering["cap.0"], capped);
 }
+
+/// Writes a random dictionary of `kind` with three decoder layers.
+fn layered(
+    dir: &Path,
+    name: &str,
+    kind: Kind,
+    hooks_in: &str,
+    hooks_out: &str,
+    seed: u64,
+) -> (Meta, Weights) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut meta = Meta::new(kind, Activation::Relu, D, F, D);
+    meta.n_layers = 3;
+    meta.hook_in = hooks_in.into();
+    meta.hook_out = hooks_out.into();
+    let li = meta.input_layers();
+    let w = Weights {
+        w_enc: randn(&mut rng, (li * D, F), 0.3),
+        b_enc: Array1::from_elem(F, 0.02),
+        w_dec: randn(&mut rng, (F, 3 * D), 0.3),
+        b_dec: randn(&mut rng, (1, 3 * D), 0.1).row(0).to_owned(),
+        threshold: None,
+        gated: None,
+        w_skip: None,
+        b_skip: None,
+        apply_b_dec_to_input: false,
+    };
+    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX)
+        .unwrap();
+    (meta, w)
+}
+
+#[test]
+fn clt_edits_are_scheduled_across_hooks_and_crosscoders_read_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cm, cw) = layered(
+        dir.path(),
+        "clt.onnx",
+        Kind::Clt,
+        "mlp.1.in",
+        "mlp.1.out, mlp.2.out, mlp.3.out",
+        31,
+    );
+    let (xm, xw) = layered(
+        dir.path(),
+        "xc.onnx",
+        Kind::Crosscoder,
+        "res.1, res.2, res.3",
+        "res.1, res.2, res.3",
+        32,
+    );
+    let base = r#"
+[runtime]
+fvu_sample_rate = 0.0
+[[dictionary]]
+name = "clt"
+path = "clt.onnx"
+[[dictionary]]
+name = "xc"
+path = "xc.onnx"
+[[monitor]]
+name = "xc-watch"
+dictionary = "xc"
+features = [4]
+threshold = 0.0
+window = "token"
+[[profile]]
+name = "p"
+[[profile.steer]]
+name = "clamp-clt"
+dictionary = "clt"
+op = "clamp"
+feature = 9
+value = 2.0
+"#;
+    // A crosscoder rule must name a hook at or after the last layer it reads.
+    let bad =
+        format!("{base}[[profile.steer]]\ndictionary = \"xc\"\nop = \"ablate\"\nfeature = 4\n");
+    std::fs::write(dir.path().join("bad.toml"), bad).unwrap();
+    let e = Runtime::from_config_file(dir.path().join("bad.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("knows its features only at `res.3`"), "{e}");
+    let bad = format!(
+        "{base}[[profile.steer]]\ndictionary = \"xc\"\nop = \"ablate\"\nfeature = 4\nhook = \"res.1\"\n"
+    );
+    std::fs::write(dir.path().join("bad.toml"), bad).unwrap();
+    assert!(Runtime::from_config_file(dir.path().join("bad.toml")).is_err());
+
+    let good = format!(
+        "{base}[[profile.steer]]\nname = \"ablate-xc\"\ndictionary = \"xc\"\nop = \"ablate\"\nfeature = 4\nhook = \"res.3\"\n"
+    );
+    std::fs::write(dir.path().join("t.toml"), good).unwrap();
+    let rt = Runtime::from_config_file(dir.path().join("t.toml")).unwrap();
+    rt.begin_request(1, Some("p"), None).unwrap();
+    let n = 5;
+    let mut rng = StdRng::seed_from_u64(33);
+    let mlp_in = randn(&mut rng, (n, D), 1.0);
+    let outs: Vec<Array2<f32>> = (0..3).map(|_| randn(&mut rng, (n, D), 1.0)).collect();
+    let res: Vec<Array2<f32>> = (0..3).map(|_| randn(&mut rng, (n, D), 1.0)).collect();
+
+    // References.
+    let f_clt = reference::encode(&cm, &cw, mlp_in.view());
+    let xcat = ndarray::concatenate(
+        ndarray::Axis(1),
+        &[res[0].view(), res[1].view(), res[2].view()],
+    )
+    .unwrap();
+    let f_xc = reference::encode(&xm, &xw, xcat.view());
+
+    let tokens = vec![
+        Token {
+            request: 1,
+            phase: Phase::Prompt
+        };
+        n
+    ];
+    let mut step = rt.step(&tokens).unwrap();
+    let mut got_in = mlp_in.clone();
+    step.hook(
+        "mlp.1.in",
+        ActivationsMut::F32(got_in.as_slice_mut().unwrap()),
+    )
+    .unwrap();
+    let mut got_out = outs.clone();
+    let mut got_res = res.clone();
+    for l in 0..3 {
+        step.hook(
+            &format!("res.{}", l + 1),
+            ActivationsMut::F32(got_res[l].as_slice_mut().unwrap()),
+        )
+        .unwrap();
+        step.hook(
+            &format!("mlp.{}.out", l + 1),
+            ActivationsMut::F32(got_out[l].as_slice_mut().unwrap()),
+        )
+        .unwrap();
+    }
+    let result = step.finish();
+    assert_eq!(got_in, mlp_in, "the CLT's input hook is read only");
+    for l in 0..3 {
+        let mut want = outs[l].mapv(f64::from);
+        for t in 0..n {
+            let c = 2.0 - f_clt[[t, 9]];
+            for j in 0..D {
+                want[[t, j]] += c * f64::from(cw.w_dec[[9, l * D + j]]);
+            }
+        }
+        let e = rel(got_out[l].as_slice().unwrap(), want.as_slice().unwrap());
+        assert!(e < TOL, "CLT layer {l}: rel err {e:e}");
+    }
+    // The crosscoder edits only its last layer, with that layer's decoder row.
+    assert_eq!(got_res[0], res[0]);
+    assert_eq!(got_res[1], res[1]);
+    let mut want = res[2].mapv(f64::from);
+    for t in 0..n {
+        let c = -f_xc[[t, 4]];
+        for j in 0..D {
+            want[[t, j]] += c * f64::from(xw.w_dec[[4, 2 * D + j]]);
+        }
+    }
+    let e = rel(got_res[2].as_slice().unwrap(), want.as_slice().unwrap());
+    assert!(e < TOL, "crosscoder last layer: rel err {e:e}");
+    // Its monitor fired on exactly the tokens where the feature is active.
+    let fired: Vec<u64> = result
+        .events
+        .iter()
+        .filter(|e| e.monitor == "xc-watch")
+        .map(|e| e.token)
+        .collect();
+    let want_fired: Vec<u64> = (0..n)
+        .filter(|&t| f_xc[[t, 4]] > 0.0)
+        .map(|t| t as u64)
+        .collect();
+    assert_eq!(fired, want_fired);
+    let s = rt.end_request(1).unwrap();
+    let active = (0..n).filter(|&t| (2.0 - f_clt[[t, 9]]) != 0.0).count() as u64;
+    assert_eq!(
+        s.steering["clamp-clt"], active,
+        "a CLT edit counts once per token, not once per layer"
+    );
+}

@@ -46,6 +46,7 @@ impl Weights {
     /// Checks every shape against `meta`, naming the first tensor that disagrees.
     pub fn check(&self, meta: &Meta) -> Result<()> {
         let l = meta.n_layers;
+        let (li, lo) = (meta.input_layers(), meta.output_layers());
         let shape2 = |name: &str, a: &Array2<f32>, want: [usize; 2]| -> Result<()> {
             if a.shape() != want {
                 return Err(Error::tensor(
@@ -64,7 +65,7 @@ impl Weights {
             }
             Ok(())
         };
-        shape2("W_enc", &self.w_enc, [l * meta.d_in, meta.d_sae])?;
+        shape2("W_enc", &self.w_enc, [li * meta.d_in, meta.d_sae])?;
         shape1(
             if self.gated.is_some() {
                 "b_gate"
@@ -74,9 +75,9 @@ impl Weights {
             &self.b_enc,
             meta.d_sae,
         )?;
-        shape2("W_dec", &self.w_dec, [meta.d_sae, l * meta.d_out])?;
-        shape1("b_dec", &self.b_dec, l * meta.d_out)?;
-        if self.apply_b_dec_to_input && meta.d_in != meta.d_out {
+        shape2("W_dec", &self.w_dec, [meta.d_sae, lo * meta.d_out])?;
+        shape1("b_dec", &self.b_dec, lo * meta.d_out)?;
+        if self.apply_b_dec_to_input && (meta.d_in != meta.d_out || li != lo) {
             return Err(Error::invalid(
                 "apply_b_dec_to_input",
                 format!(
@@ -152,7 +153,7 @@ impl Weights {
                 format!("{l} for a {} dictionary", meta.kind),
             ));
         }
-        if matches!(meta.kind, Kind::Probe | Kind::Vector | Kind::Clt) {
+        if matches!(meta.kind, Kind::Probe | Kind::Vector) {
             return Err(Error::invalid(
                 "kind",
                 format!(
@@ -178,11 +179,12 @@ impl Weights {
 /// `top_values`/`top_indices` for TopK), the metadata of `meta`.
 pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
     w.check(meta)?;
-    let l = meta.n_layers;
+    let (li, lo) = (meta.input_layers(), meta.output_layers());
     let crosscoder = meta.kind == Kind::Crosscoder;
+    let layered = meta.layered_decoder();
     let mut g = GraphBuilder::new("tiller_dictionary");
     let x_dims: Vec<Dim> = if crosscoder {
-        vec![Dim::batch(), l.into(), meta.d_in.into()]
+        vec![Dim::batch(), li.into(), meta.d_in.into()]
     } else {
         vec![Dim::batch(), meta.d_in.into()]
     };
@@ -193,18 +195,18 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
     let w_enc = contiguous(&w.w_enc);
     let w_enc_name = g.weight(
         "W_enc",
-        &[l * meta.d_in, d_sae],
+        &[li * meta.d_in, d_sae],
         w_enc.as_slice().unwrap_or(&[]),
     );
     let w_dec = contiguous(&w.w_dec);
-    let dec_dims: Vec<usize> = if crosscoder {
-        vec![d_sae, l, meta.d_out]
+    let dec_dims: Vec<usize> = if layered {
+        vec![d_sae, lo, meta.d_out]
     } else {
         vec![d_sae, meta.d_out]
     };
     let w_dec_name = g.weight("W_dec", &dec_dims, w_dec.as_slice().unwrap_or(&[]));
-    let b_dec_dims: Vec<usize> = if crosscoder {
-        vec![l, meta.d_out]
+    let b_dec_dims: Vec<usize> = if layered {
+        vec![lo, meta.d_out]
     } else {
         vec![meta.d_out]
     };
@@ -255,14 +257,14 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
         }
     };
     let flat_in = if crosscoder {
-        let shape = g.const_i64("flat_in_shape", &[0, (l * meta.d_in) as i64]);
+        let shape = g.const_i64("flat_in_shape", &[0, (li * meta.d_in) as i64]);
         g.op("Reshape", &[&xn, &shape], vec![])
     } else {
         xn
     };
     let x_in = if w.apply_b_dec_to_input {
-        let b = if crosscoder {
-            let shape = g.const_i64("b_dec_flat", &[(l * meta.d_out) as i64]);
+        let b = if layered {
+            let shape = g.const_i64("b_dec_flat", &[(lo * meta.d_out) as i64]);
             g.op("Reshape", &[&b_dec_name, &shape], vec![])
         } else {
             b_dec_name.clone()
@@ -339,22 +341,22 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
     }
 
     // Decoder.
-    let dec_2d = if crosscoder {
-        let shape = g.const_i64("w_dec_2d", &[d_sae as i64, (l * meta.d_out) as i64]);
+    let dec_2d = if layered {
+        let shape = g.const_i64("w_dec_2d", &[d_sae as i64, (lo * meta.d_out) as i64]);
         g.op("Reshape", &[&w_dec_name, &shape], vec![])
     } else {
         w_dec_name
     };
-    let b_dec_flat = if crosscoder {
-        let shape = g.const_i64("b_dec_flat", &[(l * meta.d_out) as i64]);
+    let b_dec_flat = if layered {
+        let shape = g.const_i64("b_dec_flat", &[(lo * meta.d_out) as i64]);
         g.op("Reshape", &[&b_dec_name, &shape], vec![])
     } else {
         b_dec_name
     };
     let fw = g.op("MatMul", &["acts", &dec_2d], vec![]);
     let y = g.op("Add", &[&fw, &b_dec_flat], vec![]);
-    let y = if crosscoder {
-        let shape = g.const_i64("recon_shape", &[0, l as i64, meta.d_out as i64]);
+    let y = if layered {
+        let shape = g.const_i64("recon_shape", &[0, lo as i64, meta.d_out as i64]);
         g.op("Reshape", &[&y, &shape], vec![])
     } else {
         y
@@ -393,8 +395,8 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
     }
 
     g.output("acts", DataType::FLOAT, &[Dim::batch(), d_sae.into()]);
-    let recon_dims: Vec<Dim> = if crosscoder {
-        vec![Dim::batch(), l.into(), meta.d_out.into()]
+    let recon_dims: Vec<Dim> = if layered {
+        vec![Dim::batch(), lo.into(), meta.d_out.into()]
     } else {
         vec![Dim::batch(), meta.d_out.into()]
     };

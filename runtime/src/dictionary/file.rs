@@ -177,7 +177,7 @@ impl DictionaryFile {
         if !matches!(f.meta.kind, Kind::Probe) {
             let l = f.meta.n_layers;
             let (d_sae, d_out) = (f.meta.d_sae, f.meta.d_out);
-            let want_dec: Vec<i64> = if l > 1 || f.meta.kind == Kind::Crosscoder {
+            let want_dec: Vec<i64> = if f.meta.layered_decoder() {
                 vec![d_sae as i64, l as i64, d_out as i64]
             } else {
                 vec![d_sae as i64, d_out as i64]

@@ -207,6 +207,39 @@ impl Meta {
         matches!(self.kind, Kind::Sae | Kind::Crosscoder)
     }
 
+    /// Layers the input holds: `n_layers` for crosscoders, else 1.
+    pub fn input_layers(&self) -> usize {
+        if self.kind == Kind::Crosscoder {
+            self.n_layers
+        } else {
+            1
+        }
+    }
+
+    /// Layers the decoder writes: `n_layers` for crosscoders and CLTs, else 1.
+    pub fn output_layers(&self) -> usize {
+        if self.layered_decoder() {
+            self.n_layers
+        } else {
+            1
+        }
+    }
+
+    /// Whether `W_dec` is `[d_sae, n_layers, d_out]` (crosscoders and CLTs).
+    pub fn layered_decoder(&self) -> bool {
+        matches!(self.kind, Kind::Crosscoder | Kind::Clt)
+    }
+
+    /// The hooks it reads (`tiller.hook_in`, comma separated for crosscoders).
+    pub fn hooks_in(&self) -> Vec<String> {
+        split_hooks(&self.hook_in)
+    }
+
+    /// The hooks it writes (`tiller.hook_out`, comma separated for crosscoders and CLTs).
+    pub fn hooks_out(&self) -> Vec<String> {
+        split_hooks(&self.hook_out)
+    }
+
     /// The metadata as `(key, value)` pairs.
     pub fn to_props(&self) -> Vec<(String, String)> {
         let mut p = vec![
@@ -350,6 +383,15 @@ impl Meta {
             source: get("tiller.source").unwrap_or("").to_string(),
         })
     }
+}
+
+/// Splits a comma-separated hook list, dropping empty names.
+pub fn split_hooks(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Parses a JSON object `{feature_id: label}`.

@@ -17,7 +17,7 @@ struct Norm {
 }
 
 fn normalize(meta: &Meta, x: &mut Array2<f64>) -> Norm {
-    let (b, l, d) = (x.nrows(), meta.n_layers, meta.d_in);
+    let (b, l, d) = (x.nrows(), meta.input_layers(), meta.d_in);
     let mut factor = Array2::ones((b, l));
     let mut mean = Array2::zeros((b, l));
     for t in 0..b {
