@@ -475,107 +475,106 @@ impl State {
             let counter = metrics.steering_tokens.with_label_values(&[label]);
             // Where the rule writes: (hook, direction). Feature ops write the feature's decoder row
             // at each layer it decodes to; raw directions write their one hook.
-            let (dictionary, targets, param): (Option<usize>, Vec<(String, Vec<f32>)>, f32) =
-                match s.op {
-                    Op::Vector | Op::ProjectCap => {
-                        let path = self
-                            .config
-                            .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
-                        let mut u = load_direction(&path, s.index.unwrap_or(0))?;
-                        if s.op == Op::ProjectCap {
-                            let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
-                            if n == 0.0 || !n.is_finite() {
-                                return Err(Error::tensor(
-                                    path.display().to_string(),
-                                    "the direction has zero length",
+            let (dictionary, targets, param): (Option<usize>, Vec<Target>, f32) = match s.op {
+                Op::Vector | Op::ProjectCap => {
+                    let path = self
+                        .config
+                        .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
+                    let mut u = load_direction(&path, s.index.unwrap_or(0))?;
+                    if s.op == Op::ProjectCap {
+                        let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
+                        if n == 0.0 || !n.is_finite() {
+                            return Err(Error::tensor(
+                                path.display().to_string(),
+                                "the direction has zero length",
+                            ));
+                        }
+                        u.iter_mut().for_each(|v| *v /= n);
+                    }
+                    let param = if s.op == Op::Vector {
+                        s.strength
+                    } else {
+                        s.value
+                    };
+                    (
+                        None,
+                        vec![(s.hook.clone().unwrap_or_default(), u)],
+                        param.unwrap_or(0.0),
+                    )
+                }
+                _ => {
+                    let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
+                    let d = &self.dicts[di];
+                    let f = s.feature.unwrap_or(0);
+                    if f as usize >= d.meta.d_sae {
+                        return Err(Error::invalid(
+                            format!("rule `{name}`"),
+                            format!(
+                                "feature {f} is out of range: `{}` has {} features",
+                                d.name, d.meta.d_sae
+                            ),
+                        ));
+                    }
+                    let row = d.w_dec.row(f as usize);
+                    // A crosscoder knows its features only once it has read its last layer: it can
+                    // edit that layer and later ones, never an earlier one.
+                    let known_from = if d.meta.kind == Kind::Crosscoder {
+                        d.hooks_in.len() - 1
+                    } else {
+                        0
+                    };
+                    let mut targets = Vec::new();
+                    for (layer, h) in d.hooks_out.iter().enumerate() {
+                        if s.hook.as_ref().is_some_and(|want| want != h) {
+                            continue;
+                        }
+                        let past =
+                            d.meta.kind == Kind::Crosscoder && d.hooks_in[..known_from].contains(h);
+                        if past {
+                            if s.hook.is_some() || d.hooks_out.len() > 1 {
+                                return Err(Error::invalid(
+                                    format!("rule `{name}`"),
+                                    format!(
+                                        "crosscoder `{}` knows its features only at `{}`, so it cannot edit `{h}`, \
+                                         which comes earlier: set `hook` to `{}` or a later layer",
+                                        d.name, d.hooks_in[known_from], d.hooks_in[known_from]
+                                    ),
                                 ));
                             }
-                            u.iter_mut().for_each(|v| *v /= n);
+                            continue;
                         }
-                        let param = if s.op == Op::Vector {
-                            s.strength
-                        } else {
-                            s.value
-                        };
-                        (
-                            None,
-                            vec![(s.hook.clone().unwrap_or_default(), u)],
-                            param.unwrap_or(0.0),
-                        )
+                        let d_out = d.meta.d_out;
+                        let mut dir = row
+                            .slice(ndarray::s![layer * d_out..(layer + 1) * d_out])
+                            .to_vec();
+                        if s.op == Op::Add && s.normalize {
+                            let n = dir.iter().map(|v| v * v).sum::<f32>().sqrt();
+                            if n > 0.0 {
+                                dir.iter_mut().for_each(|v| *v /= n);
+                            }
+                        }
+                        targets.push((h.clone(), dir));
                     }
-                    _ => {
-                        let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
-                        let d = &self.dicts[di];
-                        let f = s.feature.unwrap_or(0);
-                        if f as usize >= d.meta.d_sae {
-                            return Err(Error::invalid(
-                                format!("rule `{name}`"),
-                                format!(
-                                    "feature {f} is out of range: `{}` has {} features",
-                                    d.name, d.meta.d_sae
-                                ),
-                            ));
-                        }
-                        let row = d.w_dec.row(f as usize);
-                        // A crosscoder knows its features only once it has read its last layer: it can
-                        // edit that layer and later ones, never an earlier one.
-                        let known_from = if d.meta.kind == Kind::Crosscoder {
-                            d.hooks_in.len() - 1
-                        } else {
-                            0
-                        };
-                        let mut targets = Vec::new();
-                        for (layer, h) in d.hooks_out.iter().enumerate() {
-                            if s.hook.as_ref().is_some_and(|want| want != h) {
-                                continue;
-                            }
-                            let past = d.meta.kind == Kind::Crosscoder
-                                && d.hooks_in[..known_from].contains(h);
-                            if past {
-                                if s.hook.is_some() || d.hooks_out.len() > 1 {
-                                    return Err(Error::invalid(
-                                        format!("rule `{name}`"),
-                                        format!(
-                                            "crosscoder `{}` knows its features only at `{}`, so it cannot edit `{h}`, \
-                                         which comes earlier: set `hook` to `{}` or a later layer",
-                                            d.name, d.hooks_in[known_from], d.hooks_in[known_from]
-                                        ),
-                                    ));
-                                }
-                                continue;
-                            }
-                            let d_out = d.meta.d_out;
-                            let mut dir = row
-                                .slice(ndarray::s![layer * d_out..(layer + 1) * d_out])
-                                .to_vec();
-                            if s.op == Op::Add && s.normalize {
-                                let n = dir.iter().map(|v| v * v).sum::<f32>().sqrt();
-                                if n > 0.0 {
-                                    dir.iter_mut().for_each(|v| *v /= n);
-                                }
-                            }
-                            targets.push((h.clone(), dir));
-                        }
-                        if targets.is_empty() {
-                            return Err(Error::invalid(
-                                format!("rule `{name}`"),
-                                format!(
-                                    "`hook` = `{}` is not a hook `{}` writes (it writes {})",
-                                    s.hook.as_deref().unwrap_or(""),
-                                    d.name,
-                                    d.hooks_out.join(", ")
-                                ),
-                            ));
-                        }
-                        let param = match s.op {
-                            Op::Add => s.strength,
-                            Op::Clamp | Op::Cap => s.value,
-                            Op::Scale => s.factor,
-                            _ => Some(0.0),
-                        };
-                        (Some(di), targets, param.unwrap_or(0.0))
+                    if targets.is_empty() {
+                        return Err(Error::invalid(
+                            format!("rule `{name}`"),
+                            format!(
+                                "`hook` = `{}` is not a hook `{}` writes (it writes {})",
+                                s.hook.as_deref().unwrap_or(""),
+                                d.name,
+                                d.hooks_out.join(", ")
+                            ),
+                        ));
                     }
-                };
+                    let param = match s.op {
+                        Op::Add => s.strength,
+                        Op::Clamp | Op::Cap => s.value,
+                        Op::Scale => s.factor,
+                        _ => Some(0.0),
+                    };
+                    (Some(di), targets, param.unwrap_or(0.0))
+                }
+            };
             for (k, (hook, direction)) in targets.into_iter().enumerate() {
                 out.push(Rule {
                     counter: counter.clone(),
@@ -597,6 +596,9 @@ impl State {
         Ok(out)
     }
 }
+
+/// Where a rule writes: a hook and the direction added there.
+type Target = (String, Vec<f32>);
 
 /// Reads a steering direction: row `index` of a `.npy` (`[d]` or `[n, d]`), or layer `index` of a
 /// GGUF control vector.
