@@ -799,3 +799,34 @@ value = 2.0
         "a CLT edit counts once per token, not once per layer"
     );
 }
+
+#[test]
+fn non_finite_tokens_are_left_alone_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ((sm, sw), _) = setup(dir.path(), Activation::Relu);
+    std::fs::write(dir.path().join("tiller.toml"), CONFIG).unwrap();
+    let rt = Runtime::from_config_file(dir.path().join("tiller.toml")).unwrap();
+    rt.begin_request(1, Some("a"), None).unwrap();
+    let mut x = randn(&mut StdRng::seed_from_u64(41), (4, D), 1.0);
+    x[[1, 3]] = f32::NAN;
+    x[[2, 0]] = f32::INFINITY;
+    let original = x.clone();
+    let tokens = [Token { request: 1, phase: Phase::Prompt }; 4];
+    let mut step = rt.step(&tokens).unwrap();
+    step.hook("layer.3", ActivationsMut::F32(x.as_slice_mut().unwrap())).unwrap();
+    step.finish();
+    for t in [1, 2] {
+        for j in 0..D {
+            assert_eq!(x[[t, j]].to_bits(), original[[t, j]].to_bits(), "token {t} must be left as it is");
+        }
+    }
+    // The finite tokens were steered exactly as alone.
+    let fa = reference::encode(&sm, &sw, original.select(ndarray::Axis(0), &[0, 3]).view());
+    for (k, t) in [0usize, 3].into_iter().enumerate() {
+        let mut want = original.row(t).mapv(f64::from).to_vec();
+        edit(&mut want, fa[[k, 3]], &sw.w_dec.row(3).to_vec(), "clamp", 2.5);
+        assert!(rel(x.row(t).as_slice().unwrap(), &want) < TOL);
+    }
+    assert!(rt.metrics_text().contains("tiller_nonfinite_tokens_total{hook=\"layer.3\"} 2"));
+    assert!(x.iter().filter(|v| !v.is_finite()).count() == 2, "no edit created a non-finite value");
+}
