@@ -811,22 +811,144 @@ fn non_finite_tokens_are_left_alone_and_counted() {
     x[[1, 3]] = f32::NAN;
     x[[2, 0]] = f32::INFINITY;
     let original = x.clone();
-    let tokens = [Token { request: 1, phase: Phase::Prompt }; 4];
+    let tokens = [Token {
+        request: 1,
+        phase: Phase::Prompt,
+    }; 4];
     let mut step = rt.step(&tokens).unwrap();
-    step.hook("layer.3", ActivationsMut::F32(x.as_slice_mut().unwrap())).unwrap();
+    step.hook("layer.3", ActivationsMut::F32(x.as_slice_mut().unwrap()))
+        .unwrap();
     step.finish();
     for t in [1, 2] {
         for j in 0..D {
-            assert_eq!(x[[t, j]].to_bits(), original[[t, j]].to_bits(), "token {t} must be left as it is");
+            assert_eq!(
+                x[[t, j]].to_bits(),
+                original[[t, j]].to_bits(),
+                "token {t} must be left as it is"
+            );
         }
     }
     // The finite tokens were steered exactly as alone.
     let fa = reference::encode(&sm, &sw, original.select(ndarray::Axis(0), &[0, 3]).view());
     for (k, t) in [0usize, 3].into_iter().enumerate() {
         let mut want = original.row(t).mapv(f64::from).to_vec();
-        edit(&mut want, fa[[k, 3]], &sw.w_dec.row(3).to_vec(), "clamp", 2.5);
+        edit(
+            &mut want,
+            fa[[k, 3]],
+            &sw.w_dec.row(3).to_vec(),
+            "clamp",
+            2.5,
+        );
         assert!(rel(x.row(t).as_slice().unwrap(), &want) < TOL);
     }
-    assert!(rt.metrics_text().contains("tiller_nonfinite_tokens_total{hook=\"layer.3\"} 2"));
-    assert!(x.iter().filter(|v| !v.is_finite()).count() == 2, "no edit created a non-finite value");
+    assert!(
+        rt.metrics_text()
+            .contains("tiller_nonfinite_tokens_total{hook=\"layer.3\"} 2")
+    );
+    assert!(
+        x.iter().filter(|v| !v.is_finite()).count() == 2,
+        "no edit created a non-finite value"
+    );
+}
+
+#[test]
+fn fvu_and_l0_gauges_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let ((sm, sw), _) = setup(dir.path(), Activation::Relu);
+    std::fs::write(
+        dir.path().join("tiller.toml"),
+        "[runtime]\nfvu_sample_rate = 1.0\n[[dictionary]]\nname = \"res\"\npath = \"sae.onnx\"\n",
+    )
+    .unwrap();
+    let rt = Runtime::from_config_file(dir.path().join("tiller.toml")).unwrap();
+    rt.begin_request(1, None, None).unwrap();
+    let x = randn(&mut StdRng::seed_from_u64(51), (40, D), 1.0);
+    let mut y = x.clone();
+    let mut step = rt
+        .step(
+            &[Token {
+                request: 1,
+                phase: Phase::Prompt,
+            }; 40],
+        )
+        .unwrap();
+    step.hook("layer.3", ActivationsMut::F32(y.as_slice_mut().unwrap()))
+        .unwrap();
+    step.finish();
+    let (acts, recon) = reference::encode_decode(&sm, &sw, x.view());
+    let x64 = x.mapv(f64::from);
+    let err: f64 = (&x64 - &recon).mapv(|v| v * v).sum();
+    let mean = x64.mean_axis(ndarray::Axis(0)).unwrap();
+    let var: f64 = (&x64 - &mean).mapv(|v| v * v).sum();
+    let l0 = acts.iter().filter(|v| **v > 0.0).count() as f64 / 40.0;
+    let gauge = |name: &str| -> f64 {
+        let text = rt.metrics_text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .to_string();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let fvu = gauge("tiller_dictionary_fvu{dictionary=\"res\"}");
+    assert!(
+        (fvu - err / var).abs() < 1e-4 * (err / var),
+        "fvu {fvu} vs {}",
+        err / var
+    );
+    assert!((gauge("tiller_dictionary_l0{dictionary=\"res\"}") - l0).abs() < 1e-9);
+}
+
+#[test]
+fn request_aggregates_max_and_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    let ((sm, sw), _) = setup(dir.path(), Activation::Relu);
+    let x = randn(&mut StdRng::seed_from_u64(61), (12, D), 1.0);
+    let fa = reference::encode(&sm, &sw, x.view());
+    // The largest of features 5 and 6, per token.
+    let v: Vec<f64> = (0..12).map(|t| fa[[t, 5]].max(fa[[t, 6]])).collect();
+    let (mut running_max, mut sum) = (f64::MIN, 0.0);
+    let (mut max_at, mut mean_at) = (None, None);
+    let max_th = v.iter().cloned().fold(f64::MIN, f64::max) * 0.9;
+    let mean_th = v.iter().sum::<f64>() / 12.0 * 1.05;
+    for (t, &val) in v.iter().enumerate() {
+        running_max = running_max.max(val);
+        sum += val;
+        if max_at.is_none() && running_max > max_th {
+            max_at = Some(t as u64);
+        }
+        if mean_at.is_none() && sum / (t as f64 + 1.0) > mean_th {
+            mean_at = Some(t as u64);
+        }
+    }
+    let config = format!(
+        "[runtime]\nfvu_sample_rate = 0.0\n[[dictionary]]\nname = \"res\"\npath = \"sae.onnx\"\n\
+         [[monitor]]\nname = \"max\"\ndictionary = \"res\"\nfeatures = [5, 6]\nthreshold = {max_th}\naggregate = \"max\"\n\
+         [[monitor]]\nname = \"mean\"\ndictionary = \"res\"\nfeatures = [5, 6]\nthreshold = {mean_th}\naggregate = \"mean\"\n"
+    );
+    std::fs::write(dir.path().join("tiller.toml"), config).unwrap();
+    let rt = Runtime::from_config_file(dir.path().join("tiller.toml")).unwrap();
+    rt.begin_request(1, None, None).unwrap();
+    for t in 0..12 {
+        let mut row = x.row(t).to_owned();
+        let mut step = rt
+            .step(&[Token {
+                request: 1,
+                phase: Phase::Generated,
+            }])
+            .unwrap();
+        step.hook("layer.3", ActivationsMut::F32(row.as_slice_mut().unwrap()))
+            .unwrap();
+        step.finish();
+    }
+    let s = rt.end_request(1).unwrap();
+    let at = |m: &str| s.events.iter().find(|e| e.monitor == m).map(|e| e.token);
+    assert_eq!(at("max"), max_at);
+    assert_eq!(at("mean"), mean_at);
+    assert!(max_at.is_some());
+    assert_eq!(
+        s.events.iter().filter(|e| e.monitor == "max").count(),
+        1,
+        "a request monitor fires once"
+    );
 }
