@@ -72,15 +72,13 @@ pub fn slice_relu(
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, m.d_in, cols.len(), m.d_out);
     meta.feature_ids = Some(features.to_vec());
     let weights = Weights {
-        w_enc: w_enc.select(ndarray::Axis(1), &cols),
-        b_enc: b_enc.select(ndarray::Axis(0), &cols),
-        w_dec: file.w_dec()?.select(ndarray::Axis(0), &cols),
-        b_dec: file.b_dec()?,
-        threshold: None,
-        gated: None,
-        w_skip: None,
-        b_skip: None,
         apply_b_dec_to_input: true,
+        ..Weights::new(
+            w_enc.select(ndarray::Axis(1), &cols),
+            b_enc.select(ndarray::Axis(0), &cols),
+            file.w_dec()?.select(ndarray::Axis(0), &cols),
+            file.b_dec()?,
+        )
     };
     tiller::graph::write_model(
         tiller::dictionary::build_model(&meta, &weights)?,

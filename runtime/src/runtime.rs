@@ -1009,25 +1009,24 @@ impl Runtime {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
-            .ok_or_else(|| {
-                self.metrics.error("unknown_request");
-                Error::Unknown {
-                    what: "request",
-                    name: id.to_string(),
-                    message: "was never begun or has ended".into(),
-                }
-            })?;
+            .ok_or_else(|| self.unknown_request(id))?;
         Ok(req.lock().unwrap_or_else(|p| p.into_inner()).summary())
+    }
+
+    /// The error for a request id that is not running, counted.
+    fn unknown_request(&self, id: u64) -> Error {
+        self.metrics.error("unknown_request");
+        Error::Unknown {
+            what: "request",
+            name: id.to_string(),
+            message: "was never begun or has ended".into(),
+        }
     }
 
     /// The summary so far of a running request.
     pub fn request_summary(&self, id: u64) -> Result<RequestSummary> {
         let map = self.requests.read().unwrap_or_else(|p| p.into_inner());
-        let req = map.get(&id).ok_or_else(|| Error::Unknown {
-            what: "request",
-            name: id.to_string(),
-            message: "was never begun or has ended".into(),
-        })?;
+        let req = map.get(&id).ok_or_else(|| self.unknown_request(id))?;
         Ok(req.lock().unwrap_or_else(|p| p.into_inner()).summary())
     }
 
@@ -1117,14 +1116,9 @@ impl Step<'_> {
                 let slot = match sc.ids.iter().position(|&i| i == t.request) {
                     Some(s) => s,
                     None => {
-                        let r = map.get(&t.request).ok_or_else(|| {
-                            rt.metrics.error("unknown_request");
-                            Error::Unknown {
-                                what: "request",
-                                name: t.request.to_string(),
-                                message: "was never begun or has ended".into(),
-                            }
-                        })?;
+                        let r = map
+                            .get(&t.request)
+                            .ok_or_else(|| rt.unknown_request(t.request))?;
                         sc.ids.push(t.request);
                         sc.reqs.push(r.clone());
                         sc.ids.len() - 1

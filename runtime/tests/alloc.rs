@@ -63,15 +63,13 @@ fn steady_state_steps_allocate_nothing() {
     meta.hook_in = "h".into();
     meta.hook_out = "h".into();
     let w = Weights {
-        w_enc: Array2::from_shape_simple_fn((d, f), || n.sample(&mut rng)),
-        b_enc: Array1::zeros(f),
-        w_dec: Array2::from_shape_simple_fn((f, d), || n.sample(&mut rng)),
-        b_dec: Array1::zeros(d),
-        threshold: None,
-        gated: None,
-        w_skip: None,
-        b_skip: None,
         apply_b_dec_to_input: true,
+        ..Weights::new(
+            Array2::from_shape_simple_fn((d, f), || n.sample(&mut rng)),
+            Array1::zeros(f),
+            Array2::from_shape_simple_fn((f, d), || n.sample(&mut rng)),
+            Array1::zeros(d),
+        )
     };
     tiller::graph::write_model(
         build_model(&meta, &w).unwrap(),

@@ -29,15 +29,13 @@ fn write_dict(dir: &Path, activation: Activation) -> (Meta, Weights) {
     meta.hook_out = "blocks.2".into();
     meta.k = (activation == Activation::TopK).then_some(16);
     let w = Weights {
-        w_enc: randn(1, (D, F)) * 0.3,
-        b_enc: Array1::from_elem(F, 0.02),
-        w_dec: randn(2, (F, D)) * 0.3,
-        b_dec: Array1::zeros(D),
-        threshold: None,
-        gated: None,
-        w_skip: None,
-        b_skip: None,
         apply_b_dec_to_input: true,
+        ..Weights::new(
+            randn(1, (D, F)) * 0.3,
+            Array1::from_elem(F, 0.02),
+            randn(2, (F, D)) * 0.3,
+            Array1::zeros(D),
+        )
     };
     tiller::graph::write_model(
         build_model(&meta, &w).unwrap(),

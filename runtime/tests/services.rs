@@ -13,17 +13,12 @@ use tiller::{Activation, Kind, Meta, Runtime};
 fn setup(dir: &std::path::Path) {
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, 8, 16, 8);
     meta.hook_in = "h".into();
-    let w = tiller::Weights {
-        w_enc: Array2::from_shape_fn((8, 16), |(i, j)| ((i * 3 + j) % 5) as f32 / 5.0 - 0.4),
-        b_enc: Array1::zeros(16),
-        w_dec: Array2::from_shape_fn((16, 8), |(i, j)| ((i + j * 7) % 3) as f32 / 3.0 - 0.3),
-        b_dec: Array1::zeros(8),
-        threshold: None,
-        gated: None,
-        w_skip: None,
-        b_skip: None,
-        apply_b_dec_to_input: false,
-    };
+    let w = tiller::Weights::new(
+        Array2::from_shape_fn((8, 16), |(i, j)| ((i * 3 + j) % 5) as f32 / 5.0 - 0.4),
+        Array1::zeros(16),
+        Array2::from_shape_fn((16, 8), |(i, j)| ((i + j * 7) % 3) as f32 / 3.0 - 0.3),
+        Array1::zeros(8),
+    );
     tiller::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("d.onnx"),

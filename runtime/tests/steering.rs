@@ -633,17 +633,12 @@ fn layered(
     meta.hook_in = hooks_in.into();
     meta.hook_out = hooks_out.into();
     let li = meta.input_layers();
-    let w = Weights {
-        w_enc: randn(&mut rng, (li * D, F), 0.3),
-        b_enc: Array1::from_elem(F, 0.02),
-        w_dec: randn(&mut rng, (F, 3 * D), 0.3),
-        b_dec: randn(&mut rng, (1, 3 * D), 0.1).row(0).to_owned(),
-        threshold: None,
-        gated: None,
-        w_skip: None,
-        b_skip: None,
-        apply_b_dec_to_input: false,
-    };
+    let w = Weights::new(
+        randn(&mut rng, (li * D, F), 0.3),
+        Array1::from_elem(F, 0.02),
+        randn(&mut rng, (F, 3 * D), 0.3),
+        randn(&mut rng, (1, 3 * D), 0.1).row(0).to_owned(),
+    );
     tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX)
         .unwrap();
     (meta, w)

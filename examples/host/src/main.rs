@@ -22,15 +22,13 @@ fn write_dictionary(dir: &std::path::Path) -> Result<()> {
     meta.hook_out = "model.layers.12".into();
     let w_dec = Array2::from_shape_simple_fn((F, D), || n.sample(&mut rng));
     let weights = Weights {
-        w_enc: w_dec.t().to_owned() * 1.5,
-        b_enc: Array1::from_elem(F, -0.05),
-        w_dec,
-        b_dec: Array1::zeros(D),
-        threshold: None,
-        gated: None,
-        w_skip: None,
-        b_skip: None,
         apply_b_dec_to_input: true,
+        ..Weights::new(
+            w_dec.t().to_owned() * 1.5,
+            Array1::from_elem(F, -0.05),
+            w_dec,
+            Array1::zeros(D),
+        )
     };
     let model = tiller::dictionary::build_model(&meta, &weights)?;
     tiller::graph::write_model(

@@ -43,6 +43,27 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// Plain weights: no threshold, gating or skip connection, `b_dec` not subtracted from the input.
+    /// Set the other fields on the result where a dictionary has them.
+    pub fn new(
+        w_enc: Array2<f32>,
+        b_enc: Array1<f32>,
+        w_dec: Array2<f32>,
+        b_dec: Array1<f32>,
+    ) -> Self {
+        Self {
+            w_enc,
+            b_enc,
+            w_dec,
+            b_dec,
+            threshold: None,
+            gated: None,
+            w_skip: None,
+            b_skip: None,
+            apply_b_dec_to_input: false,
+        }
+    }
+
     /// Checks every shape against `meta`, naming the first tensor that disagrees.
     pub fn check(&self, meta: &Meta) -> Result<()> {
         let l = meta.n_layers;
