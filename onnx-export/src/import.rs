@@ -1,70 +1,182 @@
 //! Recognising checkpoint formats and writing them as Tiller dictionaries.
+//!
+//! Every format module exposes `detect(path) -> bool` (does `path` look like one of its
+//! checkpoints?) and `import(path, &ImportOptions) -> Result<Vec<Imported>>` (one dictionary per
+//! hookpoint or layer read).
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use tiller::{Meta, Weights};
 
 use crate::{Error, Result, saelens};
 
-/// A checkpoint format `import` reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Recognise the format from the files present.
-    Auto,
-    /// SAELens: `cfg.json` + `sae_weights.safetensors`.
-    SaeLens,
+/// Options some formats need.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// A multi-hookpoint folder (sparsify): the hookpoint to read; all when `None`.
+    pub hookpoint: Option<String>,
+    /// A per-layer checkpoint (circuit-tracer): the layer to read; all when `None`.
+    pub layer: Option<usize>,
 }
 
-impl FromStr for Format {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "saelens" => Ok(Self::SaeLens),
-            other => Err(format!("`{other}` is not a known format (auto, saelens)")),
+/// One dictionary read from a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// Distinguishes dictionaries read from one checkpoint (a hookpoint, `layer_3`); `None` when
+    /// the checkpoint holds one.
+    pub name: Option<String>,
+    /// Its metadata.
+    pub meta: Meta,
+    /// Its weights.
+    pub weights: Weights,
+}
+
+impl Imported {
+    /// A checkpoint's only dictionary.
+    pub fn single(meta: Meta, weights: Weights) -> Vec<Self> {
+        vec![Self {
+            name: None,
+            meta,
+            weights,
+        }]
+    }
+}
+
+macro_rules! formats {
+    ($($(#[$m:meta])* $var:ident = $s:literal => $module:path),+ $(,)?) => {
+        /// A checkpoint format `import` reads.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Format {
+            /// Recognise the format from the files present.
+            Auto,
+            $($(#[$m])* $var),+
         }
-    }
+
+        impl Format {
+            /// Every format name (`auto` first).
+            pub const NAMES: &'static [&'static str] = &["auto", $($s),+];
+            const ALL: &'static [Format] = &[$(Format::$var),+];
+
+            fn detects(self, path: &Path) -> bool {
+                use $crate::import::Format::*;
+                match self {
+                    Auto => false,
+                    $($var => { use $module as m; m::detect(path) })+
+                }
+            }
+
+            fn import(self, path: &Path, opts: &ImportOptions) -> Result<Vec<Imported>> {
+                match self {
+                    Self::Auto => Err(Error::format(path, "the format was not resolved")),
+                    $(Self::$var => { use $module as m; m::import(path, opts) })+
+                }
+            }
+        }
+
+        impl FromStr for Format {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    "auto" => Ok(Self::Auto),
+                    $($s => Ok(Self::$var),)+
+                    other => Err(format!("`{other}` is not a known format ({})", Self::NAMES.join(", "))),
+                }
+            }
+        }
+
+        impl fmt::Display for Format {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self {
+                    Self::Auto => "auto",
+                    $(Self::$var => $s),+
+                })
+            }
+        }
+    };
 }
 
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::SaeLens => "saelens",
-        })
-    }
+formats! {
+    /// SAELens: `cfg.json` + `sae_weights.safetensors`.
+    SaeLens = "saelens" => crate::saelens,
 }
 
 /// Recognises the format of the checkpoint at `path`.
 pub fn detect(path: &Path) -> Result<Format> {
-    if path.is_dir() && saelens::detect(path) {
-        return Ok(Format::SaeLens);
-    }
     if !path.exists() {
         return Err(Error::format(path, "does not exist"));
     }
-    Err(Error::format(
-        path,
-        format!(
-            "is not a checkpoint Tiller recognises: expected a SAELens folder with `{}` and `{}`",
-            saelens::CFG,
-            saelens::WEIGHTS
-        ),
-    ))
+    Format::ALL.iter().copied().find(|f| f.detects(path)).ok_or_else(|| {
+        Error::format(
+            path,
+            format!(
+                "is not a checkpoint Tiller recognises (formats: {}); for a SAELens folder, `{}` and `{}` are expected",
+                Format::NAMES[1..].join(", "),
+                saelens::CFG,
+                saelens::WEIGHTS
+            ),
+        )
+    })
 }
 
 /// Reads the checkpoint at `path` in `format`.
-pub fn read(path: &Path, format: Format) -> Result<(Meta, Weights)> {
+pub fn read_all(path: &Path, format: Format, opts: &ImportOptions) -> Result<Vec<Imported>> {
     let format = if format == Format::Auto {
         detect(path)?
     } else {
         format
     };
-    match format {
-        Format::SaeLens => saelens::import(path),
-        Format::Auto => unreachable!("resolved above"),
+    let out = format.import(path, opts)?;
+    if out.is_empty() {
+        return Err(Error::format(
+            path,
+            "holds no dictionary matching the options",
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads a checkpoint that holds exactly one dictionary.
+pub fn read(path: &Path, format: Format) -> Result<(Meta, Weights)> {
+    let mut all = read_all(path, format, &ImportOptions::default())?;
+    if all.len() != 1 {
+        let names: Vec<String> = all.iter().filter_map(|i| i.name.clone()).collect();
+        return Err(Error::format(
+            path,
+            format!(
+                "holds {} dictionaries ({}); choose one with --hookpoint or --layer",
+                all.len(),
+                names.join(", ")
+            ),
+        ));
+    }
+    let one = all.remove(0);
+    Ok((one.meta, one.weights))
+}
+
+/// Where dictionary `name` of a multi-dictionary checkpoint is written, given `-o OUT.onnx`:
+/// `OUT.<name>.onnx`.
+pub fn output_path(out: &Path, name: Option<&str>) -> PathBuf {
+    match name {
+        None => out.to_path_buf(),
+        Some(n) => {
+            let safe: String = n
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let stem = out
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            out.with_file_name(format!("{stem}.{safe}.onnx"))
+        }
     }
 }
 

@@ -22,17 +22,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert a checkpoint (SAELens, …) into a Tiller dictionary (.onnx).
+    /// Convert a checkpoint (SAELens, sparsify, Gemma Scope, …) into a Tiller dictionary (.onnx).
     Import {
         /// The checkpoint: a folder or a file.
         path: PathBuf,
         /// The checkpoint's format.
         #[arg(long, default_value = "auto")]
         format: Format,
+        /// A folder of several hookpoints (sparsify): the one to import (default: all).
+        #[arg(long)]
+        hookpoint: Option<String>,
+        /// A per-layer checkpoint (circuit-tracer): the layer to import, or `all` (default).
+        #[arg(long)]
+        layer: Option<String>,
         /// Feature labels: a JSON object {feature_id: label}.
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// The dictionary to write.
+        /// The dictionary to write; several dictionaries go to `OUT.<name>.onnx`.
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -111,33 +117,58 @@ fn run(cli: Cli) -> Result<()> {
         Command::Import {
             path,
             format,
+            hookpoint,
+            layer,
             labels,
             output,
         } => {
-            let (mut meta, weights) = import::read(&path, format)?;
-            if let Some(l) = labels {
-                let text = std::fs::read_to_string(&l)
-                    .with_context(|| format!("reading {}", l.display()))?;
-                meta.labels = tiller::dictionary::parse_labels(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", l.display()))?;
-                if let Some(bad) = meta.labels.keys().find(|&&k| k as usize >= meta.d_sae) {
-                    anyhow::bail!(
-                        "{}: feature {bad} is out of range (d_sae = {})",
-                        l.display(),
-                        meta.d_sae
-                    );
+            let layer = match layer.as_deref() {
+                None | Some("all") => None,
+                Some(l) => Some(
+                    l.parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("--layer `{l}` is not a number or `all`"))?,
+                ),
+            };
+            let opts = import::ImportOptions { hookpoint, layer };
+            let labels = match labels {
+                Some(l) => {
+                    let text = std::fs::read_to_string(&l)
+                        .with_context(|| format!("reading {}", l.display()))?;
+                    Some((
+                        l.clone(),
+                        tiller::dictionary::parse_labels(&text)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", l.display()))?,
+                    ))
                 }
+                None => None,
+            };
+            let all = import::read_all(&path, format, &opts)?;
+            let several = all.len() > 1;
+            for mut one in all {
+                if let Some((l, map)) = &labels {
+                    if let Some(bad) = map.keys().find(|&&k| k as usize >= one.meta.d_sae) {
+                        anyhow::bail!(
+                            "{}: feature {bad} is out of range (d_sae = {})",
+                            l.display(),
+                            one.meta.d_sae
+                        );
+                    }
+                    one.meta.labels = map.clone();
+                }
+                let out =
+                    import::output_path(&output, if several { one.name.as_deref() } else { None });
+                import::write(&one.meta, &one.weights, &out)?;
+                let m = &one.meta;
+                println!(
+                    "wrote {}: {} {} {}x{} from {}",
+                    out.display(),
+                    m.kind,
+                    m.activation,
+                    m.d_in,
+                    m.d_sae,
+                    m.source
+                );
             }
-            import::write(&meta, &weights, &output)?;
-            println!(
-                "wrote {}: {} {} {}x{} from {}",
-                output.display(),
-                meta.kind,
-                meta.activation,
-                meta.d_in,
-                meta.d_sae,
-                meta.source
-            );
             Ok(())
         }
         Command::Inspect { dict, json } => inspect(&dict, json),

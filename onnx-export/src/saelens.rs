@@ -20,6 +20,7 @@ use serde_json::Value;
 use tiller::dictionary::Gated;
 use tiller::{Activation, InputNorm, Kind, Meta, Weights};
 
+use crate::import::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 
@@ -30,7 +31,7 @@ pub const WEIGHTS: &str = "sae_weights.safetensors";
 
 /// Whether `dir` looks like a SAELens checkpoint.
 pub fn detect(dir: &Path) -> bool {
-    dir.join(CFG).is_file() && dir.join(WEIGHTS).is_file()
+    dir.is_dir() && dir.join(CFG).is_file() && dir.join(WEIGHTS).is_file()
 }
 
 /// The parts of `cfg.json` the import needs, after version upgrades and defaults.
@@ -222,13 +223,14 @@ fn scaler(dir: &Path) -> Result<InputNorm> {
 }
 
 /// Imports the SAELens checkpoint in `dir`.
-pub fn import(dir: &Path) -> Result<(Meta, Weights)> {
+pub fn import(dir: &Path, _opts: &ImportOptions) -> Result<Vec<Imported>> {
     let cfg_path = dir.join(CFG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg = parse_config(&cfg_path, &text, dir)?;
     let weights_path: PathBuf = dir.join(WEIGHTS);
     let mut st = TensorFile::open(&weights_path)?;
-    convert(&cfg, &cfg_path, &mut st)
+    let (meta, weights) = convert(&cfg, &cfg_path, &mut st)?;
+    Ok(Imported::single(meta, weights))
 }
 
 /// Builds Tiller's metadata and weights from a parsed config and its tensors.
