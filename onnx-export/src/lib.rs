@@ -7,6 +7,8 @@ mod error;
 pub mod import;
 pub mod npy;
 pub mod saelens;
+pub mod slice;
 pub mod tensors;
+pub mod verify;
 
 pub use error::{Error, Result};

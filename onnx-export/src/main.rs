@@ -98,6 +98,49 @@ enum Command {
         #[arg(long)]
         summary: Option<PathBuf>,
     },
+    /// Compare a dictionary, run by the runtime, with the reference maths on its source checkpoint.
+    Verify {
+        /// The dictionary.
+        dict: PathBuf,
+        /// The checkpoint it was imported from.
+        #[arg(long)]
+        source: PathBuf,
+        /// The checkpoint's format.
+        #[arg(long, default_value = "auto")]
+        format: Format,
+        /// Which hookpoint of a multi-hookpoint checkpoint.
+        #[arg(long)]
+        hookpoint: Option<String>,
+        /// Which layer of a per-layer checkpoint.
+        #[arg(long)]
+        layer: Option<usize>,
+        /// Activations to encode (`[n, d_in]`); random ones (seeded) when absent.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Rows of random activations.
+        #[arg(long, default_value_t = 256)]
+        rows: usize,
+        /// Largest accepted normwise relative error.
+        #[arg(long, default_value_t = 1e-5)]
+        tolerance: f64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep only some features of a dictionary (exact for ReLU, JumpReLU, Gated; TopK is calibrated).
+    Slice {
+        /// The dictionary.
+        dict: PathBuf,
+        /// The features to keep, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        features: Vec<u32>,
+        /// Activations (`[n, d_in]`) to fit the thresholds of a sliced TopK dictionary on.
+        #[arg(long)]
+        calibrate: Option<PathBuf>,
+        /// The sliced dictionary to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Download ONNX Runtime into the cache (done on first use otherwise) and print its path.
     Setup,
 }
@@ -200,6 +243,98 @@ fn run(cli: Cli) -> Result<()> {
             metrics.as_deref(),
             summary.as_deref(),
         ),
+        Command::Verify {
+            dict,
+            source,
+            format,
+            hookpoint,
+            layer,
+            input,
+            rows,
+            tolerance,
+            json,
+        } => {
+            let opts = import::ImportOptions { hookpoint, layer };
+            let all = import::read_all(&source, format, &opts)?;
+            if all.len() != 1 {
+                let names: Vec<String> = all.iter().filter_map(|i| i.name.clone()).collect();
+                anyhow::bail!(
+                    "{} holds {} dictionaries ({}): choose one with --hookpoint or --layer",
+                    source.display(),
+                    all.len(),
+                    names.join(", ")
+                );
+            }
+            let one = &all[0];
+            let width = one.meta.input_layers() * one.meta.d_in;
+            let x = match &input {
+                Some(p) => npy::read_activations(p, width)?,
+                None => random_rows(rows, width),
+            };
+            let r = tiller_export::verify::verify(&dict, &one.meta, &one.weights, &x, tolerance)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} against {} ({} rows)",
+                    dict.display(),
+                    source.display(),
+                    r.rows
+                );
+                println!(
+                    "  acts   max abs {:.3e}  rel {:.3e}",
+                    r.acts_max_abs, r.acts_rel
+                );
+                println!(
+                    "  recon  max abs {:.3e}  rel {:.3e}",
+                    r.recon_max_abs, r.recon_rel
+                );
+                if let Some(a) = r.topk_agreement {
+                    println!("  TopK sets identical on {:.2}% of rows", a * 100.0);
+                }
+                println!(
+                    "  {} (tolerance {:e})",
+                    if r.pass { "PASS" } else { "FAIL" },
+                    r.tolerance
+                );
+            }
+            if !r.pass {
+                anyhow::bail!("verification failed");
+            }
+            Ok(())
+        }
+        Command::Slice {
+            dict,
+            features,
+            calibrate,
+            output,
+        } => {
+            let f = DictionaryFile::open(&dict)?;
+            let x = match &calibrate {
+                Some(p) => Some(npy::read_activations(
+                    p,
+                    f.meta().input_layers() * f.meta().d_in,
+                )?),
+                None => None,
+            };
+            let s = tiller_export::slice::slice(&f, &features, x.as_ref())?;
+            import::write(&s.meta, &s.weights, &output)?;
+            print!(
+                "wrote {}: {} of {} features",
+                output.display(),
+                s.meta.d_sae,
+                f.meta().d_sae
+            );
+            match s.agreement {
+                Some(a) => println!(
+                    ", JumpReLU thresholds fitted on {} tokens agree with TopK {:.2}% (not exact)",
+                    x.map_or(0, |x| x.nrows()),
+                    a * 100.0
+                ),
+                None => println!(", exact"),
+            }
+            Ok(())
+        }
         Command::Setup => {
             let p = tiller::onnxruntime::resolve_library(None)?;
             tiller::onnxruntime::init(Some(&p))?;
@@ -373,4 +508,14 @@ fn replay(
         s.flagged
     );
     Ok(())
+}
+
+/// Seeded standard-normal rows, for `verify` without an input file.
+fn random_rows(rows: usize, width: usize) -> ndarray::Array2<f32> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7111e5);
+    ndarray::Array2::from_shape_simple_fn((rows, width), || {
+        rand_distr::StandardNormal.sample(&mut rng)
+    })
 }

@@ -59,14 +59,7 @@ impl SlicedEncoder {
         let n_cols = cols.len();
         let gated = m.activation == Activation::Gated;
         let b = vector(file, if gated { "b_gate" } else { "b_enc" })?.select(Axis(0), &cols);
-        // Whether the graph subtracts b_dec from its input: Tiller graphs name that node's inputs.
-        let graph = file.model().graph.as_ref();
-        let subtracts_b_dec = graph.is_some_and(|g| {
-            g.node
-                .iter()
-                .any(|n| n.op_type == "Sub" && n.input.iter().any(|i| i == "b_dec"))
-        });
-        let b_dec_in = if subtracts_b_dec {
+        let b_dec_in = if file.b_dec_on_input() {
             Some(file.b_dec()?)
         } else {
             None

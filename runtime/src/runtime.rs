@@ -288,20 +288,13 @@ impl State {
                     ),
                 ));
             }
-            let mut features: Vec<u32> = needed
-                .get(dc.name.as_str())
-                .map(|s| s.iter().copied().collect())
-                .unwrap_or_default();
-            features.sort_unstable();
-            if let Some(bad) = features.iter().find(|&&f| f as usize >= meta.d_sae) {
-                return Err(Error::dictionary(
-                    &path,
-                    format!(
-                        "the config names feature {bad}, but `{}` has {} features",
-                        dc.name, meta.d_sae
-                    ),
-                ));
+            // The config names features by their original ids; a sliced file maps them to columns.
+            let mut features = Vec::new();
+            for &id in needed.get(dc.name.as_str()).into_iter().flatten() {
+                features
+                    .push(column(&meta, &dc.name, id).map_err(|m| Error::dictionary(&path, m))?);
             }
+            features.sort_unstable();
             let position = features.iter().enumerate().map(|(i, &f)| (f, i)).collect();
             let sliced = if features.is_empty() {
                 None
@@ -311,8 +304,8 @@ impl State {
             let w_dec = Arc::new(file.w_dec()?);
             let feature_metrics = features
                 .iter()
-                .map(|f| {
-                    let l = [dc.name.as_str(), &f.to_string()];
+                .map(|&f| {
+                    let l = [dc.name.as_str(), &original_id(&meta, f).to_string()];
                     FeatureMetrics {
                         activation: metrics.feature_activation.with_label_values(&l),
                         active: metrics.feature_active.with_label_values(&l),
@@ -344,7 +337,13 @@ impl State {
         let mut monitor_index = HashMap::new();
         for m in &config.monitors {
             let di = dict_index[&m.dictionary];
-            let positions = m.features.iter().map(|f| dicts[di].position[f]).collect();
+            let d = &dicts[di];
+            let positions = m
+                .features
+                .iter()
+                .map(|&id| column(&d.meta, &d.name, id).map(|c| d.position[&c]))
+                .collect::<std::result::Result<Vec<usize>, String>>()
+                .map_err(|msg| Error::invalid(format!("monitor `{}`", m.name), msg))?;
             monitor_index.insert(m.name.clone(), monitors.len());
             monitors.push(MonitorState {
                 name: m.name.clone(),
@@ -411,7 +410,15 @@ impl State {
         let names = Arc::new(Names {
             dicts: dicts
                 .iter()
-                .map(|d| (d.name.clone(), d.features.clone()))
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        d.features
+                            .iter()
+                            .map(|&c| original_id(&d.meta, c))
+                            .collect(),
+                    )
+                })
                 .collect(),
             monitors: monitors.iter().map(|m| m.name.clone()).collect(),
         });
@@ -475,113 +482,107 @@ impl State {
             let counter = metrics.steering_tokens.with_label_values(&[label]);
             // Where the rule writes: (hook, direction). Feature ops write the feature's decoder row
             // at each layer it decodes to; raw directions write their one hook.
-            let (dictionary, targets, param): (Option<usize>, Vec<Target>, f32) = match s.op {
-                Op::Vector | Op::ProjectCap => {
-                    let path = self
-                        .config
-                        .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
-                    let mut u = load_direction(&path, s.index.unwrap_or(0))?;
-                    if s.op == Op::ProjectCap {
-                        let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
-                        if n == 0.0 || !n.is_finite() {
-                            return Err(Error::tensor(
-                                path.display().to_string(),
-                                "the direction has zero length",
-                            ));
-                        }
-                        u.iter_mut().for_each(|v| *v /= n);
-                    }
-                    let param = if s.op == Op::Vector {
-                        s.strength
-                    } else {
-                        s.value
-                    };
-                    (
-                        None,
-                        vec![(s.hook.clone().unwrap_or_default(), u)],
-                        param.unwrap_or(0.0),
-                    )
-                }
-                _ => {
-                    let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
-                    let d = &self.dicts[di];
-                    let f = s.feature.unwrap_or(0);
-                    if f as usize >= d.meta.d_sae {
-                        return Err(Error::invalid(
-                            format!("rule `{name}`"),
-                            format!(
-                                "feature {f} is out of range: `{}` has {} features",
-                                d.name, d.meta.d_sae
-                            ),
-                        ));
-                    }
-                    let row = d.w_dec.row(f as usize);
-                    // A crosscoder knows its features only once it has read its last layer: it can
-                    // edit that layer and later ones, never an earlier one.
-                    let known_from = if d.meta.kind == Kind::Crosscoder {
-                        d.hooks_in.len() - 1
-                    } else {
-                        0
-                    };
-                    let mut targets = Vec::new();
-                    for (layer, h) in d.hooks_out.iter().enumerate() {
-                        if s.hook.as_ref().is_some_and(|want| want != h) {
-                            continue;
-                        }
-                        let past =
-                            d.meta.kind == Kind::Crosscoder && d.hooks_in[..known_from].contains(h);
-                        if past {
-                            if s.hook.is_some() || d.hooks_out.len() > 1 {
-                                return Err(Error::invalid(
-                                    format!("rule `{name}`"),
-                                    format!(
-                                        "crosscoder `{}` knows its features only at `{}`, so it cannot edit `{h}`, \
-                                         which comes earlier: set `hook` to `{}` or a later layer",
-                                        d.name, d.hooks_in[known_from], d.hooks_in[known_from]
-                                    ),
+            let (dictionary, targets, param, feature): (Option<usize>, Vec<Target>, f32, u32) =
+                match s.op {
+                    Op::Vector | Op::ProjectCap => {
+                        let path = self
+                            .config
+                            .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
+                        let mut u = load_direction(&path, s.index.unwrap_or(0))?;
+                        if s.op == Op::ProjectCap {
+                            let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
+                            if n == 0.0 || !n.is_finite() {
+                                return Err(Error::tensor(
+                                    path.display().to_string(),
+                                    "the direction has zero length",
                                 ));
                             }
-                            continue;
+                            u.iter_mut().for_each(|v| *v /= n);
                         }
-                        let d_out = d.meta.d_out;
-                        let mut dir = row
-                            .slice(ndarray::s![layer * d_out..(layer + 1) * d_out])
-                            .to_vec();
-                        if s.op == Op::Add && s.normalize {
-                            let n = dir.iter().map(|v| v * v).sum::<f32>().sqrt();
-                            if n > 0.0 {
-                                dir.iter_mut().for_each(|v| *v /= n);
+                        let param = if s.op == Op::Vector {
+                            s.strength
+                        } else {
+                            s.value
+                        };
+                        (
+                            None,
+                            vec![(s.hook.clone().unwrap_or_default(), u)],
+                            param.unwrap_or(0.0),
+                            0,
+                        )
+                    }
+                    _ => {
+                        let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
+                        let d = &self.dicts[di];
+                        let f = column(&d.meta, &d.name, s.feature.unwrap_or(0))
+                            .map_err(|m| Error::invalid(format!("rule `{name}`"), m))?;
+                        let row = d.w_dec.row(f as usize);
+                        // A crosscoder knows its features only once it has read its last layer: it can
+                        // edit that layer and later ones, never an earlier one.
+                        let known_from = if d.meta.kind == Kind::Crosscoder {
+                            d.hooks_in.len() - 1
+                        } else {
+                            0
+                        };
+                        let mut targets = Vec::new();
+                        for (layer, h) in d.hooks_out.iter().enumerate() {
+                            if s.hook.as_ref().is_some_and(|want| want != h) {
+                                continue;
                             }
+                            let past = d.meta.kind == Kind::Crosscoder
+                                && d.hooks_in[..known_from].contains(h);
+                            if past {
+                                if s.hook.is_some() || d.hooks_out.len() > 1 {
+                                    return Err(Error::invalid(
+                                        format!("rule `{name}`"),
+                                        format!(
+                                            "crosscoder `{}` knows its features only at `{}`, so it cannot edit `{h}`, \
+                                         which comes earlier: set `hook` to `{}` or a later layer",
+                                            d.name, d.hooks_in[known_from], d.hooks_in[known_from]
+                                        ),
+                                    ));
+                                }
+                                continue;
+                            }
+                            let d_out = d.meta.d_out;
+                            let mut dir = row
+                                .slice(ndarray::s![layer * d_out..(layer + 1) * d_out])
+                                .to_vec();
+                            if s.op == Op::Add && s.normalize {
+                                let n = dir.iter().map(|v| v * v).sum::<f32>().sqrt();
+                                if n > 0.0 {
+                                    dir.iter_mut().for_each(|v| *v /= n);
+                                }
+                            }
+                            targets.push((h.clone(), dir));
                         }
-                        targets.push((h.clone(), dir));
+                        if targets.is_empty() {
+                            return Err(Error::invalid(
+                                format!("rule `{name}`"),
+                                format!(
+                                    "`hook` = `{}` is not a hook `{}` writes (it writes {})",
+                                    s.hook.as_deref().unwrap_or(""),
+                                    d.name,
+                                    d.hooks_out.join(", ")
+                                ),
+                            ));
+                        }
+                        let param = match s.op {
+                            Op::Add => s.strength,
+                            Op::Clamp | Op::Cap => s.value,
+                            Op::Scale => s.factor,
+                            _ => Some(0.0),
+                        };
+                        (Some(di), targets, param.unwrap_or(0.0), f)
                     }
-                    if targets.is_empty() {
-                        return Err(Error::invalid(
-                            format!("rule `{name}`"),
-                            format!(
-                                "`hook` = `{}` is not a hook `{}` writes (it writes {})",
-                                s.hook.as_deref().unwrap_or(""),
-                                d.name,
-                                d.hooks_out.join(", ")
-                            ),
-                        ));
-                    }
-                    let param = match s.op {
-                        Op::Add => s.strength,
-                        Op::Clamp | Op::Cap => s.value,
-                        Op::Scale => s.factor,
-                        _ => Some(0.0),
-                    };
-                    (Some(di), targets, param.unwrap_or(0.0))
-                }
-            };
+                };
             for (k, (hook, direction)) in targets.into_iter().enumerate() {
                 out.push(Rule {
                     counter: counter.clone(),
                     name: name.clone(),
                     op: s.op,
                     dictionary,
-                    feature: s.feature.unwrap_or(0),
+                    feature,
                     param,
                     direction_max: direction.iter().fold(0.0, |m, v| m.max(v.abs())),
                     direction: Arc::new(direction),
@@ -595,6 +596,35 @@ impl State {
         }
         Ok(out)
     }
+}
+
+/// The column of feature `id` (an original feature index) in a dictionary that may be sliced.
+fn column(meta: &Meta, name: &str, id: u32) -> std::result::Result<u32, String> {
+    match &meta.feature_ids {
+        Some(ids) => ids
+            .iter()
+            .position(|&i| i == id)
+            .map(|c| c as u32)
+            .ok_or_else(|| {
+                format!(
+                    "feature {id} is not in the sliced dictionary `{name}` (it keeps {} features)",
+                    ids.len()
+                )
+            }),
+        None if (id as usize) < meta.d_sae => Ok(id),
+        None => Err(format!(
+            "feature {id} is out of range: `{name}` has {} features",
+            meta.d_sae
+        )),
+    }
+}
+
+/// The original index of column `c`.
+fn original_id(meta: &Meta, c: u32) -> u32 {
+    meta.feature_ids
+        .as_ref()
+        .and_then(|ids| ids.get(c as usize).copied())
+        .unwrap_or(c)
 }
 
 /// Where a rule writes: a hook and the direction added there.

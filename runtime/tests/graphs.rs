@@ -100,6 +100,21 @@ fn check(case: &Case, seed: u64) {
 
     let file = DictionaryFile::open(&path).unwrap();
     assert_eq!(file.meta(), &meta, "metadata round trip");
+    // The weights read back from the file are the ones written.
+    let back = file.weights().unwrap();
+    assert_eq!(
+        (&back.w_enc, &back.b_enc, &back.w_dec, &back.b_dec),
+        (&w.w_enc, &w.b_enc, &w.w_dec, &w.b_dec)
+    );
+    assert_eq!(
+        (&back.threshold, &back.w_skip, &back.b_skip),
+        (&w.threshold, &w.w_skip, &w.b_skip)
+    );
+    assert_eq!(
+        back.gated.map(|g| (g.r_mag, g.b_mag)),
+        w.gated.clone().map(|g| (g.r_mag, g.b_mag))
+    );
+    assert_eq!(back.apply_b_dec_to_input, w.apply_b_dec_to_input);
     let dict = Dictionary::from_file(file, &SessionOptions::default()).unwrap();
 
     let mut rng = StdRng::seed_from_u64(seed + 1000);

@@ -427,5 +427,10 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
         g.output("top_values", DataType::FLOAT, &[Dim::batch(), k.into()]);
         g.output("top_indices", DataType::INT64, &[Dim::batch(), k.into()]);
     }
-    Ok(g.finish(&meta.to_props()))
+    let mut props = meta.to_props();
+    props.push((
+        "tiller.b_dec_on_input".into(),
+        w.apply_b_dec_to_input.to_string(),
+    ));
+    Ok(g.finish(&props))
 }

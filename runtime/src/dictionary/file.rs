@@ -11,7 +11,7 @@ use onnx_protobuf::{
 };
 use protobuf::{Enum, Message};
 
-use super::{Kind, Meta};
+use super::{Activation, Kind, Meta};
 use crate::graph::OPSET;
 use crate::{Error, Result};
 
@@ -375,6 +375,88 @@ impl DictionaryFile {
     /// The decoder bias, `[n_layers·d_out]`.
     pub fn b_dec(&self) -> Result<Array1<f32>> {
         Ok(Array1::from_vec(self.tensor_f32("b_dec")?.1))
+    }
+
+    /// Whether the graph subtracts `b_dec` from its (normalised) input: the metadata
+    /// `tiller.b_dec_on_input`, or for files written before it, a `Sub` node reading `b_dec`.
+    pub fn b_dec_on_input(&self) -> bool {
+        let props = &self.model.metadata_props;
+        if let Some(p) = props.iter().find(|p| p.key == "tiller.b_dec_on_input") {
+            return p.value == "true";
+        }
+        self.model.graph.as_ref().is_some_and(|g| {
+            // The crosscoder graph subtracts a reshaped b_dec: follow one Reshape.
+            let reshaped: Vec<&str> = g
+                .node
+                .iter()
+                .filter(|n| n.op_type == "Reshape" && n.input.first().is_some_and(|i| i == "b_dec"))
+                .flat_map(|n| n.output.iter().map(String::as_str))
+                .collect();
+            g.node.iter().any(|n| {
+                n.op_type == "Sub"
+                    && n.input
+                        .get(1)
+                        .is_some_and(|i| i == "b_dec" || reshaped.contains(&i.as_str()))
+            })
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.model
+            .graph
+            .as_ref()
+            .is_some_and(|g| find(g, name).is_some())
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Array1<f32>> {
+        let (_, v) = self.tensor_f32(name)?;
+        if v.len() != len {
+            return Err(Error::dictionary(
+                &self.path,
+                format!("`{name}` holds {} values, expected {len}", v.len()),
+            ));
+        }
+        Ok(Array1::from_vec(v))
+    }
+
+    /// The weights of a dictionary written by Tiller, read back from its initializers (the inverse
+    /// of [`super::build_model`]).
+    pub fn weights(&self) -> Result<super::Weights> {
+        let m = &self.meta;
+        let (li, lo) = (m.input_layers(), m.output_layers());
+        let (_, w_enc) = self.tensor_f32("W_enc")?;
+        let w_enc = Array2::from_shape_vec((li * m.d_in, m.d_sae), w_enc)
+            .map_err(|e| Error::dictionary(&self.path, format!("`W_enc`: {e}")))?;
+        let w_dec = self
+            .w_dec()?
+            .into_shape_with_order((m.d_sae, lo * m.d_out))
+            .map_err(|e| Error::dictionary(&self.path, format!("`W_dec`: {e}")))?;
+        let gated = m.activation == Activation::Gated;
+        let b_enc = self.vector(if gated { "b_gate" } else { "b_enc" }, m.d_sae)?;
+        let mut w = super::Weights::new(w_enc, b_enc, w_dec, self.vector("b_dec", lo * m.d_out)?);
+        w.threshold = match m.activation {
+            Activation::JumpRelu => Some(self.vector("threshold", m.d_sae)?),
+            Activation::BatchTopK => Some(self.vector("threshold", 1)?),
+            _ => None,
+        };
+        if gated {
+            w.gated = Some(super::Gated {
+                r_mag: self.vector("r_mag", m.d_sae)?,
+                b_mag: self.vector("b_mag", m.d_sae)?,
+            });
+        }
+        if self.has("W_skip") {
+            let (_, ws) = self.tensor_f32("W_skip")?;
+            w.w_skip = Some(
+                Array2::from_shape_vec((m.d_out, m.d_in), ws)
+                    .map_err(|e| Error::dictionary(&self.path, format!("`W_skip`: {e}")))?,
+            );
+            if self.has("b_skip") {
+                w.b_skip = Some(self.vector("b_skip", m.d_out)?);
+            }
+        }
+        w.apply_b_dec_to_input = self.b_dec_on_input();
+        Ok(w)
     }
 }
 
