@@ -17,8 +17,12 @@ use crate::{Error, Result, saelens};
 pub struct ImportOptions {
     /// A multi-hookpoint folder (sparsify): the hookpoint to read; all when `None`.
     pub hookpoint: Option<String>,
-    /// A per-layer checkpoint (circuit-tracer): the layer to read; all when `None`.
+    /// A per-layer checkpoint (circuit-tracer, GGUF control vectors): the layer to read; all when
+    /// `None`.
     pub layer: Option<usize>,
+    /// The host's hook name to store, overriding the checkpoint's; `{name}` is replaced by the
+    /// dictionary's name (a hookpoint or a layer).
+    pub hook: Option<String>,
 }
 
 /// One dictionary read from a checkpoint.
@@ -100,6 +104,8 @@ macro_rules! formats {
 formats! {
     /// SAELens: `cfg.json` + `sae_weights.safetensors`.
     SaeLens = "saelens" => crate::saelens,
+    /// Steering directions: a GGUF control vector or a `.npy` of directions.
+    Vector = "vector" => crate::steering_vectors,
 }
 
 /// Recognises the format of the checkpoint at `path`.
@@ -127,12 +133,25 @@ pub fn read_all(path: &Path, format: Format, opts: &ImportOptions) -> Result<Vec
     } else {
         format
     };
-    let out = format.import(path, opts)?;
+    let mut out = format.import(path, opts)?;
     if out.is_empty() {
         return Err(Error::format(
             path,
             "holds no dictionary matching the options",
         ));
+    }
+    if let Some(template) = &opts.hook {
+        for one in &mut out {
+            if one.meta.input_layers() > 1 || one.meta.output_layers() > 1 {
+                return Err(Error::format(
+                    path,
+                    "--hook names one hook, but this dictionary spans several layers: set them in the runtime config",
+                ));
+            }
+            let hook = template.replace("{name}", one.name.as_deref().unwrap_or(""));
+            one.meta.hook_in = hook.clone();
+            one.meta.hook_out = hook;
+        }
     }
     Ok(out)
 }

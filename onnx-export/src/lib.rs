@@ -8,6 +8,7 @@ pub mod import;
 pub mod npy;
 pub mod saelens;
 pub mod slice;
+pub mod steering_vectors;
 pub mod tensors;
 pub mod verify;
 

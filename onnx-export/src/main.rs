@@ -35,6 +35,9 @@ enum Command {
         /// A per-layer checkpoint (circuit-tracer): the layer to import, or `all` (default).
         #[arg(long)]
         layer: Option<String>,
+        /// The host's hook name to store (`{name}` is replaced by the hookpoint or layer).
+        #[arg(long)]
+        hook: Option<String>,
         /// Feature labels: a JSON object {feature_id: label}.
         #[arg(long)]
         labels: Option<PathBuf>,
@@ -162,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
             format,
             hookpoint,
             layer,
+            hook,
             labels,
             output,
         } => {
@@ -172,7 +176,11 @@ fn run(cli: Cli) -> Result<()> {
                         .map_err(|_| anyhow::anyhow!("--layer `{l}` is not a number or `all`"))?,
                 ),
             };
-            let opts = import::ImportOptions { hookpoint, layer };
+            let opts = import::ImportOptions {
+                hookpoint,
+                layer,
+                hook,
+            };
             let labels = match labels {
                 Some(l) => {
                     let text = std::fs::read_to_string(&l)
@@ -254,7 +262,11 @@ fn run(cli: Cli) -> Result<()> {
             tolerance,
             json,
         } => {
-            let opts = import::ImportOptions { hookpoint, layer };
+            let opts = import::ImportOptions {
+                hookpoint,
+                layer,
+                hook: None,
+            };
             let all = import::read_all(&source, format, &opts)?;
             if all.len() != 1 {
                 let names: Vec<String> = all.iter().filter_map(|i| i.name.clone()).collect();

@@ -504,9 +504,14 @@ impl SteerConfig {
             }
         };
         match self.op {
-            Op::Vector | Op::ProjectCap => {
+            // A raw direction from a file at a named hook (with a dictionary, the direction is a
+            // row of its decoder, checked with the feature ops below).
+            Op::Vector | Op::ProjectCap if self.dictionary.is_none() => {
                 if self.vector.is_none() {
-                    return Err(("vector", "names no direction file".into()));
+                    return Err((
+                        "vector",
+                        "names no direction file (or give `dictionary` and `feature`)".into(),
+                    ));
                 }
                 if self.hook.is_none() {
                     return Err(("hook", "names no hook".into()));
@@ -536,7 +541,13 @@ impl SteerConfig {
                     Op::Scale => {
                         finite("factor", self.factor)?;
                     }
-                    _ => {}
+                    Op::Vector => {
+                        finite("strength", self.strength)?;
+                    }
+                    Op::ProjectCap => {
+                        finite("value", self.value)?;
+                    }
+                    Op::Ablate => {}
                 }
             }
         }

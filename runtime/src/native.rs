@@ -30,7 +30,11 @@ fn vector(file: &DictionaryFile, name: &str) -> Result<Array1<f32>> {
 pub fn slicing_is_exact(activation: Activation) -> bool {
     matches!(
         activation,
-        Activation::Relu | Activation::JumpRelu | Activation::BatchTopK | Activation::Gated
+        Activation::Relu
+            | Activation::JumpRelu
+            | Activation::BatchTopK
+            | Activation::Gated
+            | Activation::Linear
     )
 }
 
@@ -161,6 +165,7 @@ impl SlicedEncoder {
                 let pre = xw + self.b[j];
                 *v = match self.activation {
                     Activation::Relu => pre.max(0.0),
+                    Activation::Linear => pre,
                     Activation::JumpRelu | Activation::BatchTopK => {
                         let t = self.threshold.as_ref().map_or(0.0, |t| t[j]);
                         if pre > t { pre.max(0.0) } else { 0.0 }

@@ -247,7 +247,7 @@ impl State {
             let path = config.resolve(&dc.path);
             let file = DictionaryFile::open(&path)?;
             let meta = file.meta().clone();
-            if matches!(meta.kind, Kind::Probe | Kind::Vector) {
+            if meta.kind == Kind::Probe {
                 return Err(Error::dictionary(
                     &path,
                     format!("{} dictionaries cannot be attached to hooks yet", meta.kind),
@@ -484,7 +484,7 @@ impl State {
             // at each layer it decodes to; raw directions write their one hook.
             let (dictionary, targets, param, feature): (Option<usize>, Vec<Target>, f32, u32) =
                 match s.op {
-                    Op::Vector | Op::ProjectCap => {
+                    Op::Vector | Op::ProjectCap if s.dictionary.is_none() => {
                         let path = self
                             .config
                             .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
@@ -548,7 +548,8 @@ impl State {
                             let mut dir = row
                                 .slice(ndarray::s![layer * d_out..(layer + 1) * d_out])
                                 .to_vec();
-                            if s.op == Op::Add && s.normalize {
+                            // `add` may ask for the unit row; `project_cap` always caps the projection on it.
+                            if (s.op == Op::Add && s.normalize) || s.op == Op::ProjectCap {
                                 let n = dir.iter().map(|v| v * v).sum::<f32>().sqrt();
                                 if n > 0.0 {
                                     dir.iter_mut().for_each(|v| *v /= n);
@@ -571,7 +572,9 @@ impl State {
                             Op::Add => s.strength,
                             Op::Clamp | Op::Cap => s.value,
                             Op::Scale => s.factor,
-                            _ => Some(0.0),
+                            Op::Vector => s.strength,
+                            Op::ProjectCap => s.value,
+                            Op::Ablate => Some(0.0),
                         };
                         (Some(di), targets, param.unwrap_or(0.0), f)
                     }

@@ -144,7 +144,7 @@ impl Dictionary {
 
     /// Builds sessions for an already validated file.
     pub fn from_file(file: DictionaryFile, opts: &SessionOptions) -> Result<Self> {
-        if matches!(file.meta().kind, Kind::Vector | Kind::Probe) {
+        if file.meta().kind == Kind::Probe {
             return Err(Error::dictionary(
                 file.path(),
                 format!(

@@ -174,7 +174,13 @@ impl Weights {
                 format!("{l} for a {} dictionary", meta.kind),
             ));
         }
-        if matches!(meta.kind, Kind::Probe | Kind::Vector) {
+        if (meta.kind == Kind::Vector) != (meta.activation == Activation::Linear) {
+            return Err(Error::invalid(
+                "activation",
+                "vector dictionaries, and only they, use the linear activation (their features are projections)",
+            ));
+        }
+        if matches!(meta.kind, Kind::Probe) {
             return Err(Error::invalid(
                 "kind",
                 format!(
@@ -301,6 +307,7 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
     let mut topk_outputs = false;
     match meta.activation {
         Activation::Relu => g.op_into("Relu", &[&pre], &["acts"], vec![]),
+        Activation::Linear => g.op_into("Identity", &[&pre], &["acts"], vec![]),
         Activation::JumpRelu | Activation::BatchTopK => {
             let t = w.threshold.as_ref().map(|t| t.to_vec()).unwrap_or_default();
             let dims: Vec<usize> = if meta.activation == Activation::JumpRelu {

@@ -84,6 +84,8 @@ string_enum! {
         JumpRelu = "jumprelu",
         /// A gated SAE.
         Gated = "gated",
+        /// No activation: the pre-activations themselves (projections onto raw directions, probe logits).
+        Linear = "linear",
     }
 }
 
@@ -383,6 +385,38 @@ impl Meta {
             source: get("tiller.source").unwrap_or("").to_string(),
         })
     }
+}
+
+/// A `vector` dictionary over raw steering directions (`[n, d]`, one per row): its features are
+/// the projections `x · u/‖u‖` (linear), and its decoder rows are the directions as given, for the
+/// `vector` and `project_cap` ops.
+pub fn vector_dictionary(directions: ndarray::Array2<f32>) -> Result<(Meta, Weights)> {
+    let (n, d) = directions.dim();
+    if n == 0 || d == 0 {
+        return Err(Error::tensor(
+            "directions",
+            format!("shape [{n}, {d}] is empty"),
+        ));
+    }
+    let mut unit = directions.clone();
+    for (i, mut row) in unit.rows_mut().into_iter().enumerate() {
+        let norm = row.dot(&row).sqrt();
+        if !(norm.is_finite() && norm > 0.0) {
+            return Err(Error::tensor(
+                "directions",
+                format!("row {i} has length {norm}: not a direction"),
+            ));
+        }
+        row /= norm;
+    }
+    let meta = Meta::new(Kind::Vector, Activation::Linear, d, n, d);
+    let w = Weights::new(
+        unit.t().to_owned(),
+        ndarray::Array1::zeros(n),
+        directions,
+        ndarray::Array1::zeros(d),
+    );
+    Ok((meta, w))
 }
 
 /// Splits a comma-separated hook list, dropping empty names.

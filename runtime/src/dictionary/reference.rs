@@ -78,6 +78,7 @@ pub fn encode(meta: &Meta, w: &Weights, x: ArrayView2<'_, f32>) -> Array2<f64> {
 fn activate(meta: &Meta, w: &Weights, pre: &Array2<f64>, xw: &Array2<f64>) -> Array2<f64> {
     match meta.activation {
         Activation::Relu => pre.mapv(|v| v.max(0.0)),
+        Activation::Linear => pre.clone(),
         Activation::JumpRelu | Activation::BatchTopK => {
             let th: Array1<f64> = w
                 .threshold
