@@ -106,6 +106,8 @@ formats! {
     SaeLens = "saelens" => crate::saelens,
     /// Steering directions: a GGUF control vector or a `.npy` of directions.
     Vector = "vector" => crate::steering_vectors,
+    /// circuit-tracer: per-layer `layer_{i}.safetensors` or CLT `W_enc_{i}`/`W_dec_{i}` files.
+    CircuitTracer = "circuit-tracer" => crate::circuit_tracer,
 }
 
 /// Recognises the format of the checkpoint at `path`.
@@ -199,9 +201,7 @@ pub fn output_path(out: &Path, name: Option<&str>) -> PathBuf {
     }
 }
 
-/// Builds the ONNX dictionary and writes it to `out` (with external data past 2 GiB).
+/// Builds the ONNX dictionary and writes it to `out` (weights past 2 GiB streamed to external data).
 pub fn write(meta: &Meta, weights: &Weights, out: &Path) -> Result<()> {
-    let model = tiller::dictionary::build_model(meta, weights)?;
-    tiller::graph::write_model(model, out, tiller::graph::EXTERNAL_DATA_THRESHOLD)?;
-    Ok(())
+    Ok(tiller::dictionary::write_dictionary(meta, weights, out)?)
 }

@@ -3,6 +3,7 @@
 //! The binary `tiller-export` wraps these modules; see the README for its commands.
 #![deny(missing_docs)]
 
+pub mod circuit_tracer;
 mod error;
 pub mod import;
 pub mod npy;

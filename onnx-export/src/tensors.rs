@@ -1,63 +1,89 @@
 //! Reading safetensors checkpoints with every shape and dtype checked.
+//!
+//! The header is parsed (by the `safetensors` crate's own types) and checked against the file
+//! when it is opened; each tensor is read from disk only when it is taken, and converted to
+//! float32 as it is read, so importing holds one copy of the weights in memory.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+use safetensors::tensor::{Metadata, TensorInfo};
 
 use crate::{Error, Result};
 
-/// The float tensors of one safetensors file, widened to float32 (and float64 for references).
+/// The largest header accepted (the `safetensors` crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The tensors of one safetensors file, read on demand as float32.
 #[derive(Debug)]
 pub struct TensorFile {
     path: PathBuf,
-    tensors: BTreeMap<String, ArrayD<f32>>,
+    file: File,
+    /// Where the data section starts.
+    data_start: u64,
+    infos: BTreeMap<String, TensorInfo>,
 }
 
 impl TensorFile {
-    /// Reads every tensor of `path`. A truncated file, a header that claims more bytes than the file
-    /// has, or a non-float tensor is an error naming the file.
+    /// Opens `path` and checks its header: a truncated file, a header that claims more bytes than
+    /// the file has, or overlapping tensors are errors naming the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.iter() {
-            let data = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::F16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::F64 => data
-                    .chunks_exact(8)
-                    .map(|c| {
-                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-                    })
-                    .collect(),
-                other => {
-                    return Err(Error::format(
-                        path,
-                        format!("tensor `{name}` has dtype {other:?}, not a float type"),
-                    ));
-                }
-            };
-            let a = ArrayD::from_shape_vec(IxDyn(view.shape()), values)
-                .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
-            tensors.insert(name.to_string(), a);
+        let err = |m: String| Error::format(path, format!("not a valid safetensors file: {m}"));
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|_| err("shorter than its 8-byte header length".into()))?;
+        let n = u64::from_le_bytes(len);
+        if n > MAX_HEADER || n + 8 > size {
+            return Err(err(format!(
+                "its header claims {n} bytes, the file has {size}"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(path, e))?;
+        let meta: Metadata = serde_json::from_slice(&header)
+            .map_err(|e| err(format!("its header is not valid: {e}")))?;
+        let data_start = 8 + n;
+        // The tensors must tile the data section exactly, each the size its dtype and shape imply.
+        let mut infos: Vec<(String, TensorInfo)> = meta
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        infos.sort_by_key(|(_, i)| i.data_offsets);
+        let mut end = 0usize;
+        for (name, info) in &infos {
+            let (s, e) = info.data_offsets;
+            let elements = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let bytes = elements
+                .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+                .map(|b| b / 8);
+            if s != end || e < s || bytes != Some(e - s) {
+                return Err(err(format!(
+                    "tensor `{name}`: data offsets [{s}, {e}) do not fit shape {:?} of {:?}",
+                    info.shape, info.dtype
+                )));
+            }
+            end = e;
+        }
+        if data_start + end as u64 != size {
+            return Err(err(format!(
+                "its header describes {} bytes of data, the file holds {}",
+                end,
+                size.saturating_sub(data_start)
+            )));
         }
         Ok(Self {
             path: path.to_path_buf(),
-            tensors,
+            file,
+            data_start,
+            infos: infos.into_iter().collect(),
         })
     }
 
@@ -66,39 +92,37 @@ impl TensorFile {
         &self.path
     }
 
-    /// Whether the file has a tensor `name`.
+    /// Whether the file has a tensor `name` (not taken yet).
     pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.infos.contains_key(name)
     }
 
-    /// The names of all tensors.
+    /// The names of all tensors not taken yet.
     pub fn names(&self) -> Vec<&str> {
-        self.tensors.keys().map(String::as_str).collect()
+        self.infos.keys().map(String::as_str).collect()
     }
 
     /// The shape of the tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|a| a.shape())
+        self.infos.get(name).map(|i| i.shape.as_slice())
     }
 
-    /// Removes and returns the tensor `name`, checking its shape.
+    /// Reads and returns the tensor `name` as float32, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
-        let a = self.take_any(name)?;
-        if a.shape() != shape {
+        if let Some(have) = self.shape(name)
+            && have != shape
+        {
             return Err(Error::format(
                 &self.path,
-                format!(
-                    "tensor `{name}` has shape {:?}, but the config implies {shape:?}",
-                    a.shape()
-                ),
+                format!("tensor `{name}` has shape {have:?}, but the config implies {shape:?}"),
             ));
         }
-        Ok(a)
+        self.take_any(name)
     }
 
-    /// Removes and returns the tensor `name` whatever its shape.
+    /// Reads and returns the tensor `name` as float32, whatever its shape.
     pub fn take_any(&mut self, name: &str) -> Result<ArrayD<f32>> {
-        self.tensors.remove(name).ok_or_else(|| {
+        let info = self.infos.remove(name).ok_or_else(|| {
             Error::format(
                 &self.path,
                 format!(
@@ -106,17 +130,66 @@ impl TensorFile {
                     self.names().join(", ")
                 ),
             )
-        })
+        })?;
+        let width = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F64 => 8,
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor `{name}` has dtype {other:?}, not a float type"),
+                ));
+            }
+        };
+        let (s, e) = info.data_offsets;
+        let count = (e - s) / width;
+        let mut values = Vec::with_capacity(count);
+        self.file
+            .seek(SeekFrom::Start(self.data_start + s as u64))
+            .map_err(|e| Error::io(&self.path, e))?;
+        // Convert in chunks: the file's bytes are never all in memory beside the floats.
+        let mut buf = vec![0u8; (1 << 20) * width];
+        let mut left = e - s;
+        while left > 0 {
+            let chunk = &mut buf[..left.min((1 << 20) * width)];
+            self.file
+                .read_exact(chunk)
+                .map_err(|e| Error::io(&self.path, e))?;
+            match info.dtype {
+                Dtype::F32 => values.extend(
+                    chunk
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                ),
+                Dtype::F16 => values.extend(
+                    chunk
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+                Dtype::BF16 => values.extend(
+                    chunk
+                        .chunks_exact(2)
+                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+                ),
+                _ => values.extend(chunk.chunks_exact(8).map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })),
+            }
+            left -= chunk.len();
+        }
+        ArrayD::from_shape_vec(IxDyn(&info.shape), values)
+            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
     }
 
-    /// Removes and returns a matrix of the given shape.
+    /// Reads and returns a matrix of the given shape.
     pub fn take2(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
         let a = self.take(name, &[rows, cols])?;
         a.into_dimensionality()
             .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
     }
 
-    /// Removes and returns a vector of the given length.
+    /// Reads and returns a vector of the given length.
     pub fn take1(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
         let a = self.take(name, &[len])?;
         a.into_dimensionality()

@@ -130,11 +130,82 @@ pub fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> TensorProto {
     t
 }
 
+/// Streams large initializers to an ONNX external-data file as a graph is built, so that a model
+/// of several GiB is written without a second copy of its weights in memory.
+#[derive(Debug)]
+pub struct ExternalSink {
+    path: PathBuf,
+    location: String,
+    out: std::io::BufWriter<std::fs::File>,
+    offset: u64,
+}
+
+impl ExternalSink {
+    /// Creates the external-data file beside `model_path` (`<model>.data`).
+    pub fn create(model_path: &Path) -> Result<Self> {
+        let path = external_data_path(model_path);
+        let location = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "output path",
+                    format!("{} has no UTF-8 file name", model_path.display()),
+                )
+            })?
+            .to_string();
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self {
+            path,
+            location,
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            offset: 0,
+        })
+    }
+
+    /// Appends `data` (4 KiB aligned) and returns the external-data entries that point at it.
+    fn append(&mut self, data: &[f32]) -> Result<Vec<StringStringEntryProto>> {
+        let pad = (4096 - self.offset % 4096) % 4096;
+        let io = |e| Error::io(&self.path, e);
+        self.out.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        self.offset += pad;
+        for chunk in data.chunks(1 << 16) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.out
+                .write_all(&bytes)
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
+        let length = data.len() as u64 * 4;
+        let entries = [
+            ("location", self.location.clone()),
+            ("offset", self.offset.to_string()),
+            ("length", length.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| {
+            let mut e = StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            e
+        })
+        .collect();
+        self.offset += length;
+        Ok(entries)
+    }
+
+    /// Flushes the file.
+    pub fn finish(mut self) -> Result<()> {
+        self.out.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
 /// Builds one ONNX graph: inputs, initializers, nodes, outputs.
 #[derive(Debug, Default)]
 pub struct GraphBuilder {
     graph: GraphProto,
     counter: usize,
+    external: Option<ExternalSink>,
+    error: Option<Error>,
 }
 
 impl GraphBuilder {
@@ -142,7 +213,12 @@ impl GraphBuilder {
     pub fn new(name: &str) -> Self {
         let mut graph = GraphProto::new();
         graph.name = name.to_string();
-        Self { graph, counter: 0 }
+        Self {
+            graph,
+            counter: 0,
+            external: None,
+            error: None,
+        }
     }
 
     /// Declares a graph input.
@@ -156,9 +232,31 @@ impl GraphBuilder {
         self.graph.output.push(value_info(name, elem, dims));
     }
 
+    /// Streams the initializers of 1 KiB or more to `sink` instead of holding them in the model.
+    pub fn with_external(mut self, sink: ExternalSink) -> Self {
+        self.external = Some(sink);
+        self
+    }
+
     /// Adds a float32 initializer and returns its name.
     pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
-        self.graph.initializer.push(tensor_f32(name, dims, data));
+        match self.external.as_mut().filter(|_| data.len() >= 256) {
+            Some(sink) => {
+                let mut t = TensorProto::new();
+                t.name = name.to_string();
+                t.data_type = DataType::FLOAT as i32;
+                t.dims = dims.iter().map(|&d| d as i64).collect();
+                t.data_location = EnumOrUnknown::new(DataLocation::EXTERNAL);
+                match sink.append(data) {
+                    Ok(entries) => t.external_data = entries,
+                    Err(e) => {
+                        self.error.get_or_insert(e);
+                    }
+                }
+                self.graph.initializer.push(t);
+            }
+            None => self.graph.initializer.push(tensor_f32(name, dims, data)),
+        }
         name.to_string()
     }
 
@@ -214,6 +312,17 @@ impl GraphBuilder {
         node.output = outputs.iter().map(|s| s.to_string()).collect();
         node.attribute = attrs.into_iter().map(|(n, v)| attribute(n, v)).collect();
         self.graph.node.push(node);
+    }
+
+    /// Finishes the model with the given metadata, and flushes the external-data file if any.
+    pub fn finish_checked(mut self, metadata: &[(String, String)]) -> Result<ModelProto> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if let Some(sink) = self.external.take() {
+            sink.finish()?;
+        }
+        Ok(self.finish(metadata))
     }
 
     /// Finishes the model with the given metadata.

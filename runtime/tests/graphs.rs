@@ -252,8 +252,9 @@ fn external_data_round_trips() {
     let (meta, w) = make(&case, 7);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ext.onnx");
-    // A threshold of 0 forces external data, as a 2 GiB dictionary would.
-    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &path, 0).unwrap();
+    // A threshold of 0 forces external data, as a 2 GiB dictionary would; the weights are streamed
+    // to the data file while the graph is built.
+    tiller::dictionary::write_dictionary_with(&meta, &w, &path, 0).unwrap();
     assert!(dir.path().join("ext.onnx.data").is_file());
     let file = DictionaryFile::open(&path).unwrap();
     assert!(file.has_external_data());

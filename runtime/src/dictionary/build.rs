@@ -4,7 +4,7 @@ use ndarray::{Array1, Array2};
 use onnx_protobuf::{ModelProto, tensor_proto::DataType};
 
 use super::{Activation, InputNorm, Kind, LAYER_NORM_EPS, Meta};
-use crate::graph::{Attr, Dim, GraphBuilder, tensor_f32};
+use crate::graph::{Attr, Dim, EXTERNAL_DATA_THRESHOLD, ExternalSink, GraphBuilder, tensor_f32};
 use crate::{Error, Result};
 
 /// The magnitude path of a gated SAE (the gate path uses [`Weights::b_enc`] as its bias).
@@ -205,11 +205,46 @@ impl Weights {
 /// Builds the format v1 graph of a dictionary: input `x`, outputs `acts` and `recon` (and
 /// `top_values`/`top_indices` for TopK), the metadata of `meta`.
 pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
+    build(meta, w, GraphBuilder::new("tiller_dictionary"))
+}
+
+/// Writes the dictionary to `path`. Past [`EXTERNAL_DATA_THRESHOLD`] bytes of weights, they are
+/// streamed to `<path>.data` as ONNX external data while the graph is built, without a second copy
+/// in memory.
+pub fn write_dictionary(meta: &Meta, w: &Weights, path: &std::path::Path) -> Result<()> {
+    write_dictionary_with(meta, w, path, EXTERNAL_DATA_THRESHOLD)
+}
+
+/// [`write_dictionary`] with another threshold (in bytes) for external data.
+pub fn write_dictionary_with(
+    meta: &Meta,
+    w: &Weights,
+    path: &std::path::Path,
+    threshold: usize,
+) -> Result<()> {
+    let floats = w.w_enc.len()
+        + w.w_dec.len()
+        + w.b_enc.len()
+        + w.b_dec.len()
+        + w.w_skip.as_ref().map_or(0, |a| a.len())
+        + w.gated
+            .as_ref()
+            .map_or(0, |g| g.r_mag.len() + g.b_mag.len());
+    if floats * 4 <= threshold {
+        return crate::graph::write_model(build_model(meta, w)?, path, usize::MAX);
+    }
+    let g = GraphBuilder::new("tiller_dictionary").with_external(ExternalSink::create(path)?);
+    let model = build(meta, w, g)?;
+    let bytes = protobuf::Message::write_to_bytes(&model)
+        .map_err(|e| Error::invalid("model", format!("cannot serialise it: {e}")))?;
+    std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
+}
+
+fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder) -> Result<ModelProto> {
     w.check(meta)?;
     let (li, lo) = (meta.input_layers(), meta.output_layers());
     let crosscoder = meta.kind == Kind::Crosscoder;
     let layered = meta.layered_decoder();
-    let mut g = GraphBuilder::new("tiller_dictionary");
     let x_dims: Vec<Dim> = if crosscoder {
         vec![Dim::batch(), li.into(), meta.d_in.into()]
     } else {
@@ -218,7 +253,10 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
     let x = g.input("x", DataType::FLOAT, &x_dims);
     let d_sae = meta.d_sae;
 
-    let contiguous = |a: &Array2<f32>| a.as_standard_layout().into_owned();
+    // Borrowed as they are when already row-major (the usual case): no copy of the weights.
+    fn contiguous(a: &Array2<f32>) -> ndarray::CowArray<'_, f32, ndarray::Ix2> {
+        a.as_standard_layout()
+    }
     let w_enc = contiguous(&w.w_enc);
     let w_enc_name = g.weight(
         "W_enc",
@@ -439,5 +477,5 @@ pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
         "tiller.b_dec_on_input".into(),
         w.apply_b_dec_to_input.to_string(),
     ));
-    Ok(g.finish(&props))
+    g.finish_checked(&props)
 }

@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-pub use build::{Gated, Weights, build_model};
+pub use build::{Gated, Weights, build_model, write_dictionary, write_dictionary_with};
 pub use file::DictionaryFile;
 
 use crate::{Error, Result};
