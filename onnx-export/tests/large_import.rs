@@ -42,7 +42,7 @@ fn write_checkpoint(dir: &std::path::Path) -> u64 {
         offset += bytes;
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = std::io::BufWriter::with_capacity(
