@@ -108,6 +108,12 @@ formats! {
     Vector = "vector" => crate::steering_vectors,
     /// circuit-tracer: per-layer `layer_{i}.safetensors` or CLT `W_enc_{i}`/`W_dec_{i}` files.
     CircuitTracer = "circuit-tracer" => crate::circuit_tracer,
+    /// EleutherAI sparsify: `cfg.json` + `sae.safetensors`, one folder per hookpoint.
+    Sparsify = "sparsify" => crate::sparsify,
+    /// Gemma Scope: `params.npz`; Gemma Scope 2: `params.safetensors`.
+    GemmaScope = "gemma-scope" => crate::gemma_scope,
+    /// Llama Scope: `hyperparams.json` + `checkpoints/final.safetensors`.
+    LlamaScope = "llama-scope" => crate::llama_scope,
 }
 
 /// Recognises the format of the checkpoint at `path`.

@@ -5,11 +5,14 @@
 
 pub mod circuit_tracer;
 mod error;
+pub mod gemma_scope;
 pub mod import;
+pub mod llama_scope;
 pub mod npy;
 pub mod saelens;
 pub mod slice;
 pub mod steering_vectors;
+pub mod sparsify;
 pub mod tensors;
 pub mod verify;
 

@@ -1065,6 +1065,16 @@ impl Runtime {
 
     /// Opens a forward step over `tokens` (the batch's token → request map and phases).
     pub fn step(&self, tokens: &[Token]) -> Result<Step<'_>> {
+        self.open_step(RuntimeRef::Borrowed(self), tokens)
+    }
+
+    /// [`Runtime::step`] for a shared runtime: the step keeps the runtime alive itself, so it can
+    /// outlive the caller's borrow (for the C ABI and other owners of handles).
+    pub fn step_shared(self: &Arc<Self>, tokens: &[Token]) -> Result<Step<'static>> {
+        self.open_step(RuntimeRef::Shared(self.clone()), tokens)
+    }
+
+    fn open_step<'r>(&self, rt: RuntimeRef<'r>, tokens: &[Token]) -> Result<Step<'r>> {
         let state = self.state();
         let mut sc = self
             .scratch
@@ -1080,7 +1090,7 @@ impl Runtime {
         sc.reqs.clear();
         sc.rules.clear();
         let mut step = Step {
-            rt: self,
+            rt,
             state,
             sc: Some(sc),
             result: StepResult::default(),
@@ -1102,7 +1112,7 @@ impl Runtime {
 
 /// One forward step. Call [`Step::hook`] at each hook, in the model's order, then [`Step::finish`].
 pub struct Step<'r> {
-    rt: &'r Runtime,
+    rt: RuntimeRef<'r>,
     state: Arc<State>,
     /// Always `Some` until the step is dropped, when it goes back to the runtime's pool.
     sc: Option<Scratch>,
@@ -1114,6 +1124,22 @@ impl std::fmt::Debug for Step<'_> {
         f.debug_struct("Step")
             .field("tokens", &self.sc.as_ref().map_or(0, |s| s.tokens.len()))
             .finish_non_exhaustive()
+    }
+}
+
+/// How a step holds its runtime: borrowed, or shared (for handles that outlive a borrow).
+enum RuntimeRef<'r> {
+    Borrowed(&'r Runtime),
+    Shared(Arc<Runtime>),
+}
+
+impl std::ops::Deref for RuntimeRef<'_> {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        match self {
+            Self::Borrowed(r) => r,
+            Self::Shared(r) => r,
+        }
     }
 }
 
@@ -1138,7 +1164,7 @@ fn lock(r: &Mutex<Request>) -> std::sync::MutexGuard<'_, Request> {
 
 impl Step<'_> {
     fn open(&mut self, tokens: &[Token]) -> Result<()> {
-        let rt = self.rt;
+        let rt: &Runtime = &self.rt;
         let state = self.state.clone();
         let Some(sc) = self.sc.as_mut() else {
             return Ok(());
@@ -1177,8 +1203,14 @@ impl Step<'_> {
 
     /// Processes the activations at hook `name` in place: `[n_tokens, width]`.
     pub fn hook(&mut self, name: &str, mut acts: ActivationsMut<'_>) -> Result<()> {
+        // Debug builds only: lets the C ABI tests check that a panic inside the runtime reaches a
+        // C caller as a status (release builds never read this).
+        #[cfg(debug_assertions)]
+        if std::env::var_os("TILLER_TEST_PANIC_AT_HOOK").is_some_and(|h| h == name) {
+            panic!("injected panic at hook `{name}` (TILLER_TEST_PANIC_AT_HOOK)");
+        }
         let started = Instant::now();
-        let rt = self.rt;
+        let rt: &Runtime = &self.rt;
         let state = self.state.clone();
         let Some(plan) = state.hooks.get(name) else {
             rt.metrics.error("unknown_hook");

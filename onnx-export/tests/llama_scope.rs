@@ -1,0 +1,477 @@
+//! Llama Scope checkpoints — `hyperparams.json`, `lm_config.json` and
+//! `checkpoints/final.safetensors`, as the October 2024 `lm_saes` saved and released them — imported
+//! with the CLI, run through the runtime and compared with a float64 implementation of what
+//! `lm_saes`' own loader does with them (`SparseAutoEncoder.from_config`,
+//! `standardize_parameters_of_dataset_activation_scaling`, `transform_to_unit_decoder_norm`,
+//! `encode`, `decode`, in `src/lm_saes/sae.py`). Tiller's activations are `lm_saes`' times the
+//! input scale `s_in` (the units SAELens reports); the reconstruction is compared as it is. Where
+//! the decoder columns have unit norm the result is also compared with SAELens'
+//! `llama_scope_sae_huggingface_loader` + `fold_activation_norm_scaling_factor`. Normwise relative
+//! error under 1e-5, TopK indices identical.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{Rng, Tensors, m2, rel_err, stored, v1, write_safetensors};
+use ndarray::{Array1, Array2, Axis};
+use safetensors::Dtype;
+use serde_json::{Value, json};
+use tiller::{Dictionary, InputNorm, Kind, SessionOptions};
+
+const TOL: f64 = 1e-5;
+const D: usize = 32;
+const D_SAE: usize = 96;
+
+/// A released Llama Scope `hyperparams.json`, with the fields `edit` overrides.
+fn hyperparams(edit: Value) -> Value {
+    let mut h = json!({
+        "hook_point_in": "blocks.15.hook_resid_post", "hook_point_out": "blocks.15.hook_resid_post",
+        "use_decoder_bias": true, "apply_decoder_bias_to_pre_encoder": false, "expansion_factor": 3,
+        "d_model": D, "d_sae": D_SAE, "bias_init_method": "all_zero", "act_fn": "jumprelu",
+        "jump_relu_threshold": 0.35, "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": 2.5, "out": 2.5},
+        "decoder_exactly_fixed_norm": false, "sparsity_include_decoder_norm": true,
+        "use_glu_encoder": false, "init_decoder_norm": 0.5, "init_encoder_norm": null,
+        "init_encoder_with_decoder_transpose": true, "lp": 1, "l1_coefficient": 8e-05,
+        "l1_coefficient_warmup_steps": 39062, "top_k": 50, "k_warmup_steps": 39062,
+        "use_batch_norm_mse": true, "use_ghost_grads": false, "tp_size": 1, "ddp_size": 1,
+        "device": "cuda", "seed": 42, "dtype": "torch.bfloat16"
+    });
+    for (k, v) in edit.as_object().unwrap() {
+        h[k] = v.clone();
+    }
+    h
+}
+
+/// Random weights in `lm_saes`' layout; decoder columns of norm `unit_decoder ? 1 : ≤ 1` (training
+/// clamps them to at most 1).
+fn tensors(rng: &mut Rng, unit_decoder: bool) -> Tensors {
+    let mut t = Tensors::new();
+    t.insert("encoder.weight".into(), rng.normal(&[D_SAE, D], 0.3));
+    t.insert("encoder.bias".into(), rng.normal(&[D_SAE], 0.1));
+    let mut dec: Array2<f64> = rng.normal(&[D, D_SAE], 1.0).into_dimensionality().unwrap();
+    let scale = rng.uniform(&[D_SAE], 0.3, 1.0);
+    for (i, mut col) in dec.axis_iter_mut(Axis(1)).enumerate() {
+        let n = col.dot(&col).sqrt();
+        let s = if unit_decoder { 1.0 } else { scale[[i]] };
+        col.mapv_inplace(|v| v / n * s);
+    }
+    t.insert("decoder.weight".into(), dec.into_dyn());
+    t.insert("decoder.bias".into(), rng.normal(&[D], 0.2));
+    t
+}
+
+/// Writes a checkpoint folder as `lm_saes` uploads it. Returns the stored tensors.
+fn write_checkpoint(dir: &Path, h: &Value, t: &Tensors, dtype: Dtype) -> Tensors {
+    std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+    std::fs::write(dir.join("hyperparams.json"), h.to_string()).unwrap();
+    std::fs::write(
+        dir.join("lm_config.json"),
+        json!({"model_name": "meta-llama/Llama-3.1-8B", "d_model": D, "use_flash_attn": false})
+            .to_string(),
+    )
+    .unwrap();
+    write_safetensors(&dir.join("checkpoints/final.safetensors"), t, dtype);
+    t.iter()
+        .map(|(k, v)| (k.clone(), stored(v, dtype)))
+        .collect()
+}
+
+/// The input scale `sqrt(d_model) / dataset_average_activation_norm.in` (1 unless dataset-wise).
+fn s_in(h: &Value) -> f64 {
+    if h["norm_activation"] == "dataset-wise" {
+        (D as f64).sqrt() / h["dataset_average_activation_norm"]["in"].as_f64().unwrap()
+    } else {
+        1.0
+    }
+}
+
+/// `lm_saes`' `from_config` then `encode` and `decode` (and `compute_loss`'s division by the
+/// label's norm factor), in float64. Returns its feature activations and the reconstruction in the
+/// model's units.
+fn lm_saes(h: &Value, t: &Tensors, x: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
+    let d = D as f64;
+    let mut enc = m2(t, "encoder.weight");
+    let mut enc_b = v1(t, "encoder.bias");
+    let mut dec = m2(t, "decoder.weight");
+    let mut dec_b = v1(t, "decoder.bias");
+    let mut norm = h["norm_activation"].as_str().unwrap().to_string();
+    // standardize_parameters_of_dataset_activation_scaling
+    if norm == "dataset-wise" {
+        let avg = &h["dataset_average_activation_norm"];
+        let f_in = d.sqrt() / avg["in"].as_f64().unwrap();
+        let f_out = d.sqrt() / avg["out"].as_f64().unwrap();
+        enc_b /= f_in;
+        dec_b /= f_out;
+        dec *= f_in / f_out;
+        norm = "inference".into();
+    }
+    // transform_to_unit_decoder_norm
+    if h["sparsity_include_decoder_norm"] == true {
+        let n: Array1<f64> = dec.map_axis(Axis(0), |c| c.dot(&c).sqrt());
+        dec /= &n;
+        for (mut row, n) in enc.axis_iter_mut(Axis(0)).zip(&n) {
+            row *= *n;
+        }
+        enc_b *= &n;
+    }
+    let mut act_fn = h["act_fn"].as_str().unwrap().to_string();
+    let threshold = h["jump_relu_threshold"].as_f64().unwrap();
+    if act_fn == "topk" && threshold > 0.0 {
+        act_fn = "jumprelu".into();
+    }
+    // compute_norm_factor: token-wise is the only runtime scaling left.
+    let factors: Vec<f64> = x
+        .rows()
+        .into_iter()
+        .map(|r| {
+            if norm == "token-wise" {
+                d.sqrt() / r.dot(&r).sqrt()
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let mut xin = x.clone();
+    for (mut row, f) in xin.rows_mut().into_iter().zip(&factors) {
+        row *= *f;
+    }
+    if h["use_decoder_bias"] == true && h["apply_decoder_bias_to_pre_encoder"] == true {
+        xin -= &dec_b;
+    }
+    let pre = xin.dot(&enc.t()) + &enc_b;
+    let acts = match act_fn.as_str() {
+        "jumprelu" => pre.mapv(|v| if v > threshold { v } else { 0.0 }),
+        "topk" => {
+            let relu = pre.mapv(|v| v.max(0.0));
+            let k = h["top_k"].as_u64().unwrap() as usize;
+            let mut f = Array2::zeros(relu.raw_dim());
+            for (i, row) in relu.rows().into_iter().enumerate() {
+                let mut idx: Vec<usize> = (0..row.len()).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                for &j in &idx[..k] {
+                    f[[i, j]] = row[j];
+                }
+            }
+            f
+        }
+        _ => pre.mapv(|v| v.max(0.0)),
+    };
+    let mut recon = acts.dot(&dec.t()) + &dec_b;
+    for (mut row, f) in recon.rows_mut().into_iter().zip(&factors) {
+        row /= *f;
+    }
+    (acts, recon)
+}
+
+/// SAELens' reading of the same checkpoint: `W_enc = encoder.weightᵀ · s`, `W_dec =
+/// decoder.weightᵀ / s`, `b_dec = decoder.bias / s`, `threshold = jump_relu_threshold · s`, and
+/// JumpReLU as `relu(pre) · [pre > threshold]`.
+fn saelens(h: &Value, t: &Tensors, x: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
+    let s = s_in(h);
+    let w_enc = m2(t, "encoder.weight").t().to_owned() * s;
+    let w_dec = m2(t, "decoder.weight").t().to_owned() / s;
+    let b_dec = v1(t, "decoder.bias") / s;
+    let th = h["jump_relu_threshold"].as_f64().unwrap() * s;
+    let pre = x.dot(&w_enc) + v1(t, "encoder.bias");
+    let acts = pre.mapv(|v| if v > th { v.max(0.0) } else { 0.0 });
+    let recon = acts.dot(&w_dec) + b_dec;
+    (acts, recon)
+}
+
+fn import(path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
+    c.arg("import").arg(path).args(["--format", "llama-scope"]);
+    if let Some(h) = hookpoint {
+        c.args(["--hookpoint", h]);
+    }
+    c.arg("-o").arg(out).output().unwrap()
+}
+
+fn import_ok(path: &Path, out: &Path, hookpoint: Option<&str>) {
+    let o = import(path, out, hookpoint);
+    assert!(
+        o.status.success(),
+        "import of {} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn import_err(path: &Path, out: &Path) -> String {
+    let o = import(path, out, None);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert_eq!(o.status.code(), Some(1), "expected a handled error: {err}");
+    err
+}
+
+/// Random inputs of about the dataset's average norm.
+fn inputs(h: &Value, seed: u64) -> Array2<f32> {
+    let avg = h["dataset_average_activation_norm"]["in"]
+        .as_f64()
+        .unwrap_or(2.5);
+    Rng::new(seed).matrix(25, D, avg / (D as f64).sqrt()) + 0.05
+}
+
+/// Compares the dictionary at `dict` with `lm_saes` (and with SAELens when `with_saelens`).
+fn check(
+    name: &str,
+    dict: &Path,
+    h: &Value,
+    t: &Tensors,
+    with_saelens: bool,
+    seed: u64,
+) -> Dictionary {
+    let dict = Dictionary::load(dict, &SessionOptions::default()).unwrap();
+    assert_eq!(dict.meta().source, "llama-scope");
+    let x = inputs(h, seed);
+    let x64 = x.mapv(f64::from);
+    let (acts, recon) = lm_saes(h, t, &x64);
+    let acts = acts * s_in(h);
+    let enc = dict.encode(x.view()).unwrap();
+    let (_, got_recon) = dict.encode_decode(x.view()).unwrap();
+    let (ea, er) = (rel_err(&enc.acts, &acts), rel_err(&got_recon, &recon));
+    assert!(
+        ea < TOL,
+        "{name}: acts relative error {ea:e} against lm_saes"
+    );
+    assert!(
+        er < TOL,
+        "{name}: reconstruction relative error {er:e} against lm_saes"
+    );
+    let active = acts.iter().filter(|v| **v > 0.0).count();
+    assert!(
+        active > 0 && active < acts.len(),
+        "{name}: degenerate fixture ({active} active)"
+    );
+    if let Some((_, idx)) = &enc.top {
+        for (i, row) in acts.rows().into_iter().enumerate() {
+            let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
+            let mut got: Vec<usize> = idx
+                .row(i)
+                .iter()
+                .map(|&j| j as usize)
+                .filter(|&j| enc.acts[[i, j]] > 0.0)
+                .collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "{name}: token {i} TopK indices");
+        }
+    }
+    print!("{name}: acts {ea:.2e} recon {er:.2e} (lm_saes)");
+    if with_saelens {
+        let (sa, sr) = saelens(h, t, &x64);
+        let (ea, er) = (rel_err(&enc.acts, &sa), rel_err(&got_recon, &sr));
+        assert!(
+            ea < TOL,
+            "{name}: acts relative error {ea:e} against SAELens"
+        );
+        assert!(
+            er < TOL,
+            "{name}: reconstruction relative error {er:e} against SAELens"
+        );
+        print!(", acts {ea:.2e} recon {er:.2e} (SAELens)");
+    }
+    println!();
+    dict
+}
+
+#[test]
+fn released_jumprelu_sae() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.onnx");
+
+    // As released: bf16 weights, decoder norms at most 1, dataset-wise normalisation.
+    let ckpt = dir.path().join("Llama3_1-8B-Base-L15R-8x");
+    let h = hyperparams(json!({}));
+    let t = write_checkpoint(&ckpt, &h, &tensors(&mut Rng::new(1), false), Dtype::BF16);
+    import_ok(&ckpt, &out, None);
+    let dict = check("released R SAE", &out, &h, &t, false, 2);
+    let m = dict.meta();
+    assert_eq!(m.kind, Kind::Sae);
+    assert_eq!(m.input_norm, InputNorm::Scale(s_in(&h) as f32));
+    assert_eq!(m.hook_in, "blocks.15.hook_resid_post");
+    assert_eq!(m.model, "meta-llama/Llama-3.1-8B");
+    // SAELens ignores `sparsity_include_decoder_norm`: with these decoder norms its features fire
+    // elsewhere than lm_saes' (and Tiller's).
+    let x = inputs(&h, 2).mapv(f64::from);
+    let (theirs, _) = saelens(&h, &t, &x);
+    let (ours, _) = lm_saes(&h, &t, &x);
+    let differ = theirs
+        .iter()
+        .zip(&ours)
+        .filter(|(a, b)| (**a > 0.0) != (**b > 0.0))
+        .count();
+    assert!(differ > 0, "the fixture does not tell SAELens from lm_saes");
+    println!(
+        "released R SAE: SAELens fires differently on {differ} of {} entries",
+        ours.len()
+    );
+
+    // Unit-norm decoder columns: SAELens' reading agrees too.
+    let ckpt = dir.path().join("Llama3_1-8B-Base-L7R-8x");
+    let t = write_checkpoint(&ckpt, &h, &tensors(&mut Rng::new(3), true), Dtype::F32);
+    import_ok(&ckpt, &out, None);
+    check("unit-norm decoder", &out, &h, &t, true, 4);
+}
+
+#[test]
+fn variants() {
+    let cases = [
+        (
+            "topk",
+            hyperparams(json!({"act_fn": "topk", "jump_relu_threshold": 0.0, "top_k": 7})),
+        ),
+        (
+            "topk with a measured threshold",
+            hyperparams(json!({"act_fn": "topk", "jump_relu_threshold": 0.3, "top_k": 7})),
+        ),
+        (
+            "transcoder",
+            hyperparams(json!({"hook_point_in": "blocks.3.ln2.hook_normalized",
+                               "hook_point_out": "blocks.3.hook_mlp_out",
+                               "dataset_average_activation_norm": {"in": 2.5, "out": 1.5}})),
+        ),
+        (
+            "relu, token-wise, decoder bias subtracted",
+            hyperparams(json!({"act_fn": "relu", "norm_activation": "token-wise",
+                               "apply_decoder_bias_to_pre_encoder": true})),
+        ),
+        (
+            "jumprelu, b_dec subtracted, no decoder-norm folding",
+            hyperparams(json!({"apply_decoder_bias_to_pre_encoder": true,
+                               "sparsity_include_decoder_norm": false,
+                               "dataset_average_activation_norm": {"in": 2.5, "out": 2.0}})),
+        ),
+    ];
+    for (i, (name, h)) in cases.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let t = write_checkpoint(
+            &ckpt,
+            h,
+            &tensors(&mut Rng::new(10 + i as u64), false),
+            Dtype::F32,
+        );
+        let out = dir.path().join("d.onnx");
+        import_ok(&ckpt, &out, None);
+        let dict = check(name, &out, h, &t, false, 20 + i as u64);
+        if *name == "transcoder" {
+            assert_eq!(dict.meta().kind, Kind::Transcoder);
+            assert_eq!(dict.meta().hook_out, "blocks.3.hook_mlp_out");
+        }
+    }
+}
+
+#[test]
+fn repository_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("Llama3_1-8B-Base-LXR-8x");
+    let layers = ["Llama3_1-8B-Base-L0R-8x", "Llama3_1-8B-Base-L2R-8x"];
+    let mut written = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let h = hyperparams(
+            json!({"hook_point_in": format!("blocks.{}.hook_resid_post", 2 * i),
+                                   "hook_point_out": format!("blocks.{}.hook_resid_post", 2 * i)}),
+        );
+        let t = write_checkpoint(
+            &repo.join(l),
+            &h,
+            &tensors(&mut Rng::new(40 + i as u64), false),
+            Dtype::F32,
+        );
+        written.push((h, t));
+    }
+    assert!(tiller_export::llama_scope::detect(&repo));
+    assert!(tiller_export::llama_scope::detect(&repo.join(layers[0])));
+    assert!(!tiller_export::sparsify::detect(&repo));
+    assert!(!tiller_export::gemma_scope::detect(&repo));
+    let one = dir.path().join("one.onnx");
+    import_ok(&repo, &one, Some(layers[1]));
+    let d = check(
+        "repository, one",
+        &one,
+        &written[1].0,
+        &written[1].1,
+        false,
+        50,
+    );
+    assert_eq!(d.meta().hook_in, "blocks.2.hook_resid_post");
+
+    let all = dir.path().join("all.onnx");
+    import_ok(&repo, &all, None);
+    for (i, l) in layers.iter().enumerate() {
+        let p: PathBuf = dir.path().join(format!("all.{l}.onnx"));
+        check(
+            &format!("repository, all: {l}"),
+            &p,
+            &written[i].0,
+            &written[i].1,
+            false,
+            51,
+        );
+    }
+}
+
+#[test]
+fn bad_checkpoints_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.onnx");
+
+    // A missing tensor.
+    let ckpt = dir.path().join("missing");
+    let mut t = tensors(&mut Rng::new(60), false);
+    t.remove("decoder.bias");
+    write_checkpoint(&ckpt, &hyperparams(json!({})), &t, Dtype::F32);
+    let err = import_err(&ckpt, &out);
+    assert!(
+        err.contains("final.safetensors") && err.contains("`decoder.bias` is missing"),
+        "{err}"
+    );
+
+    // d_sae in the config disagrees with the weights.
+    let ckpt = dir.path().join("shape");
+    write_checkpoint(
+        &ckpt,
+        &hyperparams(json!({"d_sae": 128})),
+        &tensors(&mut Rng::new(61), false),
+        Dtype::F32,
+    );
+    let err = import_err(&ckpt, &out);
+    assert!(
+        err.contains("final.safetensors") && err.contains("`encoder.weight` has shape [96, 32]"),
+        "{err}"
+    );
+
+    // Dataset-wise normalisation without its averages.
+    let ckpt = dir.path().join("norm");
+    let mut h = hyperparams(json!({}));
+    h.as_object_mut()
+        .unwrap()
+        .remove("dataset_average_activation_norm");
+    write_checkpoint(&ckpt, &h, &tensors(&mut Rng::new(62), false), Dtype::F32);
+    let err = import_err(&ckpt, &out);
+    assert!(
+        err.contains("hyperparams.json") && err.contains("dataset_average_activation_norm"),
+        "{err}"
+    );
+
+    // Only a torch pickle.
+    let ckpt = dir.path().join("pickle");
+    std::fs::create_dir_all(ckpt.join("checkpoints")).unwrap();
+    std::fs::write(
+        ckpt.join("hyperparams.json"),
+        hyperparams(json!({})).to_string(),
+    )
+    .unwrap();
+    std::fs::write(ckpt.join("checkpoints/final.pt"), b"PK").unwrap();
+    let err = import_err(&ckpt, &out);
+    assert!(
+        err.contains("final.pt") && err.contains("safetensors"),
+        "{err}"
+    );
+}
