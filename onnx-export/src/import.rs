@@ -114,6 +114,12 @@ formats! {
     GemmaScope = "gemma-scope" => crate::gemma_scope,
     /// Llama Scope: `hyperparams.json` + `checkpoints/final.safetensors`.
     LlamaScope = "llama-scope" => crate::llama_scope,
+    /// saprmarks/dictionary_learning: a trainer folder with `ae.pt` + `config.json`.
+    DictionaryLearning = "dictionary-learning" => crate::dictionary_learning,
+    /// openai/sparse_autoencoder: a `torch.save`d `Autoencoder` state dict (`.pt`).
+    OpenAi = "openai" => crate::openai,
+    /// Goodfire's released SAEs: a `torch.save`d state dict (`.pth`).
+    Goodfire = "goodfire" => crate::goodfire,
 }
 
 /// Recognises the format of the checkpoint at `path`.

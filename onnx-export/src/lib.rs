@@ -4,16 +4,20 @@
 #![deny(missing_docs)]
 
 pub mod circuit_tracer;
+pub mod dictionary_learning;
 mod error;
 pub mod gemma_scope;
+pub mod goodfire;
 pub mod import;
 pub mod llama_scope;
 pub mod npy;
+pub mod openai;
 pub mod saelens;
 pub mod slice;
-pub mod steering_vectors;
 pub mod sparsify;
+pub mod steering_vectors;
 pub mod tensors;
+pub mod torch;
 pub mod verify;
 
 pub use error::{Error, Result};

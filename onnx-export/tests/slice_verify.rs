@@ -35,23 +35,48 @@ fn checkpoint(dir: &Path, name: &str, arch: &str, seed: u64) -> PathBuf {
 }
 
 fn import(ckpt: &Path, out: &Path) {
-    assert!(bin().arg("import").arg(ckpt).arg("-o").arg(out).status().unwrap().success());
+    assert!(
+        bin()
+            .arg("import")
+            .arg(ckpt)
+            .arg("-o")
+            .arg(out)
+            .status()
+            .unwrap()
+            .success()
+    );
 }
 
 #[test]
 fn verify_passes_on_its_source_and_fails_on_another() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (checkpoint(dir.path(), "a", "topk", 1), checkpoint(dir.path(), "b", "topk", 2));
+    let (a, b) = (
+        checkpoint(dir.path(), "a", "topk", 1),
+        checkpoint(dir.path(), "b", "topk", 2),
+    );
     let dict = dir.path().join("a.onnx");
     import(&a, &dict);
-    let o = bin().arg("verify").arg(&dict).arg("--source").arg(&a).arg("--json").output().unwrap();
+    let o = bin()
+        .arg("verify")
+        .arg(&dict)
+        .arg("--source")
+        .arg(&a)
+        .arg("--json")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["pass"], true);
     assert!(r["acts_rel"].as_f64().unwrap() < 1e-5 && r["recon_rel"].as_f64().unwrap() < 1e-5);
     assert_eq!(r["topk_agreement"], 1.0);
     assert_eq!(r["rows"], 256);
-    let o = bin().arg("verify").arg(&dict).arg("--source").arg(&b).output().unwrap();
+    let o = bin()
+        .arg("verify")
+        .arg(&dict)
+        .arg("--source")
+        .arg(&b)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
 }
@@ -63,15 +88,28 @@ fn relu_slices_are_exact_and_keep_original_ids() {
     let full = dir.path().join("full.onnx");
     import(&ckpt, &full);
     let sliced = dir.path().join("sliced.onnx");
-    let o = bin().arg("slice").arg(&full).args(["--features", "40,3,17", "-o"]).arg(&sliced).output().unwrap();
+    let o = bin()
+        .arg("slice")
+        .arg(&full)
+        .args(["--features", "40,3,17", "-o"])
+        .arg(&sliced)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("exact"));
     let f = DictionaryFile::open(&sliced).unwrap();
     assert_eq!(f.meta().feature_ids, Some(vec![40, 3, 17]));
     assert!(f.meta().exact);
     let x = Rng::new(9).matrix(33, 24, 1.0);
-    let a = Dictionary::load(&full, &SessionOptions::default()).unwrap().encode(x.view()).unwrap().acts;
-    let (s, recon) = Dictionary::load(&sliced, &SessionOptions::default()).unwrap().encode_decode(x.view()).unwrap();
+    let a = Dictionary::load(&full, &SessionOptions::default())
+        .unwrap()
+        .encode(x.view())
+        .unwrap()
+        .acts;
+    let (s, recon) = Dictionary::load(&sliced, &SessionOptions::default())
+        .unwrap()
+        .encode_decode(x.view())
+        .unwrap();
     for (j, &c) in [40usize, 3, 17].iter().enumerate() {
         for t in 0..33 {
             assert!((s[[t, j]] - a[[t, c]]).abs() <= 1e-6 * a[[t, c]].abs().max(1.0));
@@ -90,23 +128,51 @@ fn relu_slices_are_exact_and_keep_original_ids() {
     let rt = tiller::Runtime::from_config_file(dir.path().join("ok.toml")).unwrap();
     rt.begin_request(1, Some("p"), None).unwrap();
     let mut y = x.clone();
-    let mut step = rt.step(&[tiller::Token { request: 1, phase: tiller::Phase::Prompt }; 33]).unwrap();
-    step.hook("h", tiller::ActivationsMut::F32(y.as_slice_mut().unwrap())).unwrap();
+    let mut step = rt
+        .step(
+            &[tiller::Token {
+                request: 1,
+                phase: tiller::Phase::Prompt,
+            }; 33],
+        )
+        .unwrap();
+    step.hook("h", tiller::ActivationsMut::F32(y.as_slice_mut().unwrap()))
+        .unwrap();
     step.finish();
     let w = f.weights().unwrap();
     for t in 0..33 {
         for j in 0..24 {
             let want = x[[t, j]] - a[[t, 17]] * w.w_dec[[2, j]];
-            assert!((y[[t, j]] - want).abs() < 1e-5, "ablating original feature 17 uses its decoder row");
+            assert!(
+                (y[[t, j]] - want).abs() < 1e-5,
+                "ablating original feature 17 uses its decoder row"
+            );
         }
     }
     std::fs::write(dir.path().join("bad.toml"), cfg(5)).unwrap();
-    let e = tiller::Runtime::from_config_file(dir.path().join("bad.toml")).unwrap_err().to_string();
-    assert!(e.contains("feature 5 is not in the sliced dictionary"), "{e}");
+    let e = tiller::Runtime::from_config_file(dir.path().join("bad.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("feature 5 is not in the sliced dictionary"),
+        "{e}"
+    );
 
-    let o = bin().arg("slice").arg(&full).args(["--features", "3,3", "-o"]).arg(&sliced).output().unwrap();
+    let o = bin()
+        .arg("slice")
+        .arg(&full)
+        .args(["--features", "3,3", "-o"])
+        .arg(&sliced)
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("listed twice"));
-    let o = bin().arg("slice").arg(&full).args(["--features", "96", "-o"]).arg(&sliced).output().unwrap();
+    let o = bin()
+        .arg("slice")
+        .arg(&full)
+        .args(["--features", "96", "-o"])
+        .arg(&sliced)
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("out of range"));
 }
 
@@ -117,7 +183,13 @@ fn topk_slices_are_calibrated() {
     let full = dir.path().join("full.onnx");
     import(&ckpt, &full);
     let out = dir.path().join("s.onnx");
-    let o = bin().arg("slice").arg(&full).args(["--features", "1,2,3,4,5,6,7,8", "-o"]).arg(&out).output().unwrap();
+    let o = bin()
+        .arg("slice")
+        .arg(&full)
+        .args(["--features", "1,2,3,4,5,6,7,8", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--calibrate"));
 
@@ -140,8 +212,16 @@ fn topk_slices_are_calibrated() {
     // On fresh activations the fitted thresholds reproduce TopK membership for most tokens, and
     // where both fire the values are the same pre-activations.
     let x = Rng::new(6).matrix(500, 24, 1.0);
-    let a = Dictionary::load(&full, &SessionOptions::default()).unwrap().encode(x.view()).unwrap().acts;
-    let s = Dictionary::load(&out, &SessionOptions::default()).unwrap().encode(x.view()).unwrap().acts;
+    let a = Dictionary::load(&full, &SessionOptions::default())
+        .unwrap()
+        .encode(x.view())
+        .unwrap()
+        .acts;
+    let s = Dictionary::load(&out, &SessionOptions::default())
+        .unwrap()
+        .encode(x.view())
+        .unwrap()
+        .acts;
     let (mut agree, mut total) = (0, 0);
     for t in 0..500 {
         for (j, c) in (1..=8).enumerate() {

@@ -24,6 +24,9 @@ pub struct Config {
     /// `[[profile]]`.
     #[serde(default, rename = "profile")]
     pub profiles: Vec<ProfileConfig>,
+    /// `[[policy]]`.
+    #[serde(default, rename = "policy")]
+    pub policies: Vec<PolicyConfig>,
     /// The file it was read from; relative paths in it resolve against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -191,6 +194,62 @@ pub struct MonitorConfig {
     /// Which tokens it reads.
     #[serde(default)]
     pub apply_to: ApplyTo,
+}
+
+/// What a failing policy means for its requests (as Envoy's WASM filters do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Serve the request without the policy's effect (counted).
+    #[default]
+    Open,
+    /// Stop the request.
+    Closed,
+}
+
+/// `[[policy]]`: a WASM policy plugin (see `plugin-abi/POLICY_ABI.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Its name (a metric label).
+    pub name: String,
+    /// The module: `.wasm`, or `.wat` text; relative to the config file.
+    pub module: PathBuf,
+    /// The dictionary whose features it sees.
+    pub dictionary: String,
+    /// The features it sees (active ones are handed over per token).
+    pub features: Vec<u32>,
+    /// A string the policy reads with `tiller::config`.
+    #[serde(default)]
+    pub config: String,
+    /// Fuel per call.
+    #[serde(default = "default_fuel")]
+    pub fuel: u64,
+    /// Memory limit, MiB.
+    #[serde(default = "default_policy_memory")]
+    pub memory_mb: usize,
+    /// `open` (serve unsteered) or `closed` (stop the request) when a call fails.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Consecutive failures after which the policy is disabled.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// Counters the policy may increment (`tiller_policy_counter_total{policy,counter}`).
+    #[serde(default)]
+    pub counters: Vec<String>,
+    /// Instances (requests are spread over them by id; each keeps its requests' state).
+    #[serde(default = "one")]
+    pub instances: usize,
+}
+
+fn default_fuel() -> u64 {
+    1_000_000
+}
+fn default_policy_memory() -> usize {
+    16
+}
+fn default_max_failures() -> u32 {
+    5
 }
 
 /// `[[profile]]`.
@@ -465,6 +524,31 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        let mut policy_names = std::collections::HashSet::new();
+        for (i, pc) in self.policies.iter().enumerate() {
+            if !policy_names.insert(pc.name.as_str()) {
+                return Err(err(
+                    "policy",
+                    i,
+                    "name",
+                    format!("`{}` is used twice", pc.name),
+                ));
+            }
+            if !names.contains(pc.dictionary.as_str()) {
+                return Err(err(
+                    "policy",
+                    i,
+                    "dictionary",
+                    format!("no dictionary is named `{}`", pc.dictionary),
+                ));
+            }
+            if pc.fuel == 0 {
+                return Err(err("policy", i, "fuel", "must be positive".into()));
+            }
+            if pc.counters.len() > 64 {
+                return Err(err("policy", i, "counters", "at most 64 counters".into()));
             }
         }
         let mut seen_profiles = std::collections::HashSet::new();

@@ -32,6 +32,7 @@ pub(crate) mod kernels;
 pub mod metrics;
 mod native;
 pub mod onnxruntime;
+pub mod policy;
 mod runtime;
 mod service;
 mod session;

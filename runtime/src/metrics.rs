@@ -25,6 +25,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("nonfinite_tokens_total", "counter"),
     ("errors_total", "counter"),
     ("policy_traps_total", "counter"),
+    ("policy_counter_total", "counter"),
     ("config_reloads_total", "counter"),
     ("build_info", "gauge"),
 ];
@@ -55,6 +56,8 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// `policy_traps_total{policy,reason}`.
     pub policy_traps: IntCounterVec,
+    /// `policy_counter_total{policy,counter}`: the counters policies declare.
+    pub policy_counters: IntCounterVec,
     /// `config_reloads_total{result}`.
     pub reloads: IntCounterVec,
 }
@@ -66,6 +69,7 @@ pub const ERROR_KINDS: &[&str] = &[
     "unknown_request",
     "encode",
     "profile",
+    "policy",
 ];
 
 impl Metrics {
@@ -155,6 +159,11 @@ impl Metrics {
                 "Policy calls that failed, by reason.",
                 &["policy", "reason"],
             )?,
+            policy_counters: counter(
+                "policy_counter_total",
+                "Counters declared and incremented by WASM policies.",
+                &["policy", "counter"],
+            )?,
             reloads: counter(
                 "config_reloads_total",
                 "Config reloads by result.",
@@ -209,6 +218,7 @@ struct Families {
     nonfinite: IntCounterVec,
     errors: IntCounterVec,
     policy_traps: IntCounterVec,
+    policy_counters: IntCounterVec,
     reloads: IntCounterVec,
 }
 
@@ -227,6 +237,7 @@ impl Families {
             nonfinite: self.nonfinite,
             errors: self.errors,
             policy_traps: self.policy_traps,
+            policy_counters: self.policy_counters,
             reloads: self.reloads,
         }
     }

@@ -103,6 +103,9 @@ pub struct Event {
     pub token: u64,
     /// The value that crossed the threshold (the aggregate for request monitors).
     pub value: f32,
+    /// A policy's reason for a flag, or why a policy failed; empty for monitors.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 /// A feature's statistics over a request.
@@ -199,6 +202,8 @@ struct State {
     generation: u64,
     names: Arc<Names>,
     dicts: Vec<DictState>,
+    /// WASM policies, compiled for this state.
+    policies: Vec<crate::policy::Policy>,
     dict_index: HashMap<String, usize>,
     monitors: Vec<MonitorState>,
     monitor_index: HashMap<String, usize>,
@@ -429,6 +434,7 @@ impl State {
             } else {
                 0
             },
+            policies: Vec::new(),
             config,
             generation,
             dicts,
@@ -438,6 +444,7 @@ impl State {
             profiles,
             hooks,
         };
+        state.policies = load_policies(&state, metrics)?;
         // Compile every profile once, so a bad rule is a load error, not a request error.
         let names: Vec<String> = state.profiles.keys().cloned().collect();
         for name in names {
@@ -703,6 +710,8 @@ struct Request {
     tokens: u64,
     flagged: bool,
     stopped: bool,
+    /// Rules added by policies since the rules were last compiled.
+    dirty: bool,
 }
 
 impl Request {
@@ -721,6 +730,7 @@ impl Request {
             tokens: 0,
             flagged: false,
             stopped: false,
+            dirty: false,
         }
     }
 
@@ -768,6 +778,7 @@ impl Request {
         if let Some(c) = &self.compiled
             && c.generation == state.generation
             && c.profile == self.profile
+            && !self.dirty
         {
             return Ok(c.rules.clone());
         }
@@ -877,6 +888,8 @@ struct Scratch {
     enc_scratch: Vec<f32>,
     /// By dictionary index: the activations computed at its input hook during this step.
     pending: Vec<Pending>,
+    /// The `(feature, value)` pairs handed to a policy for one token.
+    pairs: Vec<(u32, f32)>,
     /// By dictionary, then feature: local histograms and active counts (for `local_generation`).
     local: Vec<Vec<(prometheus::local::LocalHistogram, u64)>>,
     local_generation: u64,
@@ -1023,15 +1036,31 @@ impl Runtime {
         };
         let mut req = Request::new(id, profile.map(str::to_string), overrides);
         req.sync(&state, &self.metrics)?;
-        let mut map = self.requests.write().unwrap_or_else(|p| p.into_inner());
-        if map.contains_key(&id) {
-            return Err(Error::Unknown {
-                what: "request",
-                name: id.to_string(),
-                message: "is already running".into(),
-            });
+        let req = Arc::new(Mutex::new(req));
+        {
+            let mut map = self.requests.write().unwrap_or_else(|p| p.into_inner());
+            if map.contains_key(&id) {
+                return Err(Error::Unknown {
+                    what: "request",
+                    name: id.to_string(),
+                    message: "is already running".into(),
+                });
+            }
+            map.insert(id, req.clone());
         }
-        map.insert(id, Arc::new(Mutex::new(req)));
+        let profile = profile.unwrap_or("");
+        for policy in &state.policies {
+            let outcome = policy.request_begin(id, profile);
+            apply_policy(
+                &self.metrics,
+                &state,
+                policy,
+                outcome,
+                &mut lock(&req),
+                0,
+                None,
+            );
+        }
         Ok(())
     }
 
@@ -1043,7 +1072,14 @@ impl Runtime {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
             .ok_or_else(|| self.unknown_request(id))?;
-        Ok(req.lock().unwrap_or_else(|p| p.into_inner()).summary())
+        let state = self.state();
+        let mut r = lock(&req);
+        let last = r.tokens.saturating_sub(1);
+        for policy in &state.policies {
+            let outcome = policy.request_end(id);
+            apply_policy(&self.metrics, &state, policy, outcome, &mut r, last, None);
+        }
+        Ok(r.summary())
     }
 
     /// The error for a request id that is not running, counted.
@@ -1339,6 +1375,9 @@ fn process(
             r?;
         }
         observe(state, sc, di, result);
+        if state.policies.iter().any(|p| p.dictionary == di) {
+            run_policies(rt, state, sc, di, result);
+        }
     }
     for &di in &plan.writes {
         if !sc.pending[di].valid {
@@ -1606,6 +1645,7 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
                 request: req.id,
                 token: token_index,
                 value: reported,
+                reason: String::new(),
             };
             match mon.action {
                 Action::Flag => req.flagged = true,
@@ -1628,4 +1668,198 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
             *active = 0;
         }
     }
+}
+
+/// Loads the `[[policy]]` entries of the state's config.
+fn load_policies(state: &State, metrics: &Metrics) -> Result<Vec<crate::policy::Policy>> {
+    if state.config.policies.is_empty() {
+        return Ok(Vec::new());
+    }
+    let engine = crate::policy::engine()?;
+    let mut out = Vec::new();
+    for pc in &state.config.policies {
+        let di = state.dict_index[&pc.dictionary];
+        let d = &state.dicts[di];
+        let mut columns = Vec::with_capacity(pc.features.len());
+        for &id in &pc.features {
+            let c = column(&d.meta, &d.name, id)
+                .map_err(|m| Error::invalid(format!("policy `{}`", pc.name), m))?;
+            columns.push((c as usize, id));
+        }
+        let path = state.config.resolve(&pc.module);
+        out.push(crate::policy::Policy::load(
+            &engine, pc, &path, di, columns, &d.meta, metrics,
+        )?);
+    }
+    Ok(out)
+}
+
+/// Calls the policies that read dictionary `di` for every finite token of the step.
+fn run_policies(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) {
+    let d = &state.dicts[di];
+    let full = sc.pending[di].full.take();
+    for policy in state.policies.iter().filter(|p| p.dictionary == di) {
+        for t in 0..sc.tokens.len() {
+            if !sc.finite[t] {
+                continue;
+            }
+            sc.pairs.clear();
+            for &(c, id) in &policy.columns {
+                let v = match (d.position.get(&(c as u32)), &full) {
+                    (Some(&p), _) => sc.pending[di].named[t * sc.pending[di].m + p],
+                    (None, Some(f)) => f[[t, c]],
+                    (None, None) => 0.0,
+                };
+                if v > 0.0 {
+                    sc.pairs.push((id, v));
+                }
+            }
+            let generated = sc.tokens[t].phase == Phase::Generated;
+            let token = sc.token_index[t];
+            let request = sc.tokens[t].request;
+            let outcome = policy.features(request, token, generated, &sc.pairs);
+            let mut req = lock(&sc.reqs[sc.token_req[t]]);
+            apply_policy(
+                &rt.metrics,
+                state,
+                policy,
+                outcome,
+                &mut req,
+                token,
+                Some(result),
+            );
+        }
+    }
+    sc.pending[di].full = full;
+}
+
+/// Applies what a policy call answered to its request: actions on success; on failure, nothing
+/// (or a stop when the policy fails closed), and an event when the failure disabled the policy.
+fn apply_policy(
+    metrics: &Metrics,
+    state: &State,
+    policy: &crate::policy::Policy,
+    outcome: crate::policy::Outcome,
+    req: &mut Request,
+    token: u64,
+    mut result: Option<&mut StepResult>,
+) {
+    use crate::policy::{Outcome, PolicyAction};
+    let event = |req: &mut Request,
+                 action: &'static str,
+                 reason: String,
+                 result: &mut Option<&mut StepResult>| {
+        let e = Event {
+            monitor: policy.name.clone(),
+            action,
+            request: req.id,
+            token,
+            value: 0.0,
+            reason,
+        };
+        if let Some(r) = result.as_deref_mut() {
+            r.events.push(e.clone());
+        }
+        req.events.push(e);
+    };
+    let stop = |req: &mut Request, result: &mut Option<&mut StepResult>| {
+        req.stopped = true;
+        if let Some(r) = result.as_deref_mut()
+            && !r.stop.contains(&req.id)
+        {
+            r.stop.push(req.id);
+        }
+    };
+    match outcome {
+        Outcome::Disabled => {}
+        Outcome::Failed { why, disabled_now } => {
+            if disabled_now {
+                metrics.error("policy");
+                event(
+                    req,
+                    "disable",
+                    format!("disabled after repeated failures (last: {})", why.as_str()),
+                    &mut result,
+                );
+            }
+            if policy.fail_closed {
+                event(
+                    req,
+                    "stop",
+                    format!("the policy failed ({}) and fails closed", why.as_str()),
+                    &mut result,
+                );
+                stop(req, &mut result);
+            }
+        }
+        Outcome::Actions(actions) => {
+            for a in actions {
+                match a {
+                    PolicyAction::Flag(reason) => {
+                        req.flagged = true;
+                        event(req, "flag", reason, &mut result);
+                    }
+                    PolicyAction::SwitchProfile(p) if state.profiles.contains_key(&p) => {
+                        req.profile = Some(p.clone());
+                        event(req, "switch_profile", p, &mut result);
+                    }
+                    PolicyAction::SwitchProfile(p) => {
+                        event(
+                            req,
+                            "ignored",
+                            format!("asked for the unknown profile `{p}`"),
+                            &mut result,
+                        );
+                    }
+                    PolicyAction::Stop => {
+                        event(req, "stop", String::new(), &mut result);
+                        stop(req, &mut result);
+                    }
+                    PolicyAction::Clamp(f, v) => add_rule(req, policy, Op::Clamp, f, Some(v)),
+                    PolicyAction::Ablate(f) => add_rule(req, policy, Op::Ablate, f, None),
+                    PolicyAction::Add(f, v) => add_rule(req, policy, Op::Add, f, Some(v)),
+                }
+            }
+        }
+    }
+}
+
+/// A steering rule a policy asked for: part of the request's overrides from its next step.
+fn add_rule(
+    req: &mut Request,
+    policy: &crate::policy::Policy,
+    op: Op,
+    feature: u32,
+    value: Option<f32>,
+) {
+    // Bounded: a policy cannot grow a request's rules without limit.
+    if req.overrides.steer.len() >= 64 {
+        return;
+    }
+    let dictionary = Some(policy_dictionary_name(policy, &req.names));
+    req.overrides.steer.push(SteerConfig {
+        name: None,
+        op,
+        dictionary,
+        feature: Some(feature),
+        value: if op == Op::Clamp { value } else { None },
+        strength: if op == Op::Add { value } else { None },
+        factor: None,
+        normalize: false,
+        apply_to: ApplyTo::All,
+        only_active: false,
+        when: None,
+        vector: None,
+        index: None,
+        hook: None,
+    });
+    req.dirty = true;
+}
+
+fn policy_dictionary_name(policy: &crate::policy::Policy, names: &Names) -> String {
+    names
+        .dicts
+        .get(policy.dictionary)
+        .map(|(n, _)| n.clone())
+        .unwrap_or_default()
 }

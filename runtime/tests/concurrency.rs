@@ -352,6 +352,7 @@ fn overrides_and_bounded_labels() {
         "unknown_request",
         "encode",
         "profile",
+        "policy",
         env!("CARGO_PKG_VERSION"),
         "1.31.1",
     ]

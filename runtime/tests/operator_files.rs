@@ -96,6 +96,10 @@ fn exposition() -> String {
         .policy_traps
         .with_label_values(&["example", "trap"])
         .inc();
+    rt.metrics()
+        .policy_counters
+        .with_label_values(&["example", "flags"])
+        .inc();
     rt.metrics_text()
 }
 
