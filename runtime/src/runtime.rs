@@ -246,6 +246,13 @@ impl State {
                 }
             }
         }
+        // What policies see is computed like what monitors see.
+        for p in &config.policies {
+            needed
+                .entry(p.dictionary.as_str())
+                .or_default()
+                .extend(&p.features);
+        }
         let mut dicts = Vec::new();
         let mut dict_index = HashMap::new();
         for dc in &config.dictionaries {
