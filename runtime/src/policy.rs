@@ -44,6 +44,8 @@ pub mod action {
     pub const ABLATE: u32 = 5;
     /// Add `value` times `feature`'s decoder row for this request, from its next token.
     pub const ADD: u32 = 6;
+    /// Remove the steering this policy added to the request.
+    pub const CLEAR: u32 = 7;
 }
 
 /// What a policy asked for, validated.
@@ -61,6 +63,8 @@ pub enum PolicyAction {
     Ablate(u32),
     /// Add a feature's decoder row times a strength.
     Add(u32, f32),
+    /// Remove the steering this policy added to the request.
+    Clear,
 }
 
 /// Why a call failed (the `reason` label).
@@ -621,6 +625,7 @@ impl Instance1 {
                 action::CLAMP if known(feature) => PolicyAction::Clamp(feature, finite(value)?),
                 action::ABLATE if known(feature) => PolicyAction::Ablate(feature),
                 action::ADD if known(feature) => PolicyAction::Add(feature, finite(value)?),
+                action::CLEAR => PolicyAction::Clear,
                 _ => return Err(Failure::BadAnswer),
             });
         }

@@ -1825,6 +1825,13 @@ fn apply_policy(
                     PolicyAction::Clamp(f, v) => add_rule(req, policy, Op::Clamp, f, Some(v)),
                     PolicyAction::Ablate(f) => add_rule(req, policy, Op::Ablate, f, None),
                     PolicyAction::Add(f, v) => add_rule(req, policy, Op::Add, f, Some(v)),
+                    PolicyAction::Clear => {
+                        let before = req.overrides.steer.len();
+                        req.overrides
+                            .steer
+                            .retain(|s| s.name.as_deref() != Some(policy.name.as_str()));
+                        req.dirty |= req.overrides.steer.len() != before;
+                    }
                 }
             }
         }
@@ -1845,7 +1852,8 @@ fn add_rule(
     }
     let dictionary = Some(policy_dictionary_name(policy, &req.names));
     req.overrides.steer.push(SteerConfig {
-        name: None,
+        // Tagged with the policy's name, so that `clear` finds them.
+        name: Some(policy.name.clone()),
         op,
         dictionary,
         feature: Some(feature),
