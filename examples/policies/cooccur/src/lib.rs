@@ -12,6 +12,8 @@ use tiller_policy::{Actions, Pair, Policy, export_policy, host};
 #[derive(Debug, Default)]
 struct Window {
     recent: VecDeque<(u64, u32)>,
+    /// How many times each feature is in `recent`: its length is the number of distinct features.
+    counts: BTreeMap<u32, u32>,
     flagged: bool,
 }
 
@@ -62,24 +64,27 @@ impl Policy for Cooccur {
         let w = self.requests.entry(request).or_default();
         for p in pairs {
             w.recent.push_back((token, p.feature));
+            *w.counts.entry(p.feature).or_insert(0) += 1;
         }
-        while w
-            .recent
-            .front()
-            .is_some_and(|(t, _)| token >= self.window && *t <= token - self.window)
-        {
+        while let Some(&(t, f)) = w.recent.front() {
+            if token < self.window || t > token - self.window {
+                break;
+            }
             w.recent.pop_front();
+            if let Some(c) = w.counts.get_mut(&f) {
+                *c -= 1;
+                if *c == 0 {
+                    w.counts.remove(&f);
+                }
+            }
         }
-        let mut distinct: alloc::vec::Vec<u32> = w.recent.iter().map(|(_, f)| *f).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        if !w.flagged && distinct.len() >= self.count {
+        let distinct = w.counts.len();
+        if !w.flagged && distinct >= self.count {
             w.flagged = true;
             host::count(0, 1);
             out.flag(&format!(
                 "{} features within {} tokens",
-                distinct.len(),
-                self.window
+                distinct, self.window
             ));
         }
     }
