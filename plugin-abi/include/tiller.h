@@ -6,6 +6,7 @@
  * checked for NULL and every call runs inside a panic boundary: a bug inside the runtime is
  * reported as TILLER_PANIC, never an abort. Strings are NUL-terminated UTF-8. Output strings are
  * copied into the caller's buffer; on TILLER_BUFFER_TOO_SMALL, *needed holds the size to retry with.
+ * A function that fails writes nothing to its `out` argument.
  *
  * Thread safety: a tiller_runtime is shared by all threads; a tiller_step is used by one thread
  * at a time. Each function's comment says which it is.

@@ -78,6 +78,8 @@ pub struct tiller_runtime {
 #[derive(Debug)]
 pub struct tiller_step {
     inner: Step<'static>,
+    /// The step's token count: every hook call must pass it.
+    n_tokens: usize,
 }
 
 thread_local! {
@@ -160,13 +162,28 @@ unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> Result<Option<&'a str>, t
 /// # Safety
 /// `buf` is NULL or valid for `len` bytes; `needed` is NULL or valid for one write.
 unsafe fn write_out(text: &str, buf: *mut c_char, len: usize, needed: *mut usize) -> tiller_status {
+    // SAFETY: forwarded from the caller.
+    let s = unsafe { copy_out(text, buf, len, needed) };
+    if s == tiller_status::TILLER_BUFFER_TOO_SMALL {
+        set_error(format!(
+            "the buffer holds {len} bytes; {} are needed",
+            text.len() + 1
+        ));
+    }
+    s
+}
+
+/// [`write_out`] without touching the thread's last error (for `tiller_last_error` itself).
+///
+/// # Safety
+/// As [`write_out`].
+unsafe fn copy_out(text: &str, buf: *mut c_char, len: usize, needed: *mut usize) -> tiller_status {
     let n = text.len() + 1;
     if !needed.is_null() {
         // SAFETY: checked non-NULL; the caller promises it is writable.
         unsafe { *needed = n };
     }
     if buf.is_null() || len < n {
-        set_error(format!("the buffer holds {len} bytes; {n} are needed"));
         return tiller_status::TILLER_BUFFER_TOO_SMALL;
     }
     // SAFETY: `buf` is valid for `len >= n` bytes.
@@ -217,7 +234,7 @@ pub unsafe extern "C" fn tiller_last_error(
 ) -> tiller_status {
     let msg = LAST_ERROR.with(|e| e.borrow().clone());
     // SAFETY: forwarded from the caller. No boundary: this must not overwrite the message.
-    match catch_unwind(|| unsafe { write_out(&msg, buf, len, needed) }) {
+    match catch_unwind(|| unsafe { copy_out(&msg, buf, len, needed) }) {
         Ok(s) => s,
         Err(_) => tiller_status::TILLER_PANIC,
     }
@@ -413,7 +430,7 @@ pub unsafe extern "C" fn tiller_request_end(
             };
             if len < summary.len() + 1 || buf.is_null() {
                 // SAFETY: forwarded from the caller; reports the size needed.
-                return unsafe { write_out(&summary, std::ptr::null_mut(), 0, needed) };
+                return unsafe { write_out(&summary, std::ptr::null_mut(), len, needed) };
             }
             return match rt.inner.end_request(id) {
                 // SAFETY: forwarded from the caller.
@@ -483,7 +500,12 @@ pub unsafe extern "C" fn tiller_step_open(
         match rt.inner.step_shared(&tokens) {
             Ok(step) => {
                 // SAFETY: `out` checked non-NULL.
-                unsafe { *out = Box::into_raw(Box::new(tiller_step { inner: step })) };
+                unsafe {
+                    *out = Box::into_raw(Box::new(tiller_step {
+                        inner: step,
+                        n_tokens,
+                    }))
+                };
                 tiller_status::TILLER_OK
             }
             Err(e) => fail(e),
@@ -521,6 +543,12 @@ pub unsafe extern "C" fn tiller_step_hook(
         let Some(len) = n_tokens.checked_mul(width) else {
             return invalid(format!("n_tokens {n_tokens} × width {width} overflows"));
         };
+        if n_tokens != step.n_tokens {
+            return invalid(format!(
+                "hook `{hook}`: n_tokens is {n_tokens}, but the step was opened with {} tokens",
+                step.n_tokens
+            ));
+        }
         // Alignment is checked before any slice is made over `data`.
         let align = match dtype {
             0 => 4,
