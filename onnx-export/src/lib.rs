@@ -18,6 +18,7 @@ pub mod sparsify;
 pub mod steering_vectors;
 pub mod tensors;
 pub mod torch;
+pub mod train;
 pub mod verify;
 
 pub use error::{Error, Result};
