@@ -1,0 +1,285 @@
+//! An OpenAI-compatible embedding server for all-MiniLM-L6-v2 with Tiller attached to the residual
+//! stream after a chosen layer.
+//!
+//! - `POST /v1/embeddings`: `{"input": "text" | ["text", ...], "model": "...",
+//!   "encoding_format": "float", "tiller_profile": "name", "tiller_overrides": {...}}`; the
+//!   profile may also come from the `X-Tiller-Profile` header (the body field wins). The answer is
+//!   OpenAI's shape plus a `tiller` object per input: its profile, monitor events and steering
+//!   counts.
+//! - `GET /metrics`: Tiller's Prometheus metrics and the server's own.
+//! - `GET /healthz`: `{"status": "ok", ...}` once the model and runtime are loaded.
+//!
+//! Each HTTP request's inputs run as one batch; each input is one Tiller request with its own
+//! profile. The model runs on a blocking thread pool; the runtime is shared.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tiller::{ActivationsMut, Phase, Runtime, Token};
+use tiller_minilm::{Hidden, MiniLm};
+
+/// Most inputs in one request.
+pub const MAX_INPUTS: usize = 256;
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The model.
+    pub model: Arc<MiniLm>,
+    /// The runtime attached at the hook.
+    pub runtime: Arc<Runtime>,
+    /// The model name reported back.
+    pub model_name: String,
+    next_id: AtomicU64,
+    http_requests: AtomicU64,
+    http_errors: AtomicU64,
+}
+
+impl AppState {
+    /// Shares a model and a runtime.
+    pub fn new(model: Arc<MiniLm>, runtime: Arc<Runtime>) -> Self {
+        Self {
+            model,
+            runtime,
+            model_name: "all-MiniLM-L6-v2".into(),
+            next_id: AtomicU64::new(1),
+            http_requests: AtomicU64::new(0),
+            http_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The server's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingRequest {
+    input: Input,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    tiller_profile: Option<String>,
+    #[serde(default)]
+    tiller_overrides: Option<Value>,
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message.into(), "type": kind}})),
+    )
+        .into_response()
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    state.http_requests.fetch_add(1, Ordering::Relaxed);
+    let resp = match parse(&headers, &body, &state) {
+        Ok(job) => {
+            let st = state.clone();
+            match tokio::task::spawn_blocking(move || run(&st, job)).await {
+                Ok(Ok(v)) => Json(v).into_response(),
+                Ok(Err((status, kind, msg))) => error(status, kind, msg),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    format!("the embedding task failed: {e}"),
+                ),
+            }
+        }
+        Err(msg) => error(StatusCode::BAD_REQUEST, "invalid_request_error", msg),
+    };
+    if !resp.status().is_success() {
+        state.http_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    resp
+}
+
+struct Job {
+    texts: Vec<String>,
+    profile: Option<String>,
+    overrides: Option<String>,
+}
+
+fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, String> {
+    let req: EmbeddingRequest =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not a valid embeddings request: {e}"))?;
+    let texts = match req.input {
+        Input::One(s) => vec![s],
+        Input::Many(v) => v,
+    };
+    if texts.is_empty() {
+        return Err("`input` is empty".into());
+    }
+    if texts.len() > MAX_INPUTS {
+        return Err(format!("`input` has {} texts; at most {MAX_INPUTS}", texts.len()));
+    }
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(format!("`input[{i}]` is empty"));
+    }
+    if let Some(m) = &req.model
+        && m != &state.model_name
+        && m != "sentence-transformers/all-MiniLM-L6-v2"
+    {
+        return Err(format!("model {m:?} is not served here (this server runs {:?})", state.model_name));
+    }
+    if let Some(f) = &req.encoding_format
+        && f != "float"
+    {
+        return Err(format!("encoding_format {f:?} is not supported (only \"float\")"));
+    }
+    if let Some(d) = req.dimensions
+        && d != state.model.d()
+    {
+        return Err(format!("dimensions {d} is not supported (the model gives {})", state.model.d()));
+    }
+    let header_profile = match headers.get("x-tiller-profile") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| "the X-Tiller-Profile header is not text".to_string())?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let profile = req.tiller_profile.or(header_profile).filter(|p| !p.is_empty());
+    let overrides = req.tiller_overrides.map(|v| v.to_string());
+    Ok(Job {
+        texts,
+        profile,
+        overrides,
+    })
+}
+
+type Failure = (StatusCode, &'static str, String);
+
+fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
+    let internal = |e: anyhow::Error| (StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("{e:#}"));
+    let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
+    let toks = state.model.tokenize(&refs).map_err(internal)?;
+    let ids: Vec<u64> = toks
+        .iter()
+        .map(|_| state.next_id.fetch_add(1, Ordering::Relaxed))
+        .collect();
+    let rt = &state.runtime;
+    let mut begun = Vec::with_capacity(ids.len());
+    for &id in &ids {
+        if let Err(e) = rt.begin_request(id, job.profile.as_deref(), job.overrides.as_deref()) {
+            for &b in &begun {
+                let _ = rt.end_request(b);
+            }
+            return Err((StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()));
+        }
+        begun.push(id);
+    }
+    let hook_name = state.model.hook_name();
+    let mut hook = |h: &mut Hidden<'_>| -> anyhow::Result<()> {
+        let mut tokens = Vec::with_capacity(h.data.len() / h.d);
+        for (seq, range) in h.sequences.iter().enumerate() {
+            tokens.extend(std::iter::repeat_n(
+                Token {
+                    request: ids[seq],
+                    phase: Phase::Prompt,
+                },
+                range.len(),
+            ));
+        }
+        let mut step = rt.step(&tokens)?;
+        step.hook(&hook_name, ActivationsMut::F32(h.data))?;
+        step.finish();
+        Ok(())
+    };
+    let seqs: Vec<&[u32]> = toks.iter().map(|t| t.ids.as_slice()).collect();
+    let result = state.model.embed_ids(&seqs, Some(&mut hook));
+    let summaries: Vec<_> = ids.iter().map(|&id| rt.end_request(id)).collect();
+    let emb = result.map_err(internal)?;
+    let mut data = Vec::with_capacity(ids.len());
+    let mut total = 0usize;
+    for (i, (t, s)) in toks.iter().zip(summaries).enumerate() {
+        total += t.ids.len();
+        let s = s.map_err(|e| internal(e.into()))?;
+        data.push(json!({
+            "object": "embedding",
+            "index": i,
+            "embedding": emb.row(i).to_vec(),
+            "tiller": {
+                "request": s.request,
+                "profile": s.profile,
+                "tokens": s.tokens,
+                "flagged": s.flagged,
+                "events": s.events,
+                "steering": s.steering,
+            },
+        }));
+    }
+    Ok(json!({
+        "object": "list",
+        "data": data,
+        "model": state.model_name,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut text = state.runtime.metrics_text();
+    text.push_str(&format!(
+        "# HELP embedding_server_http_requests_total Embedding requests received.\n\
+         # TYPE embedding_server_http_requests_total counter\n\
+         embedding_server_http_requests_total {}\n\
+         # HELP embedding_server_http_errors_total Embedding requests answered with an error.\n\
+         # TYPE embedding_server_http_errors_total counter\n\
+         embedding_server_http_errors_total {}\n",
+        state.http_requests.load(Ordering::Relaxed),
+        state.http_errors.load(Ordering::Relaxed),
+    ));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let config = state.runtime.config();
+    Json(json!({
+        "status": "ok",
+        "model": state.model_name,
+        "hook": state.model.hook_name(),
+        "dictionaries": config.dictionaries.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+        "profiles": config.profiles.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
