@@ -23,6 +23,10 @@ pub struct ImportOptions {
     /// The host's hook name to store, overriding the checkpoint's; `{name}` is replaced by the
     /// dictionary's name (a hookpoint or a layer).
     pub hook: Option<String>,
+    /// Probes (`--format probe`): the `.npy` bias that goes with a `.npy` weight.
+    pub bias: Option<PathBuf>,
+    /// Probes: what each read-out outputs (a probability, or the logit).
+    pub probe_output: crate::probe::ProbeOutput,
 }
 
 /// One dictionary read from a checkpoint.
@@ -120,6 +124,8 @@ formats! {
     OpenAi = "openai" => crate::openai,
     /// Goodfire's released SAEs: a `torch.save`d state dict (`.pth`).
     Goodfire = "goodfire" => crate::goodfire,
+    /// Linear probes: `weight`/`bias` or `coef_`/`intercept_` in `.safetensors`, `.npz`, `.npy`.
+    Probe = "probe" => crate::probe::import,
 }
 
 /// Recognises the format of the checkpoint at `path`.
@@ -142,11 +148,20 @@ pub fn detect(path: &Path) -> Result<Format> {
 
 /// Reads the checkpoint at `path` in `format`.
 pub fn read_all(path: &Path, format: Format, opts: &ImportOptions) -> Result<Vec<Imported>> {
-    let format = if format == Format::Auto {
-        detect(path)?
-    } else {
-        format
+    let format = match format {
+        // A bias only goes with a probe's weight (a `.npy` would otherwise be a direction).
+        Format::Auto if opts.bias.is_some() => Format::Probe,
+        Format::Auto => detect(path)?,
+        f => f,
     };
+    if let Some(b) = &opts.bias
+        && format != Format::Probe
+    {
+        return Err(Error::format(
+            b,
+            format!("--bias is for probes (--format probe), not the {format} format"),
+        ));
+    }
     let mut out = format.import(path, opts)?;
     if out.is_empty() {
         return Err(Error::format(

@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod circuit_tracer;
+pub mod dashboard;
 pub mod dictionary_learning;
 mod error;
 pub mod gemma_scope;
@@ -12,6 +13,7 @@ pub mod import;
 pub mod llama_scope;
 pub mod npy;
 pub mod openai;
+pub mod probe;
 pub mod saelens;
 pub mod slice;
 pub mod sparsify;

@@ -41,6 +41,12 @@ enum Command {
         /// Feature labels: a JSON object {feature_id: label}.
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// Probes: the .npy bias of a .npy weight (implies --format probe).
+        #[arg(long)]
+        bias: Option<PathBuf>,
+        /// Probes: what each read-out outputs, `sigmoid` (a probability) or `logit`.
+        #[arg(long, default_value = "sigmoid")]
+        probe_output: tiller_export::probe::ProbeOutput,
         /// The dictionary to write; several dictionaries go to `OUT.<name>.onnx`.
         #[arg(short, long)]
         output: PathBuf,
@@ -146,8 +152,107 @@ enum Command {
     },
     /// Download ONNX Runtime into the cache (done on first use otherwise) and print its path.
     Setup,
+    /// Write a static HTML page (and JSON beside it) showing what features fire on, from a folder
+    /// of activation shards with their tokens.
+    Dashboard {
+        /// The dictionary.
+        #[arg(long)]
+        dictionary: PathBuf,
+        /// The folder of `shard-NNNNN.npy` activations with `shard-NNNNN.jsonl` tokens.
+        #[arg(long)]
+        activations: PathBuf,
+        /// The HTML page to write; its data goes beside it as `.json`.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The features to show, comma separated [default: the --top-features densest].
+        #[arg(long, value_delimiter = ',', conflicts_with = "top_features")]
+        features: Option<Vec<u32>>,
+        /// How many of the densest features that fired to show.
+        #[arg(long, default_value_t = 64)]
+        top_features: usize,
+        /// Top contexts per feature.
+        #[arg(long, default_value_t = 12)]
+        contexts: usize,
+        /// Tokens shown either side of the top token.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// Read at most this many rows.
+        #[arg(long)]
+        max_rows: Option<u64>,
+        /// Rows per encode call.
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+    },
     /// Train an SAE, transcoder, skip transcoder or crosscoder on activations (.npy/.safetensors).
     Train(Box<TrainArgs>),
+    /// Train a linear probe (L2-penalised logistic regression) on activations and 0/1 labels.
+    TrainProbe(Box<TrainProbeArgs>),
+    /// Write the unit difference-in-means direction of two sets of activations as a `vector`
+    /// dictionary (for the `vector` and `project_cap` ops and projection monitors).
+    Diffmeans {
+        /// `[n, d]` activations of the positive set (.npy).
+        #[arg(long)]
+        positive: PathBuf,
+        /// `[n, d]` activations of the negative set (.npy).
+        #[arg(long)]
+        negative: PathBuf,
+        /// The direction's label.
+        #[arg(long)]
+        name: Option<String>,
+        /// The host's hook it reads and steers (tiller.hook_in / hook_out).
+        #[arg(long, default_value = "")]
+        hook: String,
+        /// The model the activations came from.
+        #[arg(long, default_value = "")]
+        model: String,
+        /// Write a JSON report.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// The dictionary to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// `tiller-export train-probe`: see the README section "Probes and difference-in-means".
+#[derive(clap::Args)]
+struct TrainProbeArgs {
+    /// `[n, d]` activations (.npy, float16/32/64).
+    #[arg(long)]
+    input: PathBuf,
+    /// `[n]` labels, 0 or 1 (.npy: bool, integer or float).
+    #[arg(long)]
+    labels: PathBuf,
+    /// λ of the penalty (λ/2)‖w‖² on the standardised inputs' weights.
+    #[arg(long, default_value_t = 1e-3)]
+    l2: f64,
+    /// Fraction of each class held out for evaluation (0: none).
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// The seed of the held-out split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// L-BFGS iterations at most.
+    #[arg(long, default_value_t = 1000)]
+    max_iter: usize,
+    /// The read-out's label.
+    #[arg(long)]
+    name: Option<String>,
+    /// The host's hook it reads (tiller.hook_in).
+    #[arg(long, default_value = "")]
+    hook: String,
+    /// The model the activations came from.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// `sigmoid` (a probability) or `logit`.
+    #[arg(long, default_value = "sigmoid")]
+    probe_output: tiller_export::probe::ProbeOutput,
+    /// Write a JSON report.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// The probe dictionary to write.
+    #[arg(short, long)]
+    output: PathBuf,
 }
 
 /// `tiller-export train`: see the README section "Training".
@@ -309,6 +414,8 @@ fn run(cli: Cli) -> Result<()> {
             layer,
             hook,
             labels,
+            bias,
+            probe_output,
             output,
         } => {
             let layer = match layer.as_deref() {
@@ -322,6 +429,8 @@ fn run(cli: Cli) -> Result<()> {
                 hookpoint,
                 layer,
                 hook,
+                bias,
+                probe_output,
             };
             let labels = match labels {
                 Some(l) => {
@@ -407,7 +516,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = import::ImportOptions {
                 hookpoint,
                 layer,
-                hook: None,
+                ..Default::default()
             };
             let all = import::read_all(&source, format, &opts)?;
             if all.len() != 1 {
@@ -490,6 +599,76 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(args) => train(*args),
+        Command::TrainProbe(a) => {
+            use tiller_export::probe::{TrainProbeConfig, train_probe};
+            let mut cfg = TrainProbeConfig::new(a.input, a.labels, a.output);
+            cfg.l2 = a.l2;
+            cfg.holdout = a.holdout;
+            cfg.seed = a.seed;
+            cfg.max_iter = a.max_iter;
+            cfg.name = a.name;
+            cfg.hook = a.hook;
+            cfg.model = a.model;
+            cfg.probe_output = a.probe_output;
+            cfg.report = a.report;
+            print!("{}", train_probe(&cfg)?);
+            Ok(())
+        }
+        Command::Diffmeans {
+            positive,
+            negative,
+            name,
+            hook,
+            model,
+            report,
+            output,
+        } => {
+            let cfg = tiller_export::probe::DiffmeansConfig {
+                positive,
+                negative,
+                output,
+                name,
+                hook,
+                model,
+                report,
+            };
+            print!("{}", tiller_export::probe::diffmeans(&cfg)?);
+            Ok(())
+        }
+        Command::Dashboard {
+            dictionary,
+            activations,
+            output,
+            features,
+            top_features,
+            contexts,
+            window,
+            max_rows,
+            batch,
+        } => {
+            let opts = tiller_export::dashboard::Options {
+                features,
+                top_features,
+                contexts,
+                window,
+                max_rows,
+                batch,
+                progress: true,
+                ..tiller_export::dashboard::Options::new(dictionary, activations, output)
+            };
+            let d = tiller_export::dashboard::write(&opts)?;
+            println!(
+                "wrote {} and {}: {} features of {} over {} rows (dead {:.2}%, mean L0 {:.2})",
+                opts.output.display(),
+                tiller_export::dashboard::json_path(&opts.output).display(),
+                d.features.len(),
+                d.d_sae,
+                d.rows,
+                100.0 * d.dead_fraction,
+                d.mean_l0
+            );
+            Ok(())
+        }
         Command::Setup => {
             let p = tiller::onnxruntime::resolve_library(None)?;
             tiller::onnxruntime::init(Some(&p))?;

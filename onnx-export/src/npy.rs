@@ -86,6 +86,31 @@ pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>> {
     Ok(a.mapv(|w| w.0))
 }
 
+fn open_npz(path: &Path) -> Result<ndarray_npy::NpzReader<std::io::BufReader<std::fs::File>>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    ndarray_npy::NpzReader::new(std::io::BufReader::new(file))
+        .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))
+}
+
+/// The names of the arrays in a `.npz` archive (without `.npy`, as NumPy names them).
+pub fn npz_names(path: &Path) -> Result<Vec<String>> {
+    open_npz(path)?
+        .names()
+        .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))
+}
+
+/// Reads the float array `name` of a `.npz` archive as float32.
+pub fn read_npz_f32(path: &Path, name: &str) -> Result<ArrayD<f32>> {
+    let a: ArrayD<Widened> = open_npz(path)?.by_name(name).map_err(|e| {
+        let why = match e {
+            ndarray_npy::ReadNpzError::Npy(e) => describe(e),
+            other => other.to_string(),
+        };
+        Error::format(path, format!("array `{name}`: {why}"))
+    })?;
+    Ok(a.mapv(|w| w.0))
+}
+
 /// Reads a float `.npy` file of shape `[n, width]` as float32, checking the width and that every
 /// value is finite.
 pub fn read_activations(path: &Path, width: usize) -> Result<Array2<f32>> {

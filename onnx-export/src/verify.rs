@@ -18,7 +18,7 @@ pub struct Report {
     pub acts_max_abs: f64,
     /// `max |acts - ref| / max |ref|`.
     pub acts_rel: f64,
-    /// `max |recon - ref|`.
+    /// `max |recon - ref|` (0 for a probe, which has no reconstruction).
     pub recon_max_abs: f64,
     /// `max |recon - ref| / max |ref|`.
     pub recon_rel: f64,
@@ -71,10 +71,17 @@ pub fn verify(
             ),
         ));
     }
-    let (acts, recon) = d.encode_decode(x.view())?;
-    let (ref_acts, ref_recon) = reference::encode_decode(meta, weights, x.view());
+    // A probe has no reconstruction: its read-outs are all there is to compare.
+    let (acts, ref_acts, (recon_max_abs, recon_rel)) = if meta.has_decoder() {
+        let (acts, recon) = d.encode_decode(x.view())?;
+        let (ref_acts, ref_recon) = reference::encode_decode(meta, weights, x.view());
+        let recon_errors = errors(&recon, &ref_recon);
+        (acts, ref_acts, recon_errors)
+    } else {
+        let acts = d.encode(x.view())?.acts;
+        (acts, reference::encode(meta, weights, x.view()), (0.0, 0.0))
+    };
     let (acts_max_abs, acts_rel) = errors(&acts, &ref_acts);
-    let (recon_max_abs, recon_rel) = errors(&recon, &ref_recon);
     let topk_agreement = (meta.activation == Activation::TopK).then(|| {
         let same = acts
             .rows()

@@ -283,6 +283,21 @@ pub enum Op {
     ProjectCap,
 }
 
+impl Op {
+    /// The name used in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Add => "add",
+            Self::Clamp => "clamp",
+            Self::Ablate => "ablate",
+            Self::Scale => "scale",
+            Self::Cap => "cap",
+            Self::Vector => "vector",
+            Self::ProjectCap => "project_cap",
+        }
+    }
+}
+
 /// `[[profile.steer]]` (and per-request override rules, in JSON).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -382,6 +397,48 @@ fn locate(text: &str, table: &str, index: usize, key: &str) -> usize {
         }
     }
     header_line.max(1)
+}
+
+/// The line of `key` in the `index`-th `[[table]]` of `text`, or with `rule`, in that table's
+/// `rule`-th `[[table.steer]]`; the header's line when the key is not written there.
+pub(crate) fn locate_key(
+    text: &str,
+    table: &str,
+    index: usize,
+    rule: Option<usize>,
+    key: &str,
+) -> usize {
+    let Some(rule) = rule else {
+        return locate(text, table, index, key);
+    };
+    let (header, sub) = (format!("[[{table}]]"), format!("[[{table}.steer]]"));
+    let (mut tables, mut rules) = (0usize, 0usize);
+    let (mut in_table, mut in_rule) = (false, false);
+    let mut found = locate(text, table, index, "name");
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_rule = false;
+            if t == header {
+                in_table = tables == index;
+                tables += 1;
+                rules = 0;
+            } else if t == sub && in_table {
+                in_rule = rules == rule;
+                rules += 1;
+                if in_rule {
+                    found = i + 1;
+                }
+            } else if !t.starts_with(&format!("[[{table}.")) {
+                in_table = false;
+            }
+            continue;
+        }
+        if in_rule && t.split('=').next().unwrap_or("").trim() == key {
+            return i + 1;
+        }
+    }
+    found
 }
 
 impl Config {

@@ -3,7 +3,10 @@
 //! Tiller is a runtime that an LLM inference server embeds in its own process to read
 //! sparse-dictionary features (sparse autoencoders, transcoders, crosscoders) out of the model's
 //! activations and to steer the model by editing those activations in place. Dictionaries are ONNX
-//! files (format v1, see [`dictionary`]) run by ONNX Runtime.
+//! files (format v1, see [`dictionary`]) run by ONNX Runtime. Linear probes ([`Kind::Probe`],
+//! read-outs with no decoder) and raw steering directions ([`Kind::Vector`], e.g. a
+//! difference-in-means direction) are dictionaries too: monitored and exported like features,
+//! and (directions only) steered with.
 //!
 //! ```no_run
 //! use tiller::{Dictionary, SessionOptions};

@@ -35,6 +35,7 @@ pub fn slicing_is_exact(activation: Activation) -> bool {
             | Activation::BatchTopK
             | Activation::Gated
             | Activation::Linear
+            | Activation::Sigmoid
     )
 }
 
@@ -166,6 +167,7 @@ impl SlicedEncoder {
                 *v = match self.activation {
                     Activation::Relu => pre.max(0.0),
                     Activation::Linear => pre,
+                    Activation::Sigmoid => sigmoid(pre),
                     Activation::JumpRelu | Activation::BatchTopK => {
                         let t = self.threshold.as_ref().map_or(0.0, |t| t[j]);
                         if pre > t { pre.max(0.0) } else { 0.0 }
@@ -178,5 +180,16 @@ impl SlicedEncoder {
                 };
             }
         }
+    }
+}
+
+/// `1 / (1 + exp(-v))`, written so that neither branch overflows (ONNX Runtime's `Sigmoid`
+/// does the same).
+pub(crate) fn sigmoid(v: f32) -> f32 {
+    if v >= 0.0 {
+        1.0 / (1.0 + (-v).exp())
+    } else {
+        let e = v.exp();
+        e / (1.0 + e)
     }
 }

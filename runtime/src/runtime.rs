@@ -11,7 +11,7 @@ use ndarray::{Array2, ArrayView2};
 use serde::Serialize;
 
 use crate::config::{Action, Aggregate, ApplyTo, Config, Op, Overrides, SteerConfig, Window};
-use crate::dictionary::{DictionaryFile, Kind, Meta, split_hooks};
+use crate::dictionary::{Activation, DictionaryFile, Kind, Meta, split_hooks};
 use crate::metrics::{DictionaryMetrics, FeatureMetrics, HookMetrics, Metrics};
 use crate::native::SlicedEncoder;
 use crate::session::{Dictionary, SessionOptions};
@@ -159,9 +159,12 @@ struct DictState {
     /// The features the config names (monitored or steered), sorted.
     features: Vec<u32>,
     position: HashMap<u32, usize>,
+    /// A feature counts as active (metrics, summaries, policies) above this: 0, or 0.5 for a
+    /// sigmoid probe (its positive calls).
+    active_above: f32,
     sliced: Option<SlicedEncoder>,
     feature_metrics: Vec<FeatureMetrics>,
-    gauges: DictionaryMetrics,
+    gauges: Option<DictionaryMetrics>,
     fvu: Mutex<FvuWindow>,
 }
 
@@ -259,10 +262,17 @@ impl State {
             let path = config.resolve(&dc.path);
             let file = DictionaryFile::open(&path)?;
             let meta = file.meta().clone();
-            if meta.kind == Kind::Probe {
-                return Err(Error::dictionary(
-                    &path,
-                    format!("{} dictionaries cannot be attached to hooks yet", meta.kind),
+            if !meta.has_decoder() && dc.hook_out.is_some() {
+                return Err(config_error(
+                    &config,
+                    "dictionary",
+                    config.dictionaries.iter().position(|d| d.name == dc.name),
+                    None,
+                    "hook_out",
+                    format!(
+                        "dictionary `{}` is a probe: it reads its hook and writes none",
+                        dc.name
+                    ),
                 ));
             }
             let hooks_in = dc
@@ -274,7 +284,9 @@ impl State {
                 .as_deref()
                 .or(dc.hook.as_deref())
                 .map_or_else(|| meta.hooks_out(), split_hooks);
-            if hooks_out.is_empty() && !meta.layered_decoder() {
+            if !meta.has_decoder() {
+                hooks_out.clear();
+            } else if hooks_out.is_empty() && !meta.layered_decoder() {
                 hooks_out = hooks_in.clone();
             }
             if hooks_in.is_empty() {
@@ -324,11 +336,17 @@ impl State {
                     }
                 })
                 .collect();
-            let gauges = DictionaryMetrics {
+            // A probe has no reconstruction: no FVU or L0 series.
+            let gauges = meta.has_decoder().then(|| DictionaryMetrics {
                 l0: metrics.l0.with_label_values(&[dc.name.as_str()]),
                 fvu: metrics.fvu.with_label_values(&[dc.name.as_str()]),
-            };
+            });
             let dict = Dictionary::from_file(file, &opts)?;
+            let active_above = if meta.activation == Activation::Sigmoid {
+                0.5
+            } else {
+                0.0
+            };
             dict_index.insert(dc.name.clone(), dicts.len());
             dicts.push(DictState {
                 name: dc.name.clone(),
@@ -339,6 +357,7 @@ impl State {
                 w_dec,
                 features,
                 position,
+                active_above,
                 sliced,
                 feature_metrics,
                 gauges,
@@ -372,6 +391,26 @@ impl State {
                     .monitor_events
                     .with_label_values(&[m.name.as_str(), action_name(m.action)]),
             });
+        }
+        // A probe has no decoder rows: refuse every rule that would steer with one, naming it.
+        for (pi, p) in config.profiles.iter().enumerate() {
+            for (ri, s) in p.steer.iter().enumerate() {
+                let Some(d) = s.dictionary.as_deref().and_then(|n| dict_index.get(n)) else {
+                    continue;
+                };
+                let d: &DictState = &dicts[*d];
+                if !d.meta.has_decoder() {
+                    let name = s.name.clone().unwrap_or_else(|| format!("{}.{ri}", p.name));
+                    return Err(config_error(
+                        &config,
+                        "profile",
+                        Some(pi),
+                        Some(ri),
+                        "dictionary",
+                        probe_steer_message(&name, &d.name, s),
+                    ));
+                }
+            }
         }
         let profiles: HashMap<String, Vec<SteerConfig>> = config
             .profiles
@@ -528,6 +567,12 @@ impl State {
                     _ => {
                         let di = self.dict_index[s.dictionary.as_deref().unwrap_or("")];
                         let d = &self.dicts[di];
+                        if !d.meta.has_decoder() {
+                            return Err(Error::invalid(
+                                format!("rule `{name}`"),
+                                probe_steer_message(&name, &d.name, s),
+                            ));
+                        }
                         let f = column(&d.meta, &d.name, s.feature.unwrap_or(0))
                             .map_err(|m| Error::invalid(format!("rule `{name}`"), m))?;
                         let row = d.w_dec.row(f as usize);
@@ -612,6 +657,44 @@ impl State {
             }
         }
         Ok(out)
+    }
+}
+
+/// Why a rule cannot steer through probe `dict`.
+fn probe_steer_message(rule: &str, dict: &str, s: &SteerConfig) -> String {
+    format!(
+        "rule `{rule}` ({} of output {}) steers through `{dict}`, a probe: a probe has no decoder \
+         rows to steer with. Monitor the probe and make rules conditional on the monitor (`when`), \
+         or steer along a direction with a `vector` dictionary (`tiller-export diffmeans`)",
+        s.op.as_str(),
+        s.feature.unwrap_or(0)
+    )
+}
+
+/// A [`Error::Config`] at `key` of the `index`-th `[[table]]` (and its `rule`-th
+/// `[[profile.steer]]`) of the file the config came from; the line is 0 when unknown.
+fn config_error(
+    config: &Config,
+    table: &str,
+    index: Option<usize>,
+    rule: Option<usize>,
+    key: &str,
+    message: String,
+) -> Error {
+    let file = config
+        .source
+        .as_ref()
+        .map_or_else(|| "<config>".to_string(), |p| p.display().to_string());
+    let line = match (index, &config.source) {
+        (Some(i), Some(p)) => std::fs::read_to_string(p).map_or(0, |text| {
+            crate::config::locate_key(&text, table, i, rule, key)
+        }),
+        _ => 0,
+    };
+    Error::Config {
+        file,
+        line,
+        message: format!("`{key}`: {message}"),
     }
 }
 
@@ -1465,7 +1548,7 @@ fn encode(
         .iter()
         .flat_map(|rs| rs.iter())
         .any(|r| r.dictionary == Some(di) && !d.position.contains_key(&r.feature));
-    let sample = state.sample_every > 0 && {
+    let sample = state.sample_every > 0 && d.meta.has_decoder() && {
         // Sample when this call crosses a multiple of `sample_every` tokens.
         let c = rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
         let every = state.sample_every;
@@ -1543,10 +1626,12 @@ fn measure_fvu(rt: &Runtime, d: &DictState, x: ArrayView2<'_, f32>, finite: &[bo
     if w.n >= 32 {
         let n = w.n as f64;
         let var = w.sum_sq - w.sum.iter().map(|s| s * s).sum::<f64>() / n;
-        if var > 0.0 {
-            d.gauges.fvu.set(w.err / var);
+        if let Some(g) = &d.gauges {
+            if var > 0.0 {
+                g.fvu.set(w.err / var);
+            }
+            g.l0.set(w.l0 / n);
         }
-        d.gauges.l0.set(w.l0 / n);
         *w = FvuWindow {
             sum: vec![0.0; x.ncols()],
             ..FvuWindow::default()
@@ -1581,7 +1666,7 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
         let row = &p.named[t * m..(t + 1) * m];
         let mut req = lock(&sc.reqs[sc.token_req[t]]);
         for (j, &v) in row.iter().enumerate() {
-            if v > 0.0 {
+            if v > d.active_above {
                 let (hist, active) = &mut locals[j];
                 hist.observe(f64::from(v));
                 *active += 1;
@@ -1717,7 +1802,7 @@ fn run_policies(rt: &Runtime, state: &State, sc: &mut Scratch, di: usize, result
                     (None, Some(f)) => f[[t, c]],
                     (None, None) => 0.0,
                 };
-                if v > 0.0 {
+                if v > d.active_above {
                     sc.pairs.push((id, v));
                 }
             }
@@ -1821,6 +1906,19 @@ fn apply_policy(
                     PolicyAction::Stop => {
                         event(req, "stop", String::new(), &mut result);
                         stop(req, &mut result);
+                    }
+                    PolicyAction::Clamp(..) | PolicyAction::Ablate(_) | PolicyAction::Add(..)
+                        if state
+                            .dicts
+                            .get(policy.dictionary)
+                            .is_some_and(|d| !d.meta.has_decoder()) =>
+                    {
+                        event(
+                            req,
+                            "ignored",
+                            "asked to steer through a probe, which has no decoder rows".into(),
+                            &mut result,
+                        );
                     }
                     PolicyAction::Clamp(f, v) => add_rule(req, policy, Op::Clamp, f, Some(v)),
                     PolicyAction::Ablate(f) => add_rule(req, policy, Op::Ablate, f, None),

@@ -144,15 +144,6 @@ impl Dictionary {
 
     /// Builds sessions for an already validated file.
     pub fn from_file(file: DictionaryFile, opts: &SessionOptions) -> Result<Self> {
-        if file.meta().kind == Kind::Probe {
-            return Err(Error::dictionary(
-                file.path(),
-                format!(
-                    "{} dictionaries are not encoded with this API",
-                    file.meta().kind
-                ),
-            ));
-        }
         let outputs: &[&str] = if file.meta().activation == Activation::TopK {
             &["acts", "top_values", "top_indices"]
         } else {
@@ -247,8 +238,18 @@ impl Dictionary {
         })
     }
 
-    /// Feature activations and the reconstruction (`[batch, n_layers·d_out]`).
+    /// Feature activations and the reconstruction (`[batch, n_layers·d_out]`). A probe has no
+    /// decoder: asking one for a reconstruction is an error.
     pub fn encode_decode(&self, x: ArrayView2<'_, f32>) -> Result<(Array2<f32>, Array2<f32>)> {
+        if !self.meta().has_decoder() {
+            return Err(Error::dictionary(
+                self.file.path(),
+                format!(
+                    "a {} has no decoder, so no reconstruction: use `encode`",
+                    self.meta().kind
+                ),
+            ));
+        }
         self.check_input(&x)?;
         let pool = {
             let mut g = self.full.lock().unwrap_or_else(|p| p.into_inner());

@@ -12,7 +12,8 @@
 //! Each HTTP request's inputs run as one batch; each input is one Tiller request with its own
 //! profile. The model runs on a blocking thread pool; the runtime is shared.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{DefaultBodyLimit, State};
@@ -22,8 +23,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tiller::{ActivationsMut, Phase, Runtime, Token};
+use tiller::{ActivationsMut, Phase, RequestSummary, Runtime, Token};
 use tiller_minilm::{Hidden, MiniLm};
+
+pub mod pipeline;
 
 /// Most inputs in one request.
 pub const MAX_INPUTS: usize = 256;
@@ -42,6 +45,7 @@ pub struct AppState {
     next_id: AtomicU64,
     http_requests: AtomicU64,
     http_errors: AtomicU64,
+    inputs_by_profile: Mutex<BTreeMap<String, u64>>,
 }
 
 impl AppState {
@@ -54,6 +58,7 @@ impl AppState {
             next_id: AtomicU64::new(1),
             http_requests: AtomicU64::new(0),
             http_errors: AtomicU64::new(0),
+            inputs_by_profile: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -186,10 +191,46 @@ fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, Stri
 
 type Failure = (StatusCode, &'static str, String);
 
-fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
-    let internal = |e: anyhow::Error| (StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("{e:#}"));
-    let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-    let toks = state.model.tokenize(&refs).map_err(internal)?;
+/// What [`embed`] returns: `[n, d]` embeddings, each input's token count and Tiller summary.
+#[derive(Debug)]
+pub struct Embedded {
+    /// Unit-norm sentence embeddings, one row per input.
+    pub embeddings: ndarray::Array2<f32>,
+    /// Tokens per input, `[CLS]` and `[SEP]` included.
+    pub tokens: Vec<usize>,
+    /// Each input's Tiller request summary.
+    pub summaries: Vec<RequestSummary>,
+}
+
+/// Why [`embed`] failed.
+#[derive(Debug)]
+pub enum EmbedError {
+    /// The caller's fault: an unknown profile, bad overrides.
+    BadRequest(String),
+    /// Ours.
+    Internal(anyhow::Error),
+}
+
+impl std::fmt::Display for EmbedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadRequest(m) => f.write_str(m),
+            Self::Internal(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for EmbedError {}
+
+/// Embeds `texts` as one batch, each text a Tiller request with `profile` and `overrides`
+/// (JSON), Tiller running at the hook. What the HTTP handler does, callable in-process.
+pub fn embed(
+    state: &AppState,
+    texts: &[&str],
+    profile: Option<&str>,
+    overrides: Option<&str>,
+) -> Result<Embedded, EmbedError> {
+    let toks = state.model.tokenize(texts).map_err(EmbedError::Internal)?;
     let ids: Vec<u64> = toks
         .iter()
         .map(|_| state.next_id.fetch_add(1, Ordering::Relaxed))
@@ -197,11 +238,11 @@ fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
     let rt = &state.runtime;
     let mut begun = Vec::with_capacity(ids.len());
     for &id in &ids {
-        if let Err(e) = rt.begin_request(id, job.profile.as_deref(), job.overrides.as_deref()) {
+        if let Err(e) = rt.begin_request(id, profile, overrides) {
             for &b in &begun {
                 let _ = rt.end_request(b);
             }
-            return Err((StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()));
+            return Err(EmbedError::BadRequest(e.to_string()));
         }
         begun.push(id);
     }
@@ -224,17 +265,38 @@ fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
     };
     let seqs: Vec<&[u32]> = toks.iter().map(|t| t.ids.as_slice()).collect();
     let result = state.model.embed_ids(&seqs, Some(&mut hook));
+    // End every request whatever happened, so none is left running.
     let summaries: Vec<_> = ids.iter().map(|&id| rt.end_request(id)).collect();
-    let emb = result.map_err(internal)?;
-    let mut data = Vec::with_capacity(ids.len());
-    let mut total = 0usize;
-    for (i, (t, s)) in toks.iter().zip(summaries).enumerate() {
-        total += t.ids.len();
-        let s = s.map_err(|e| internal(e.into()))?;
+    let embeddings = result.map_err(EmbedError::Internal)?;
+    let summaries = summaries
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EmbedError::Internal(e.into()))?;
+    *state
+        .inputs_by_profile
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(profile.unwrap_or("none").to_string())
+        .or_default() += ids.len() as u64;
+    Ok(Embedded {
+        embeddings,
+        tokens: toks.iter().map(|t| t.ids.len()).collect(),
+        summaries,
+    })
+}
+
+fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
+    let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
+    let out = embed(state, &refs, job.profile.as_deref(), job.overrides.as_deref()).map_err(|e| match e {
+        EmbedError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request_error", m),
+        EmbedError::Internal(e) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("{e:#}")),
+    })?;
+    let mut data = Vec::with_capacity(refs.len());
+    for (i, s) in out.summaries.iter().enumerate() {
         data.push(json!({
             "object": "embedding",
             "index": i,
-            "embedding": emb.row(i).to_vec(),
+            "embedding": out.embeddings.row(i).to_vec(),
             "tiller": {
                 "request": s.request,
                 "profile": s.profile,
@@ -245,6 +307,7 @@ fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
             },
         }));
     }
+    let total: usize = out.tokens.iter().sum();
     Ok(json!({
         "object": "list",
         "data": data,
@@ -265,6 +328,24 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.http_requests.load(Ordering::Relaxed),
         state.http_errors.load(Ordering::Relaxed),
     ));
+    text.push_str(
+        "# HELP embedding_server_inputs_total Texts embedded, by steering profile (none: no profile).\n\
+         # TYPE embedding_server_inputs_total counter\n",
+    );
+    for (profile, n) in state
+        .inputs_by_profile
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        text.push_str(&format!(
+            "embedding_server_inputs_total{{profile=\"{}\"}} {n}\n",
+            profile
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        ));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         text,

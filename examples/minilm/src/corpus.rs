@@ -1,8 +1,8 @@
 //! Real English text found on the machine, chunked for the model, and the activation collector.
 //!
 //! Sources, each with a *kind* used later to name and check features:
-//! - `legal`: the licence texts of `/usr/share/common-licenses` and the `copyright` files of
-//!   `/usr/share/doc`;
+//! - `legal`: the licence texts of `/usr/share/common-licenses`, and the licence paragraphs of
+//!   the `copyright` files of `/usr/share/doc` (without their names, addresses and paths);
 //! - `prose`: Python's documentation topics (`pydoc_data/topics.py`), the READMEs and NEWS files
 //!   of `/usr/share/doc`, and the Rust book when the toolchain ships its documentation;
 //! - `code`: the modules of Python's standard library.
@@ -53,6 +53,33 @@ fn read_text(path: &Path) -> Option<String> {
         bytes
     };
     String::from_utf8(bytes).ok().filter(|t| !t.trim().is_empty())
+}
+
+/// The paragraphs of a Debian `copyright` file that are licence prose: no field names, e-mail
+/// addresses, URLs or paths, and mostly letters.
+fn licence_prose(text: &str) -> String {
+    let mut out = Vec::new();
+    for para in text.split("\n\n") {
+        let p: String = para
+            .lines()
+            .filter(|l| {
+                let t = l.trim_start();
+                !(t.is_empty()
+                    || t == "."
+                    || t.contains('@')
+                    || t.contains("http")
+                    || t.contains('/')
+                    || t.split_once(':').is_some_and(|(k, _)| !k.contains(' ') && k.len() < 30))
+            })
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let letters = p.chars().filter(|c| c.is_alphabetic() || *c == ' ').count();
+        if p.len() > 80 && letters * 10 >= p.chars().count() * 9 {
+            out.push(p);
+        }
+    }
+    out.join("\n\n")
 }
 
 fn strip_html(html: &str) -> String {
@@ -141,7 +168,9 @@ pub fn default_corpus(chars_per_kind: usize) -> Result<Vec<Document>> {
     let doc_dirs = sorted(Path::new("/usr/share/doc"));
     for d in &doc_dirs {
         let p = d.join("copyright");
-        if let Some(t) = read_text(&p) {
+        if let Some(t) = read_text(&p).map(|t| licence_prose(&t))
+            && t.len() > 200
+        {
             add(&mut docs, p.display().to_string(), "legal", t);
         }
     }
@@ -333,7 +362,29 @@ pub fn collect(model: &MiniLm, docs: &[Document], out: &Path, opts: &CollectOpti
     if chunks.is_empty() {
         bail!("the corpus gave no text to run");
     }
-    chunks.shuffle(&mut StdRng::seed_from_u64(opts.seed));
+    // Shuffle each kind, then take the kinds in turn, so that every kind is represented until it
+    // runs out.
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let mut by_kind: BTreeMap<&str, Vec<Chunk>> = BTreeMap::new();
+    for c in chunks.drain(..) {
+        by_kind.entry(docs[c.doc].kind.as_str()).or_default().push(c);
+    }
+    let mut queues: Vec<std::vec::IntoIter<Chunk>> = by_kind
+        .into_values()
+        .map(|mut v| {
+            v.shuffle(&mut rng);
+            v.into_iter()
+        })
+        .collect();
+    loop {
+        let before = chunks.len();
+        for q in &mut queues {
+            chunks.extend(q.next());
+        }
+        if chunks.len() == before {
+            break;
+        }
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let d = model.d();
     let mut meta = CollectMeta {

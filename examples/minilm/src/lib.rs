@@ -12,6 +12,7 @@
 //!   writes `.npy` shards with token metadata for training and dashboards.
 
 pub mod bert;
+pub mod concepts;
 pub mod corpus;
 mod model;
 pub mod provision;

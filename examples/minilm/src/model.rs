@@ -176,10 +176,13 @@ impl MiniLm {
             .tokenizer
             .encode_fast(text, false)
             .map_err(|e| anyhow!("tokenising: {e}"))?;
-        Ok(Tokens {
-            ids: e.get_ids().to_vec(),
-            tokens: e.get_tokens().to_vec(),
-        })
+        // `encode_fast` skips the token strings: look them up.
+        let ids = e.get_ids().to_vec();
+        let tokens = ids
+            .iter()
+            .map(|&id| self.tokenizer.id_to_token(id).unwrap_or_else(|| "[UNK]".into()))
+            .collect();
+        Ok(Tokens { ids, tokens })
     }
 
     /// The special ids `[CLS]` and `[SEP]`.

@@ -187,3 +187,17 @@ fn bad_inputs_are_errors() {
     let err = MiniLm::load(tmp.path(), Options::default()).unwrap_err();
     assert!(format!("{err:#}").contains("config.json"), "{err:#}");
 }
+
+#[test]
+fn word_pieces_match_the_full_tokenizer() {
+    // The chunker tokenises without specials; its ids and strings must be the tokenizer's.
+    let model = MiniLm::load(&provision::model_dir().unwrap(), Options::default()).unwrap();
+    for text in TEXTS {
+        let full = &model.tokenize(&[text]).unwrap()[0];
+        let pieces = model.word_pieces(text).unwrap();
+        let n = full.ids.len();
+        assert_eq!(pieces.ids, full.ids[1..n - 1], "{text}");
+        assert_eq!(pieces.tokens, full.tokens[1..n - 1], "{text}");
+        assert!(pieces.tokens.iter().all(|t| !t.is_empty()), "{text}");
+    }
+}

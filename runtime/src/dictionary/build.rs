@@ -98,6 +98,12 @@ impl Weights {
         )?;
         shape2("W_dec", &self.w_dec, [meta.d_sae, lo * meta.d_out])?;
         shape1("b_dec", &self.b_dec, lo * meta.d_out)?;
+        if self.apply_b_dec_to_input && !meta.has_decoder() {
+            return Err(Error::invalid(
+                "apply_b_dec_to_input",
+                "a probe has no b_dec to subtract from its input",
+            ));
+        }
         if self.apply_b_dec_to_input && (meta.d_in != meta.d_out || li != lo) {
             return Err(Error::invalid(
                 "apply_b_dec_to_input",
@@ -174,20 +180,23 @@ impl Weights {
                 format!("{l} for a {} dictionary", meta.kind),
             ));
         }
-        if (meta.kind == Kind::Vector) != (meta.activation == Activation::Linear) {
-            return Err(Error::invalid(
-                "activation",
-                "vector dictionaries, and only they, use the linear activation (their features are projections)",
-            ));
-        }
-        if matches!(meta.kind, Kind::Probe) {
-            return Err(Error::invalid(
-                "kind",
-                format!(
-                    "{} dictionaries are not built from these weights",
-                    meta.kind
-                ),
-            ));
+        match (meta.kind, meta.activation) {
+            (Kind::Vector, Activation::Linear)
+            | (Kind::Probe, Activation::Linear | Activation::Sigmoid) => {}
+            (Kind::Vector, _) | (_, Activation::Linear) => {
+                return Err(Error::invalid(
+                    "activation",
+                    "vector dictionaries use the linear activation (their features are projections), \
+                     and only they and probes do",
+                ));
+            }
+            (Kind::Probe, _) | (_, Activation::Sigmoid) => {
+                return Err(Error::invalid(
+                    "activation",
+                    "probes, and only they, output `sigmoid` or `linear` (logits)",
+                ));
+            }
+            _ => {}
         }
         let all_finite = [&self.w_enc, &self.w_dec]
             .iter()
@@ -263,20 +272,26 @@ fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder) -> Result<ModelProto> {
         &[li * meta.d_in, d_sae],
         w_enc.as_slice().unwrap_or(&[]),
     );
-    let w_dec = contiguous(&w.w_dec);
-    let dec_dims: Vec<usize> = if layered {
-        vec![d_sae, lo, meta.d_out]
+    // A probe has no decoder: no `W_dec`, `b_dec` or `recon`.
+    let decoder = meta.has_decoder();
+    let (w_dec_name, b_dec_name) = if decoder {
+        let w_dec = contiguous(&w.w_dec);
+        let dec_dims: Vec<usize> = if layered {
+            vec![d_sae, lo, meta.d_out]
+        } else {
+            vec![d_sae, meta.d_out]
+        };
+        let w_dec_name = g.weight("W_dec", &dec_dims, w_dec.as_slice().unwrap_or(&[]));
+        let b_dec_dims: Vec<usize> = if layered {
+            vec![lo, meta.d_out]
+        } else {
+            vec![meta.d_out]
+        };
+        let b_dec = w.b_dec.to_vec();
+        (w_dec_name, g.weight("b_dec", &b_dec_dims, &b_dec))
     } else {
-        vec![d_sae, meta.d_out]
+        (String::new(), String::new())
     };
-    let w_dec_name = g.weight("W_dec", &dec_dims, w_dec.as_slice().unwrap_or(&[]));
-    let b_dec_dims: Vec<usize> = if layered {
-        vec![lo, meta.d_out]
-    } else {
-        vec![meta.d_out]
-    };
-    let b_dec = w.b_dec.to_vec();
-    let b_dec_name = g.weight("b_dec", &b_dec_dims, &b_dec);
     let b_enc_name = g.weight(
         if w.gated.is_some() { "b_gate" } else { "b_enc" },
         &[d_sae],
@@ -346,6 +361,7 @@ fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder) -> Result<ModelProto> {
     match meta.activation {
         Activation::Relu => g.op_into("Relu", &[&pre], &["acts"], vec![]),
         Activation::Linear => g.op_into("Identity", &[&pre], &["acts"], vec![]),
+        Activation::Sigmoid => g.op_into("Sigmoid", &[&pre], &["acts"], vec![]),
         Activation::JumpRelu | Activation::BatchTopK => {
             let t = w.threshold.as_ref().map(|t| t.to_vec()).unwrap_or_default();
             let dims: Vec<usize> = if meta.activation == Activation::JumpRelu {
@@ -404,6 +420,13 @@ fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder) -> Result<ModelProto> {
             let gate = g.op("Greater", &[&pre, &zero], vec![]);
             g.op_into("Where", &[&gate, &mag, &zero], &["acts"], vec![]);
         }
+    }
+
+    if !decoder {
+        g.output("acts", DataType::FLOAT, &[Dim::batch(), d_sae.into()]);
+        let mut props = meta.to_props();
+        props.push(("tiller.b_dec_on_input".into(), "false".into()));
+        return g.finish_checked(&props);
     }
 
     // Decoder.

@@ -174,7 +174,7 @@ impl DictionaryFile {
         f.external = external;
 
         // The decoder the runtime steers with.
-        if !matches!(f.meta.kind, Kind::Probe) {
+        if f.meta.has_decoder() {
             let l = f.meta.n_layers;
             let (d_sae, d_out) = (f.meta.d_sae, f.meta.d_out);
             let want_dec: Vec<i64> = if f.meta.layered_decoder() {
@@ -363,8 +363,11 @@ impl DictionaryFile {
         Ok((dims, values))
     }
 
-    /// The decoder rows, `[d_sae, n_layers·d_out]`.
+    /// The decoder rows, `[d_sae, n_layers·d_out]` (`[d_sae, 0]` for a probe, which has none).
     pub fn w_dec(&self) -> Result<Array2<f32>> {
+        if !self.meta.has_decoder() {
+            return Ok(Array2::zeros((self.meta.d_sae, 0)));
+        }
         let (dims, v) = self.tensor_f32("W_dec")?;
         let rows = dims.first().copied().unwrap_or(0);
         let cols = v.len().checked_div(rows).unwrap_or(0);
@@ -372,14 +375,20 @@ impl DictionaryFile {
             .map_err(|e| Error::dictionary(&self.path, format!("`W_dec`: {e}")))
     }
 
-    /// The decoder bias, `[n_layers·d_out]`.
+    /// The decoder bias, `[n_layers·d_out]` (empty for a probe).
     pub fn b_dec(&self) -> Result<Array1<f32>> {
+        if !self.meta.has_decoder() {
+            return Ok(Array1::zeros(0));
+        }
         Ok(Array1::from_vec(self.tensor_f32("b_dec")?.1))
     }
 
     /// Whether the graph subtracts `b_dec` from its (normalised) input: the metadata
     /// `tiller.b_dec_on_input`, or for files written before it, a `Sub` node reading `b_dec`.
     pub fn b_dec_on_input(&self) -> bool {
+        if !self.meta.has_decoder() {
+            return false;
+        }
         let props = &self.model.metadata_props;
         if let Some(p) = props.iter().find(|p| p.key == "tiller.b_dec_on_input") {
             return p.value == "true";
@@ -433,7 +442,12 @@ impl DictionaryFile {
             .map_err(|e| Error::dictionary(&self.path, format!("`W_dec`: {e}")))?;
         let gated = m.activation == Activation::Gated;
         let b_enc = self.vector(if gated { "b_gate" } else { "b_enc" }, m.d_sae)?;
-        let mut w = super::Weights::new(w_enc, b_enc, w_dec, self.vector("b_dec", lo * m.d_out)?);
+        let b_dec = if m.has_decoder() {
+            self.vector("b_dec", lo * m.d_out)?
+        } else {
+            Array1::zeros(0)
+        };
+        let mut w = super::Weights::new(w_enc, b_enc, w_dec, b_dec);
         w.threshold = match m.activation {
             Activation::JumpRelu => Some(self.vector("threshold", m.d_sae)?),
             Activation::BatchTopK => Some(self.vector("threshold", 1)?),

@@ -64,7 +64,7 @@ string_enum! {
         Crosscoder = "crosscoder",
         /// A cross-layer transcoder.
         Clt = "clt",
-        /// Linear read-outs, no decoder.
+        /// Linear read-outs (`sigmoid(x·w + b)` or the logits), no decoder: monitored, never steered.
         Probe = "probe",
         /// Raw steering directions.
         Vector = "vector",
@@ -86,6 +86,8 @@ string_enum! {
         Gated = "gated",
         /// No activation: the pre-activations themselves (projections onto raw directions, probe logits).
         Linear = "linear",
+        /// `1 / (1 + exp(-pre))`: a probe's probability (probes only).
+        Sigmoid = "sigmoid",
     }
 }
 
@@ -151,7 +153,7 @@ pub struct Meta {
     pub d_in: usize,
     /// `tiller.d_sae`: number of features.
     pub d_sae: usize,
-    /// `tiller.d_out`: width of one layer's output.
+    /// `tiller.d_out`: width of one layer's output (probes write nothing: `d_in`).
     pub d_out: usize,
     /// `tiller.k` for TopK dictionaries.
     pub k: Option<usize>,
@@ -218,13 +220,20 @@ impl Meta {
         }
     }
 
-    /// Layers the decoder writes: `n_layers` for crosscoders and CLTs, else 1.
+    /// Layers the decoder writes: `n_layers` for crosscoders and CLTs, none for probes, else 1.
     pub fn output_layers(&self) -> usize {
         if self.layered_decoder() {
             self.n_layers
-        } else {
+        } else if self.has_decoder() {
             1
+        } else {
+            0
         }
+    }
+
+    /// Whether it has decoder rows to steer with (every kind but probes).
+    pub fn has_decoder(&self) -> bool {
+        self.kind != Kind::Probe
     }
 
     /// Whether `W_dec` is `[d_sae, n_layers, d_out]` (crosscoders and CLTs).
@@ -337,6 +346,20 @@ impl Meta {
                 _ => {}
             }
         }
+        match (kind, activation) {
+            (Kind::Probe, Activation::Sigmoid | Activation::Linear) => {}
+            (Kind::Probe, a) => {
+                return Err(err(format!(
+                    "a probe's `tiller.activation` is `sigmoid` or `linear` (logits), not `{a}`"
+                )));
+            }
+            (k, Activation::Sigmoid) => {
+                return Err(err(format!(
+                    "`tiller.activation` = `sigmoid` is for probes, not {k} dictionaries"
+                )));
+            }
+            _ => {}
+        }
         let input_norm: InputNorm = match get("tiller.input_norm") {
             Some(s) => s
                 .parse()
@@ -416,6 +439,48 @@ pub fn vector_dictionary(directions: ndarray::Array2<f32>) -> Result<(Meta, Weig
         directions,
         ndarray::Array1::zeros(d),
     );
+    Ok((meta, w))
+}
+
+/// A `probe` dictionary of linear read-outs: `weights` is `[n, d]` (one read-out per row, the
+/// layout of torch's `nn.Linear.weight` and scikit-learn's `coef_`), `bias` `[n]`; its features
+/// are `sigmoid(x·w_i + b_i)` (`activation` [`Activation::Sigmoid`]) or the logits `x·w_i + b_i`
+/// ([`Activation::Linear`]). It has no decoder: `W_dec` is `[n, 0]`.
+pub fn probe_dictionary(
+    weights: ndarray::Array2<f32>,
+    bias: ndarray::Array1<f32>,
+    activation: Activation,
+) -> Result<(Meta, Weights)> {
+    let (n, d) = weights.dim();
+    if n == 0 || d == 0 {
+        return Err(Error::tensor(
+            "weight",
+            format!("shape [{n}, {d}] is empty"),
+        ));
+    }
+    if bias.len() != n {
+        return Err(Error::tensor(
+            "bias",
+            format!(
+                "has {} values but there are {n} read-outs (weight [{n}, {d}])",
+                bias.len()
+            ),
+        ));
+    }
+    if !matches!(activation, Activation::Sigmoid | Activation::Linear) {
+        return Err(Error::invalid(
+            "activation",
+            format!("a probe outputs `sigmoid` or `linear` (logits), not `{activation}`"),
+        ));
+    }
+    let meta = Meta::new(Kind::Probe, activation, d, n, d);
+    let w = Weights::new(
+        weights.t().as_standard_layout().into_owned(),
+        bias,
+        ndarray::Array2::zeros((n, 0)),
+        ndarray::Array1::zeros(0),
+    );
+    w.check(&meta)?;
     Ok((meta, w))
 }
 

@@ -79,6 +79,7 @@ fn activate(meta: &Meta, w: &Weights, pre: &Array2<f64>, xw: &Array2<f64>) -> Ar
     match meta.activation {
         Activation::Relu => pre.mapv(|v| v.max(0.0)),
         Activation::Linear => pre.clone(),
+        Activation::Sigmoid => pre.mapv(sigmoid),
         Activation::JumpRelu | Activation::BatchTopK => {
             let th: Array1<f64> = w
                 .threshold
@@ -117,6 +118,16 @@ fn activate(meta: &Meta, w: &Weights, pre: &Array2<f64>, xw: &Array2<f64>) -> Ar
             }
             out
         }
+    }
+}
+
+/// The logistic function in float64, `1 / (1 + exp(-v))`, without overflow for either sign.
+pub fn sigmoid(v: f64) -> f64 {
+    if v >= 0.0 {
+        1.0 / (1.0 + (-v).exp())
+    } else {
+        let e = v.exp();
+        e / (1.0 + e)
     }
 }
 

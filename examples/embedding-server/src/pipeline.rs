@@ -1,0 +1,376 @@
+//! The demo pipeline, as a team would deploy Tiller on all-MiniLM-L6-v2: collect the residual
+//! stream over real English text, train a TopK SAE on it, build the feature dashboard, find the
+//! features that stand for concepts (legal text, code, numbers), write a Tiller config that
+//! monitors them and offers profiles that ablate them, and measure what the ablations do to
+//! embeddings. Every step caches its output in the demo folder and is skipped when its output is
+//! there and was built with the same settings.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use serde::{Deserialize, Serialize};
+use tiller::Runtime;
+use tiller_minilm::concepts::{self, ConceptFeature};
+use tiller_minilm::corpus::{self, CollectOptions};
+use tiller_minilm::{MiniLm, Options, provision};
+
+use crate::{AppState, embed};
+
+/// The pipeline's settings; a change rebuilds what depends on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The hook: residual stream after this layer.
+    pub layer: usize,
+    /// Tokens of activations to collect.
+    pub rows: usize,
+    /// SAE width.
+    pub d_sae: usize,
+    /// Active features per token.
+    pub k: usize,
+    /// Training tokens.
+    pub train_tokens: u64,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Tokens per training step.
+    pub batch: usize,
+    /// ONNX Runtime threads.
+    pub threads: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            layer: 3,
+            rows: 300_000,
+            d_sae: 3072,
+            k: 32,
+            train_tokens: 1_500_000,
+            lr: 1e-3,
+            batch: 1024,
+            threads: 2,
+        }
+    }
+}
+
+/// What the pipeline built.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Artifacts {
+    /// The settings it was built with.
+    pub settings: Settings,
+    /// The collected activations.
+    pub acts: PathBuf,
+    /// The SAE.
+    pub sae: PathBuf,
+    /// The feature dashboard.
+    pub dashboard: PathBuf,
+    /// The Tiller config.
+    pub config: PathBuf,
+    /// Held-out evaluation of the SAE.
+    pub eval: tiller_export::train::report::Eval,
+    /// The chosen feature of each concept.
+    pub concepts: Vec<ConceptFeature>,
+}
+
+/// The concepts monitored and given an ablation profile.
+pub const MONITORED: [&str; 3] = ["legal", "code", "numbers"];
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("==> {}", msg.as_ref());
+}
+
+/// Builds (or reuses) everything in `dir`.
+pub fn build(dir: &Path, s: &Settings) -> Result<Artifacts> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stamp = dir.join("artifacts.json");
+    if let Ok(text) = std::fs::read_to_string(&stamp)
+        && let Ok(a) = serde_json::from_str::<Artifacts>(&text)
+        && a.settings == *s
+        && [&a.acts, &a.sae, &a.dashboard, &a.config].iter().all(|p| p.exists())
+    {
+        say(format!("reusing the pipeline built in {} (delete it to rebuild)", dir.display()));
+        return Ok(a);
+    }
+    let model_dir = provision::model_dir()?;
+    say(format!("model: {}", model_dir.display()));
+
+    let acts = dir.join("acts");
+    let t = Instant::now();
+    let model = MiniLm::load(
+        &model_dir,
+        Options {
+            hook_layer: s.layer,
+            intra_threads: s.threads,
+            ..Options::default()
+        },
+    )?;
+    let docs = corpus::default_corpus(2_000_000)?;
+    say(format!(
+        "collecting {} tokens of the residual stream after layer {} from {} documents",
+        s.rows,
+        s.layer,
+        docs.len()
+    ));
+    let _ = std::fs::remove_dir_all(&acts);
+    let meta = corpus::collect(
+        &model,
+        &docs,
+        &acts,
+        &CollectOptions {
+            max_rows: s.rows,
+            ..CollectOptions::default()
+        },
+    )?;
+    say(format!(
+        "collected {} rows {:?} in {:.1} s",
+        meta.rows,
+        meta.kinds,
+        t.elapsed().as_secs_f64()
+    ));
+
+    let sae = dir.join("sae.onnx");
+    let report_path = dir.join("train-report.json");
+    say(format!(
+        "training a TopK SAE: {} -> {} features, k = {}, {} tokens",
+        model.d(),
+        s.d_sae,
+        s.k,
+        s.train_tokens
+    ));
+    let mut cfg = tiller_export::train::TrainConfig::new(
+        vec![acts.clone()],
+        tiller::Kind::Sae,
+        tiller::Activation::TopK,
+        s.d_sae,
+        sae.clone(),
+    );
+    cfg.k = Some(s.k);
+    cfg.tokens = Some(s.train_tokens);
+    cfg.batch = s.batch;
+    cfg.lr = s.lr;
+    cfg.report = Some(report_path.clone());
+    cfg.hook_in = model.hook_name();
+    cfg.model = "sentence-transformers/all-MiniLM-L6-v2".into();
+    cfg.progress = false;
+    let finished = match tiller_export::train::train(&cfg, &tiller_export::train::Control::default())? {
+        tiller_export::train::Outcome::Finished(f) => f,
+        tiller_export::train::Outcome::Stopped { .. } => anyhow::bail!("training stopped early"),
+    };
+    let eval = finished
+        .report
+        .eval
+        .clone()
+        .context("the training report has no held-out evaluation")?;
+    say(format!(
+        "trained in {:.1} s; held-out ({} tokens): FVU {:.4}, L0 {:.1}, dead {:.2}%",
+        finished.report.seconds,
+        eval.tokens,
+        eval.fvu,
+        eval.l0,
+        eval.dead_fraction * 100.0
+    ));
+
+    say("finding the features of each concept");
+    let dict = tiller::Dictionary::load(&sae, &tiller::SessionOptions::default())?;
+    let found = concepts::select(&dict, &acts, 3, 150_000)?;
+    let chosen: Vec<ConceptFeature> = MONITORED
+        .iter()
+        .filter_map(|c| found.iter().find(|f| f.concept == *c).cloned())
+        .collect();
+    ensure!(chosen.len() == MONITORED.len(), "no feature found for some concept: {found:?}");
+    for f in &found {
+        eprintln!(
+            "    {:<8} feature {:>5}  fires on {:>5.1}% of its tokens, {:>5.1}% of others  top tokens: {}",
+            f.concept,
+            f.feature,
+            f.freq_in * 100.0,
+            f.freq_out * 100.0,
+            f.top_tokens.join(" ")
+        );
+    }
+    std::fs::write(dir.join("concepts.json"), serde_json::to_string_pretty(&found)?)?;
+
+    let dashboard = dir.join("dashboard.html");
+    let mut dopts = tiller_export::dashboard::Options::new(&sae, &acts, &dashboard);
+    let mut ids: Vec<u32> = found.iter().map(|f| f.feature).collect();
+    ids.dedup();
+    dopts.features = Some(ids);
+    dopts.max_rows = Some(150_000);
+    tiller_export::dashboard::write(&dopts)?;
+    say(format!("dashboard: {}", dashboard.display()));
+
+    let config = dir.join("tiller.toml");
+    std::fs::write(&config, config_text(&chosen))?;
+    say(format!("config: {}", config.display()));
+
+    let a = Artifacts {
+        settings: s.clone(),
+        acts,
+        sae,
+        dashboard,
+        config,
+        eval,
+        concepts: chosen,
+    };
+    std::fs::write(&stamp, serde_json::to_string_pretty(&a)?)?;
+    Ok(a)
+}
+
+/// The Tiller config: one monitor and one ablation profile per concept.
+pub fn config_text(chosen: &[ConceptFeature]) -> String {
+    let mut t = String::from(
+        "# Written by `embedding-server demo` from the features it found for each concept.\n\
+         [runtime]\nfvu_sample_rate = 0.05\n\n\
+         [[dictionary]]\nname = \"minilm-l3\"\npath = \"sae.onnx\"\n",
+    );
+    for f in chosen {
+        t.push_str(&format!(
+            "\n# {c}: feature {id} fires on {fi:.1}% of {c} tokens and {fo:.1}% of others; top tokens: {top}\n\
+             [[monitor]]\nname = \"{c}\"\ndictionary = \"minilm-l3\"\nfeatures = [{id}]\nthreshold = {th:.4}\n\
+             window = \"request\"\naggregate = \"count\"\ncount = 2\naction = \"flag\"\n",
+            c = f.concept,
+            id = f.feature,
+            fi = f.freq_in * 100.0,
+            fo = f.freq_out * 100.0,
+            top = f.top_tokens.join(" "),
+            th = f.mean_active_in * 0.5,
+        ));
+    }
+    for f in chosen {
+        t.push_str(&format!(
+            "\n[[profile]]\nname = \"no-{c}\"\n[[profile.steer]]\nname = \"ablate-{c}\"\ndictionary = \"minilm-l3\"\n\
+             op = \"ablate\"\nfeature = {id}\n",
+            c = f.concept,
+            id = f.feature
+        ));
+    }
+    t
+}
+
+/// Texts that share a concept, and texts that share none of the monitored ones; none of them is in
+/// the training corpus.
+pub const LEGAL_PAIRS: [(&str, &str); 4] = [
+    (
+        "The licensee shall indemnify the licensor against all claims arising from use of the software.",
+        "This agreement is governed by the laws of the State of New York and disputes shall be settled by arbitration.",
+    ),
+    (
+        "Redistributions in binary form must reproduce the above copyright notice and this list of conditions.",
+        "The copyright holders disclaim all warranties, express or implied, including merchantability.",
+    ),
+    (
+        "You may not sublicense or transfer your rights under this license without prior written consent.",
+        "In no event shall the authors be liable for any damages arising from the use of this work.",
+    ),
+    (
+        "Permission is granted to copy and distribute verbatim copies of this document.",
+        "Each contributor grants you a non-exclusive, royalty-free patent license to make and sell the work.",
+    ),
+];
+
+/// Code pairs.
+pub const CODE_PAIRS: [(&str, &str); 3] = [
+    ("def add(a, b):\n    return a + b", "for i in range(10):\n    print(i * 2)"),
+    (
+        "import os\npath = os.path.join(root, name)",
+        "class Stack:\n    def push(self, item):\n        self.items.append(item)",
+    ),
+    (
+        "if not isinstance(value, int):\n    raise TypeError('expected an int')",
+        "with open(filename) as f:\n    lines = [line.strip() for line in f]",
+    ),
+];
+
+/// Pairs about nothing the monitors watch.
+pub const UNRELATED_PAIRS: [(&str, &str); 4] = [
+    (
+        "The cat slept on the warm windowsill all afternoon.",
+        "She baked fresh bread every Sunday morning.",
+    ),
+    (
+        "The river flooded the valley after days of rain.",
+        "He plays the violin in the city orchestra.",
+    ),
+    (
+        "Our team won the football match in the final minute.",
+        "The mountains were covered in snow by November.",
+    ),
+    (
+        "They planted tomatoes and basil in the garden.",
+        "The old lighthouse stood alone on the rocky shore.",
+    ),
+];
+
+/// One pair's cosine similarity without and with a profile.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairEffect {
+    /// The texts.
+    pub a: String,
+    /// The texts.
+    pub b: String,
+    /// Cosine similarity with no profile.
+    pub before: f64,
+    /// Cosine similarity with both texts under the profile.
+    pub after: f64,
+}
+
+/// What a profile does to related and unrelated pairs.
+#[derive(Debug, Clone, Serialize)]
+pub struct SteeringEffect {
+    /// The profile.
+    pub profile: String,
+    /// Pairs sharing the concept.
+    pub related: Vec<PairEffect>,
+    /// Pairs sharing no monitored concept.
+    pub unrelated: Vec<PairEffect>,
+}
+
+fn pair_effects(state: &AppState, profile: &str, pairs: &[(&str, &str)]) -> Result<Vec<PairEffect>> {
+    let texts: Vec<&str> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    let before = embed(state, &texts, None, None)?.embeddings;
+    let after = embed(state, &texts, Some(profile), None)?.embeddings;
+    Ok(pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b))| {
+            let cos = |e: &ndarray::Array2<f32>| {
+                f64::from(e.row(2 * i).dot(&e.row(2 * i + 1)))
+            };
+            PairEffect {
+                a: a.to_string(),
+                b: b.to_string(),
+                before: cos(&before),
+                after: cos(&after),
+            }
+        })
+        .collect())
+}
+
+/// Measures `profile` (an ablation of `concept`'s feature) on related and unrelated pairs.
+pub fn steering_effect(
+    state: &AppState,
+    profile: &str,
+    related: &[(&str, &str)],
+) -> Result<SteeringEffect> {
+    Ok(SteeringEffect {
+        profile: profile.to_string(),
+        related: pair_effects(state, profile, related)?,
+        unrelated: pair_effects(state, profile, &UNRELATED_PAIRS)?,
+    })
+}
+
+/// Loads the model and the runtime from the built config, for serving or measuring.
+pub fn state(a: &Artifacts, workers: usize) -> Result<Arc<AppState>> {
+    let runtime = Arc::new(Runtime::from_config_file(&a.config)?);
+    let model = Arc::new(MiniLm::load(
+        &provision::model_dir()?,
+        Options {
+            hook_layer: a.settings.layer,
+            intra_threads: 1,
+            pool_size: workers,
+            ..Options::default()
+        },
+    )?);
+    Ok(Arc::new(AppState::new(model, runtime)))
+}
