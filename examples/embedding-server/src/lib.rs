@@ -13,8 +13,8 @@
 //! profile. The model runs on a blocking thread pool; the runtime is shared.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -141,8 +141,8 @@ struct Job {
 }
 
 fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, String> {
-    let req: EmbeddingRequest =
-        serde_json::from_slice(body).map_err(|e| format!("the body is not a valid embeddings request: {e}"))?;
+    let req: EmbeddingRequest = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not a valid embeddings request: {e}"))?;
     let texts = match req.input {
         Input::One(s) => vec![s],
         Input::Many(v) => v,
@@ -151,7 +151,10 @@ fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, Stri
         return Err("`input` is empty".into());
     }
     if texts.len() > MAX_INPUTS {
-        return Err(format!("`input` has {} texts; at most {MAX_INPUTS}", texts.len()));
+        return Err(format!(
+            "`input` has {} texts; at most {MAX_INPUTS}",
+            texts.len()
+        ));
     }
     if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
         return Err(format!("`input[{i}]` is empty"));
@@ -160,17 +163,25 @@ fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, Stri
         && m != &state.model_name
         && m != "sentence-transformers/all-MiniLM-L6-v2"
     {
-        return Err(format!("model {m:?} is not served here (this server runs {:?})", state.model_name));
+        return Err(format!(
+            "model {m:?} is not served here (this server runs {:?})",
+            state.model_name
+        ));
     }
     if let Some(f) = &req.encoding_format
         && f != "float"
     {
-        return Err(format!("encoding_format {f:?} is not supported (only \"float\")"));
+        return Err(format!(
+            "encoding_format {f:?} is not supported (only \"float\")"
+        ));
     }
     if let Some(d) = req.dimensions
         && d != state.model.d()
     {
-        return Err(format!("dimensions {d} is not supported (the model gives {})", state.model.d()));
+        return Err(format!(
+            "dimensions {d} is not supported (the model gives {})",
+            state.model.d()
+        ));
     }
     let header_profile = match headers.get("x-tiller-profile") {
         Some(v) => Some(
@@ -180,7 +191,10 @@ fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, Stri
         ),
         None => None,
     };
-    let profile = req.tiller_profile.or(header_profile).filter(|p| !p.is_empty());
+    let profile = req
+        .tiller_profile
+        .or(header_profile)
+        .filter(|p| !p.is_empty());
     let overrides = req.tiller_overrides.map(|v| v.to_string());
     Ok(Job {
         texts,
@@ -287,9 +301,19 @@ pub fn embed(
 
 fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
     let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-    let out = embed(state, &refs, job.profile.as_deref(), job.overrides.as_deref()).map_err(|e| match e {
+    let out = embed(
+        state,
+        &refs,
+        job.profile.as_deref(),
+        job.overrides.as_deref(),
+    )
+    .map_err(|e| match e {
         EmbedError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request_error", m),
-        EmbedError::Internal(e) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("{e:#}")),
+        EmbedError::Internal(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("{e:#}"),
+        ),
     })?;
     let mut data = Vec::with_capacity(refs.len());
     for (i, s) in out.summaries.iter().enumerate() {
@@ -346,11 +370,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 .replace('\n', "\\n")
         ));
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {

@@ -21,7 +21,10 @@ use tiller_minilm::{MiniLm, Options, provision};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(version, about = "OpenAI-compatible embeddings with Tiller in the residual stream")]
+#[command(
+    version,
+    about = "OpenAI-compatible embeddings with Tiller in the residual stream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -180,7 +183,8 @@ async fn serve(
 
 /// A blocking HTTP/1.1 exchange with the demo's own server: (status, body).
 fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    let mut s =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -194,7 +198,10 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("no HTTP status")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = body;
         while let Some((size, tail)) = rest.split_once("\r\n") {

@@ -87,15 +87,33 @@ pub fn build(dir: &Path, s: &Settings) -> Result<Artifacts> {
     if let Ok(text) = std::fs::read_to_string(&stamp)
         && let Ok(a) = serde_json::from_str::<Artifacts>(&text)
         && a.settings == *s
-        && [&a.acts, &a.sae, &a.dashboard, &a.config].iter().all(|p| p.exists())
+        && [&a.acts, &a.sae, &a.dashboard, &a.config]
+            .iter()
+            .all(|p| p.exists())
     {
-        say(format!("reusing the pipeline built in {} (delete it to rebuild)", dir.display()));
+        say(format!(
+            "reusing the pipeline built in {} (delete it to rebuild)",
+            dir.display()
+        ));
         return Ok(a);
     }
     let model_dir = provision::model_dir()?;
     say(format!("model: {}", model_dir.display()));
+    // Steps whose outputs exist from a run with the same settings are reused.
+    let settings_path = dir.join("settings.json");
+    let same_settings = std::fs::read_to_string(&settings_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Settings>(&t).ok())
+        .is_some_and(|old| old == *s);
+    if !same_settings {
+        let _ = std::fs::remove_file(dir.join("acts/meta.json"));
+        let _ = std::fs::remove_file(dir.join("train-report.json"));
+        std::fs::write(&settings_path, serde_json::to_string_pretty(s)?)?;
+    }
 
     let acts = dir.join("acts");
+    let sae = dir.join("sae.onnx");
+    let report_path = dir.join("train-report.json");
     let t = Instant::now();
     let model = MiniLm::load(
         &model_dir,
@@ -105,80 +123,56 @@ pub fn build(dir: &Path, s: &Settings) -> Result<Artifacts> {
             ..Options::default()
         },
     )?;
-    let docs = corpus::default_corpus(2_000_000)?;
-    say(format!(
-        "collecting {} tokens of the residual stream after layer {} from {} documents",
-        s.rows,
-        s.layer,
-        docs.len()
-    ));
-    let _ = std::fs::remove_dir_all(&acts);
-    let meta = corpus::collect(
-        &model,
-        &docs,
-        &acts,
-        &CollectOptions {
-            max_rows: s.rows,
-            ..CollectOptions::default()
-        },
-    )?;
-    say(format!(
-        "collected {} rows {:?} in {:.1} s",
-        meta.rows,
-        meta.kinds,
-        t.elapsed().as_secs_f64()
-    ));
+    if acts.join("meta.json").is_file() {
+        say(format!("reusing the activations in {}", acts.display()));
+    } else {
+        let docs = corpus::default_corpus(2_000_000)?;
+        say(format!(
+            "collecting {} tokens of the residual stream after layer {} from {} documents",
+            s.rows,
+            s.layer,
+            docs.len()
+        ));
+        let _ = std::fs::remove_dir_all(&acts);
+        let meta = corpus::collect(
+            &model,
+            &docs,
+            &acts,
+            &CollectOptions {
+                max_rows: s.rows,
+                ..CollectOptions::default()
+            },
+        )?;
+        say(format!(
+            "collected {} rows {:?} in {:.1} s",
+            meta.rows,
+            meta.kinds,
+            t.elapsed().as_secs_f64()
+        ));
+        let _ = std::fs::remove_file(&report_path);
+    }
 
-    let sae = dir.join("sae.onnx");
-    let report_path = dir.join("train-report.json");
-    say(format!(
-        "training a TopK SAE: {} -> {} features, k = {}, {} tokens",
-        model.d(),
-        s.d_sae,
-        s.k,
-        s.train_tokens
-    ));
-    let mut cfg = tiller_export::train::TrainConfig::new(
-        vec![acts.clone()],
-        tiller::Kind::Sae,
-        tiller::Activation::TopK,
-        s.d_sae,
-        sae.clone(),
-    );
-    cfg.k = Some(s.k);
-    cfg.tokens = Some(s.train_tokens);
-    cfg.batch = s.batch;
-    cfg.lr = s.lr;
-    cfg.report = Some(report_path.clone());
-    cfg.hook_in = model.hook_name();
-    cfg.model = "sentence-transformers/all-MiniLM-L6-v2".into();
-    cfg.progress = false;
-    let finished = match tiller_export::train::train(&cfg, &tiller_export::train::Control::default())? {
-        tiller_export::train::Outcome::Finished(f) => f,
-        tiller_export::train::Outcome::Stopped { .. } => anyhow::bail!("training stopped early"),
+    let eval = if sae.is_file()
+        && let Ok(text) = std::fs::read_to_string(&report_path)
+        && let Ok(r) = serde_json::from_str::<tiller_export::train::report::Report>(&text)
+        && let Some(e) = r.eval
+    {
+        say(format!("reusing the SAE {}", sae.display()));
+        e
+    } else {
+        train_sae(s, &model, &acts, &sae, &report_path)?
     };
-    let eval = finished
-        .report
-        .eval
-        .clone()
-        .context("the training report has no held-out evaluation")?;
-    say(format!(
-        "trained in {:.1} s; held-out ({} tokens): FVU {:.4}, L0 {:.1}, dead {:.2}%",
-        finished.report.seconds,
-        eval.tokens,
-        eval.fvu,
-        eval.l0,
-        eval.dead_fraction * 100.0
-    ));
+    drop(model);
 
     say("finding the features of each concept");
     let dict = tiller::Dictionary::load(&sae, &tiller::SessionOptions::default())?;
-    let found = concepts::select(&dict, &acts, 3, 150_000)?;
-    let chosen: Vec<ConceptFeature> = MONITORED
-        .iter()
-        .filter_map(|c| found.iter().find(|f| f.concept == *c).cloned())
-        .collect();
-    ensure!(chosen.len() == MONITORED.len(), "no feature found for some concept: {found:?}");
+    let found = concepts::select(&dict, &acts, CANDIDATES, 150_000)?;
+    drop(dict);
+    let chosen = choose_by_ablation(dir, &sae, &acts, &found, s.layer)?;
+    ensure!(
+        chosen.len() == MONITORED.len(),
+        "no feature found for some concept: {found:?}"
+    );
     for f in &found {
         eprintln!(
             "    {:<8} feature {:>5}  fires on {:>5.1}% of its tokens, {:>5.1}% of others  top tokens: {}",
@@ -189,12 +183,19 @@ pub fn build(dir: &Path, s: &Settings) -> Result<Artifacts> {
             f.top_tokens.join(" ")
         );
     }
-    std::fs::write(dir.join("concepts.json"), serde_json::to_string_pretty(&found)?)?;
+    std::fs::write(
+        dir.join("concepts.json"),
+        serde_json::to_string_pretty(&found)?,
+    )?;
 
     let dashboard = dir.join("dashboard.html");
     let mut dopts = tiller_export::dashboard::Options::new(&sae, &acts, &dashboard);
-    let mut ids: Vec<u32> = found.iter().map(|f| f.feature).collect();
-    ids.dedup();
+    let mut ids: Vec<u32> = chosen.iter().map(|f| f.feature).collect();
+    for f in &found {
+        if !ids.contains(&f.feature) {
+            ids.push(f.feature);
+        }
+    }
     dopts.features = Some(ids);
     dopts.max_rows = Some(150_000);
     tiller_export::dashboard::write(&dopts)?;
@@ -215,6 +216,151 @@ pub fn build(dir: &Path, s: &Settings) -> Result<Artifacts> {
     };
     std::fs::write(&stamp, serde_json::to_string_pretty(&a)?)?;
     Ok(a)
+}
+
+fn train_sae(
+    s: &Settings,
+    model: &MiniLm,
+    acts: &Path,
+    sae: &Path,
+    report_path: &Path,
+) -> Result<tiller_export::train::report::Eval> {
+    say(format!(
+        "training a TopK SAE: {} -> {} features, k = {}, {} tokens",
+        model.d(),
+        s.d_sae,
+        s.k,
+        s.train_tokens
+    ));
+    let mut cfg = tiller_export::train::TrainConfig::new(
+        vec![acts.to_path_buf()],
+        tiller::Kind::Sae,
+        tiller::Activation::TopK,
+        s.d_sae,
+        sae.to_path_buf(),
+    );
+    cfg.k = Some(s.k);
+    cfg.tokens = Some(s.train_tokens);
+    cfg.batch = s.batch;
+    cfg.lr = s.lr;
+    cfg.report = Some(report_path.to_path_buf());
+    cfg.hook_in = model.hook_name();
+    cfg.model = "sentence-transformers/all-MiniLM-L6-v2".into();
+    cfg.progress = false;
+    let finished =
+        match tiller_export::train::train(&cfg, &tiller_export::train::Control::default())? {
+            tiller_export::train::Outcome::Finished(f) => f,
+            tiller_export::train::Outcome::Stopped { .. } => {
+                anyhow::bail!("training stopped early")
+            }
+        };
+    let eval = finished
+        .report
+        .eval
+        .clone()
+        .context("the training report has no held-out evaluation")?;
+    say(format!(
+        "trained in {:.1} s; held-out ({} tokens): FVU {:.4}, L0 {:.1}, dead {:.2}%",
+        finished.report.seconds,
+        eval.tokens,
+        eval.fvu,
+        eval.l0,
+        eval.dead_fraction * 100.0
+    ));
+    Ok(eval)
+}
+
+/// Candidate features per concept, tried by ablation.
+pub const CANDIDATES: usize = 8;
+
+fn detokenize(tokens: &[String]) -> String {
+    let mut out = String::new();
+    for t in tokens {
+        match t.strip_prefix("##") {
+            Some(piece) => out.push_str(piece),
+            None => {
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                out.push_str(t);
+            }
+        }
+    }
+    out
+}
+
+/// Picks, for each monitored concept, the candidate whose ablation lowers most the cosine
+/// similarity between pairs of the concept's own corpus texts (16 sequences of the collected
+/// corpus, not the pairs the demo reports). Numbers keep their most selective feature.
+fn choose_by_ablation(
+    dir: &Path,
+    sae: &Path,
+    acts: &Path,
+    found: &[ConceptFeature],
+    layer: usize,
+) -> Result<Vec<ConceptFeature>> {
+    let seqs = corpus::read_sequences(acts)?;
+    let trial = dir.join("candidates.toml");
+    let mut text = format!(
+        "[[dictionary]]\nname = \"sae\"\npath = {:?}\n",
+        sae.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("sae.onnx")
+    );
+    let mut tried = std::collections::BTreeSet::new();
+    for f in found.iter().filter(|f| tried.insert(f.feature)) {
+        text.push_str(&format!(
+            "\n[[profile]]\nname = \"try-{id}\"\n[[profile.steer]]\nname = \"ablate-{id}\"\n\
+             dictionary = \"sae\"\nop = \"ablate\"\nfeature = {id}\n",
+            id = f.feature
+        ));
+    }
+    std::fs::write(&trial, text)?;
+    let state = state_from(&trial, layer, 1)?;
+    let mut chosen = Vec::new();
+    for concept in MONITORED {
+        let candidates: Vec<&ConceptFeature> =
+            found.iter().filter(|f| f.concept == concept).collect();
+        let Some(first) = candidates.first() else {
+            anyhow::bail!("no feature found for the concept {concept}");
+        };
+        if concept == "numbers" {
+            chosen.push((*first).clone());
+            continue;
+        }
+        let texts: Vec<String> = seqs
+            .iter()
+            .rev()
+            .filter(|q| q.kind == concept && q.tokens.len() >= 24)
+            .take(16)
+            .map(|q| detokenize(&q.tokens[..q.tokens.len().min(64)]))
+            .collect();
+        ensure!(
+            texts.len() >= 4,
+            "too few {concept} texts to try features on"
+        );
+        let pairs: Vec<(&str, &str)> = texts
+            .chunks_exact(2)
+            .map(|p| (p[0].as_str(), p[1].as_str()))
+            .collect();
+        let mut best: Option<(f64, &ConceptFeature)> = None;
+        for c in &candidates {
+            let e = pair_effects(&state, &format!("try-{}", c.feature), &pairs)?;
+            let change = e.iter().map(|p| p.after - p.before).sum::<f64>() / e.len() as f64;
+            eprintln!(
+                "    {concept:<8} ablating feature {:>5} changes the similarity of {concept} pairs by {change:+.4}",
+                c.feature
+            );
+            if best.is_none_or(|(b, _)| change < b) {
+                best = Some((change, c));
+            }
+        }
+        if let Some((_, c)) = best {
+            chosen.push(c.clone());
+        }
+    }
+    let _ = std::fs::remove_file(&trial);
+    Ok(chosen)
 }
 
 /// The Tiller config: one monitor and one ablation profile per concept.
@@ -271,7 +417,10 @@ pub const LEGAL_PAIRS: [(&str, &str); 4] = [
 
 /// Code pairs.
 pub const CODE_PAIRS: [(&str, &str); 3] = [
-    ("def add(a, b):\n    return a + b", "for i in range(10):\n    print(i * 2)"),
+    (
+        "def add(a, b):\n    return a + b",
+        "for i in range(10):\n    print(i * 2)",
+    ),
     (
         "import os\npath = os.path.join(root, name)",
         "class Stack:\n    def push(self, item):\n        self.items.append(item)",
@@ -326,7 +475,11 @@ pub struct SteeringEffect {
     pub unrelated: Vec<PairEffect>,
 }
 
-fn pair_effects(state: &AppState, profile: &str, pairs: &[(&str, &str)]) -> Result<Vec<PairEffect>> {
+fn pair_effects(
+    state: &AppState,
+    profile: &str,
+    pairs: &[(&str, &str)],
+) -> Result<Vec<PairEffect>> {
     let texts: Vec<&str> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
     let before = embed(state, &texts, None, None)?.embeddings;
     let after = embed(state, &texts, Some(profile), None)?.embeddings;
@@ -334,9 +487,7 @@ fn pair_effects(state: &AppState, profile: &str, pairs: &[(&str, &str)]) -> Resu
         .iter()
         .enumerate()
         .map(|(i, (a, b))| {
-            let cos = |e: &ndarray::Array2<f32>| {
-                f64::from(e.row(2 * i).dot(&e.row(2 * i + 1)))
-            };
+            let cos = |e: &ndarray::Array2<f32>| f64::from(e.row(2 * i).dot(&e.row(2 * i + 1)));
             PairEffect {
                 a: a.to_string(),
                 b: b.to_string(),
@@ -362,11 +513,15 @@ pub fn steering_effect(
 
 /// Loads the model and the runtime from the built config, for serving or measuring.
 pub fn state(a: &Artifacts, workers: usize) -> Result<Arc<AppState>> {
-    let runtime = Arc::new(Runtime::from_config_file(&a.config)?);
+    state_from(&a.config, a.settings.layer, workers)
+}
+
+fn state_from(config: &Path, layer: usize, workers: usize) -> Result<Arc<AppState>> {
+    let runtime = Arc::new(Runtime::from_config_file(config)?);
     let model = Arc::new(MiniLm::load(
         &provision::model_dir()?,
         Options {
-            hook_layer: a.settings.layer,
+            hook_layer: layer,
             intra_threads: 1,
             pool_size: workers,
             ..Options::default()

@@ -65,10 +65,15 @@ action = "flag"
 [[profile]]
 name = "ablate"
 [[profile.steer]]
-name = "ablate-0-3"
+name = "ablate-0"
 dictionary = "l3"
 op = "ablate"
-features = [0, 1, 2, 3]
+feature = 0
+[[profile.steer]]
+name = "ablate-1"
+dictionary = "l3"
+op = "ablate"
+feature = 1
 
 [[profile]]
 name = "boost"
@@ -124,7 +129,13 @@ fn start(config: &Path) -> Server {
 }
 
 /// One HTTP/1.1 exchange: (status, body).
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut req = format!(
@@ -142,7 +153,10 @@ fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &s
     let resp = String::from_utf8(resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -175,7 +189,11 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -197,7 +215,9 @@ fn serves_embeddings_with_monitoring_and_steering() {
     let plans: Vec<(Option<&str>, bool, Vec<&str>)> = (0..24)
         .map(|i| {
             let profile = [None, Some("ablate"), Some("boost")][i % 3];
-            let inputs: Vec<&str> = (0..1 + i % 3).map(|j| TEXTS[(i + j) % TEXTS.len()]).collect();
+            let inputs: Vec<&str> = (0..1 + i % 3)
+                .map(|j| TEXTS[(i + j) % TEXTS.len()])
+                .collect();
             (profile, i % 2 == 0, inputs)
         })
         .collect();
@@ -214,9 +234,14 @@ fn serves_embeddings_with_monitoring_and_steering() {
                         (Some(p), false) => headers.push(("X-Tiller-Profile", *p)),
                         _ => {}
                     }
-                    let (status, resp) = http(&addr, "POST", "/v1/embeddings", &headers, &body.to_string());
+                    let (status, resp) =
+                        http(&addr, "POST", "/v1/embeddings", &headers, &body.to_string());
                     assert_eq!(status, 200, "{resp}");
-                    (*profile, inputs.clone(), serde_json::from_str::<Value>(&resp).unwrap())
+                    (
+                        *profile,
+                        inputs.clone(),
+                        serde_json::from_str::<Value>(&resp).unwrap(),
+                    )
                 })
             })
             .collect();
@@ -244,14 +269,19 @@ fn serves_embeddings_with_monitoring_and_steering() {
             assert_eq!(t["profile"].as_str(), *profile);
             answer_tokens += t["tokens"].as_u64().unwrap();
             for ev in t["events"].as_array().unwrap() {
-                *events.entry(ev["monitor"].as_str().unwrap().to_string()).or_default() += 1;
+                *events
+                    .entry(ev["monitor"].as_str().unwrap().to_string())
+                    .or_default() += 1;
             }
             for (rule, n) in t["steering"].as_object().unwrap() {
                 *steering.entry(rule.clone()).or_default() += n.as_u64().unwrap();
             }
             let key = (profile.unwrap_or("none").to_string(), inputs[i].to_string());
             if let Some(prev) = by_text.insert(key, e.clone()) {
-                assert!(cosine(&prev, &e) > 1.0 - 1e-6, "same text, same profile, same embedding");
+                assert!(
+                    cosine(&prev, &e) > 1.0 - 1e-6,
+                    "same text, same profile, same embedding"
+                );
             }
         }
         assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), answer_tokens);
@@ -260,9 +290,18 @@ fn serves_embeddings_with_monitoring_and_steering() {
             .entry(profile.unwrap_or("none").to_string())
             .or_default() += inputs.len() as u64;
     }
-    assert!(events.values().sum::<u64>() > 0, "the monitors never fired: {events:?}");
-    assert!(steering.get("ablate-0-3").copied().unwrap_or(0) > 0, "{steering:?}");
-    assert!(steering.get("add-5").copied().unwrap_or(0) > 0, "{steering:?}");
+    assert!(
+        events.values().sum::<u64>() > 0,
+        "the monitors never fired: {events:?}"
+    );
+    assert!(
+        steering.get("ablate-0").copied().unwrap_or(0) > 0,
+        "{steering:?}"
+    );
+    assert!(
+        steering.get("add-5").copied().unwrap_or(0) > 0,
+        "{steering:?}"
+    );
 
     // The metrics agree with the answers.
     let (status, m) = http(&addr, "GET", "/metrics", &[], "");
@@ -274,26 +313,38 @@ fn serves_embeddings_with_monitoring_and_steering() {
     );
     for (p, n) in &inputs_by_profile {
         assert_eq!(
-            metric(&m, &format!("embedding_server_inputs_total{{profile=\"{p}\"}}")) as u64,
+            metric(
+                &m,
+                &format!("embedding_server_inputs_total{{profile=\"{p}\"}}")
+            ) as u64,
             *n,
             "inputs of profile {p}"
         );
     }
     for mon in ["f0-any", "f9-count"] {
         assert_eq!(
-            metric(&m, &format!("tiller_monitor_events_total{{action=\"flag\",monitor=\"{mon}\"}}")) as u64,
+            metric(
+                &m,
+                &format!("tiller_monitor_events_total{{action=\"flag\",monitor=\"{mon}\"}}")
+            ) as u64,
             events.get(mon).copied().unwrap_or(0),
             "events of {mon}:\n{m}"
         );
     }
     for (rule, n) in &steering {
         assert_eq!(
-            metric(&m, &format!("tiller_steering_tokens_total{{rule=\"{rule}\"}}")) as u64,
+            metric(
+                &m,
+                &format!("tiller_steering_tokens_total{{rule=\"{rule}\"}}")
+            ) as u64,
             *n,
             "steering tokens of {rule}"
         );
     }
-    assert_eq!(metric(&m, "embedding_server_http_requests_total") as u64, 24);
+    assert_eq!(
+        metric(&m, "embedding_server_http_requests_total") as u64,
+        24
+    );
 
     // No profile: monitoring only, so the embedding is exactly the model's own; profiles move it.
     let model = MiniLm::load(&provision::model_dir().unwrap(), Options::default()).unwrap();
@@ -301,7 +352,10 @@ fn serves_embeddings_with_monitoring_and_steering() {
     for (i, text) in TEXTS.iter().enumerate() {
         let p: Vec<f64> = plain.row(i).iter().map(|&x| f64::from(x)).collect();
         if let Some(e) = by_text.get(&("none".to_string(), text.to_string())) {
-            assert!(cosine(&p, e) > 1.0 - 1e-6, "monitoring alone changed text {i}");
+            assert!(
+                cosine(&p, e) > 1.0 - 1e-6,
+                "monitoring alone changed text {i}"
+            );
         }
         if let Some(e) = by_text.get(&("boost".to_string(), text.to_string())) {
             assert!(cosine(&p, e) < 1.0 - 1e-4, "boost did not move text {i}");
@@ -323,11 +377,22 @@ fn serves_embeddings_with_monitoring_and_steering() {
         assert!(!v["error"]["message"].as_str().unwrap().is_empty());
     }
     let (_, m) = http(&addr, "GET", "/metrics", &[], "");
-    assert_eq!(metric(&m, "embedding_server_http_errors_total") as u64, bad.len() as u64);
+    assert_eq!(
+        metric(&m, "embedding_server_http_errors_total") as u64,
+        bad.len() as u64
+    );
 
     // SIGHUP with a broken file keeps the running config; with a good one swaps it in.
     let pid = server.child.id().to_string();
-    let hup = || assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
     std::fs::write(&config, "[[dictionary]]\nname = 3\n").unwrap();
     hup();
     let wait_for = |name: &str, want: f64| {
@@ -337,7 +402,10 @@ fn serves_embeddings_with_monitoring_and_steering() {
             if metric(&m, name) >= want {
                 return;
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "{name} never reached {want}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{name} never reached {want}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
@@ -357,13 +425,22 @@ fn serves_embeddings_with_monitoring_and_steering() {
 
     // SIGTERM: a clean exit.
     let mut server = server;
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let t0 = Instant::now();
     let status = loop {
         if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "the server did not stop");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the server did not stop"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");

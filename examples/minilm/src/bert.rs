@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::ModelProto;
+use onnx_protobuf::tensor_proto::DataType;
 use serde::Deserialize;
 use tiller::graph::{Attr, Dim, GraphBuilder};
 
@@ -40,8 +40,10 @@ pub struct BertConfig {
 impl BertConfig {
     /// Reads and checks `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let c: Self = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Self =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         ensure!(
             c.hidden_act == "gelu",
             "{}: hidden_act {:?} is not supported (only \"gelu\")",
@@ -49,7 +51,7 @@ impl BertConfig {
             c.hidden_act
         );
         ensure!(
-            c.num_attention_heads > 0 && c.hidden_size % c.num_attention_heads == 0,
+            c.num_attention_heads > 0 && c.hidden_size.is_multiple_of(c.num_attention_heads),
             "{}: hidden_size {} is not a multiple of num_attention_heads {}",
             path.display(),
             c.hidden_size,
@@ -147,7 +149,9 @@ impl Ctx<'_> {
 
     fn linear(&mut self, x: &str, prefix: &str, out: usize, inp: usize) -> Result<String> {
         let wt = self.w.linear_t(&format!("{prefix}.weight"), out, inp)?;
-        let w = self.g.weight(&format!("{prefix}.weight_t"), &[inp, out], &wt);
+        let w = self
+            .g
+            .weight(&format!("{prefix}.weight_t"), &[inp, out], &wt);
         let b = self.vector(&format!("{prefix}.bias"), out)?;
         let y = self.g.op("MatMul", &[x, &w], vec![]);
         Ok(self.g.op("Add", &[&y, &b], vec![]))
@@ -176,23 +180,43 @@ impl Ctx<'_> {
         );
         let hd = d / nh;
         let p = format!("encoder.layer.{l}");
-        let heads = self.g.const_i64("heads_shape", &[0, 0, nh as i64, hd as i64]);
+        let heads = self
+            .g
+            .const_i64("heads_shape", &[0, 0, nh as i64, hd as i64]);
         let q = self.linear(h, &format!("{p}.attention.self.query"), d, d)?;
         let k = self.linear(h, &format!("{p}.attention.self.key"), d, d)?;
         let v = self.linear(h, &format!("{p}.attention.self.value"), d, d)?;
         let q = self.g.op("Reshape", &[&q, &heads], vec![]);
-        let q = self.g.op("Transpose", &[&q], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let q = self.g.op(
+            "Transpose",
+            &[&q],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
         let k = self.g.op("Reshape", &[&k, &heads], vec![]);
-        let k = self.g.op("Transpose", &[&k], vec![("perm", Attr::Ints(vec![0, 2, 3, 1]))]);
+        let k = self.g.op(
+            "Transpose",
+            &[&k],
+            vec![("perm", Attr::Ints(vec![0, 2, 3, 1]))],
+        );
         let v = self.g.op("Reshape", &[&v, &heads], vec![]);
-        let v = self.g.op("Transpose", &[&v], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let v = self.g.op(
+            "Transpose",
+            &[&v],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
         let scores = self.g.op("MatMul", &[&q, &k], vec![]);
         let scale = self.g.const_f32("attn_scale", 1.0 / (hd as f32).sqrt());
         let scores = self.g.op("Mul", &[&scores, &scale], vec![]);
         let scores = self.g.op("Add", &[&scores, bias], vec![]);
-        let probs = self.g.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+        let probs = self
+            .g
+            .op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
         let ctx = self.g.op("MatMul", &[&probs, &v], vec![]);
-        let ctx = self.g.op("Transpose", &[&ctx], vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))]);
+        let ctx = self.g.op(
+            "Transpose",
+            &[&ctx],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
         let merged = self.g.const_i64("merged_shape", &[0, 0, d as i64]);
         let ctx = self.g.op("Reshape", &[&ctx, &merged], vec![]);
         let attn = self.linear(&ctx, &format!("{p}.attention.output.dense"), d, d)?;
@@ -220,7 +244,11 @@ impl Ctx<'_> {
     /// `[batch, seq]` int64 mask → `[batch, 1, 1, seq]` additive bias (0 or -10000), and the
     /// float mask `[batch, seq]`.
     fn mask(&mut self, mask: &str) -> (String, String) {
-        let m = self.g.op("Cast", &[mask], vec![("to", Attr::Int(DataType::FLOAT as i64))]);
+        let m = self.g.op(
+            "Cast",
+            &[mask],
+            vec![("to", Attr::Int(DataType::FLOAT as i64))],
+        );
         let one = self.g.const_f32("one", 1.0);
         let neg = self.g.const_f32("mask_neg", -10000.0);
         let inv = self.g.op("Sub", &[&one, &m], vec![]);
@@ -259,24 +287,40 @@ pub fn build(w: &BertWeights, c: &BertConfig, hook_layer: usize, part: Part) -> 
             let ids = ctx
                 .g
                 .input("input_ids", DataType::INT64, &[batch.clone(), seq.clone()]);
-            let words = ctx.w.get("embeddings.word_embeddings.weight", &[c.vocab_size, d])?.to_vec();
-            let words = ctx.g.weight("embeddings.word_embeddings.weight", &[c.vocab_size, d], &words);
+            let words = ctx
+                .w
+                .get("embeddings.word_embeddings.weight", &[c.vocab_size, d])?
+                .to_vec();
+            let words = ctx.g.weight(
+                "embeddings.word_embeddings.weight",
+                &[c.vocab_size, d],
+                &words,
+            );
             let x = ctx.g.op("Gather", &[&words, &ids], vec![]);
             let pos_table = ctx
                 .w
-                .get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, d])?
+                .get(
+                    "embeddings.position_embeddings.weight",
+                    &[c.max_position_embeddings, d],
+                )?
                 .to_vec();
             let pos_table = ctx.g.weight(
                 "embeddings.position_embeddings.weight",
                 &[c.max_position_embeddings, d],
                 &pos_table,
             );
-            let len = ctx.g.op("Shape", &[&ids], vec![("start", Attr::Int(1)), ("end", Attr::Int(2))]);
+            let len = ctx.g.op(
+                "Shape",
+                &[&ids],
+                vec![("start", Attr::Int(1)), ("end", Attr::Int(2))],
+            );
             let zero = ctx.g.const_i64("zero", &[0]);
             let pos = ctx.g.op("Slice", &[&pos_table, &zero, &len, &zero], vec![]);
             let x = ctx.g.op("Add", &[&x, &pos], vec![]);
             // Single-segment inputs: every token has token type 0.
-            let types = ctx.w.get("embeddings.token_type_embeddings.weight", &[2, d])?;
+            let types = ctx
+                .w
+                .get("embeddings.token_type_embeddings.weight", &[2, d])?;
             let type0 = ctx.g.weight("embeddings.token_type_0", &[d], &types[..d]);
             let x = ctx.g.op("Add", &[&x, &type0], vec![]);
             let mut h = ctx.layer_norm(&x, "embeddings.LayerNorm")?;
@@ -285,7 +329,8 @@ pub fn build(w: &BertWeights, c: &BertConfig, hook_layer: usize, part: Part) -> 
                 h = ctx.layer(&h, &bias, l)?;
             }
             ctx.g.op_into("Identity", &[&h], &["hidden"], vec![]);
-            ctx.g.output("hidden", DataType::FLOAT, &[batch, seq, Dim::Fixed(d)]);
+            ctx.g
+                .output("hidden", DataType::FLOAT, &[batch, seq, Dim::Fixed(d)]);
         }
         Part::Back => {
             let mut h = ctx.g.input(
@@ -301,18 +346,32 @@ pub fn build(w: &BertWeights, c: &BertConfig, hook_layer: usize, part: Part) -> 
             let m3 = ctx.g.op("Unsqueeze", &[&m, &axis2], vec![]);
             let masked = ctx.g.op("Mul", &[&h, &m3], vec![]);
             let axis1 = ctx.g.const_i64("axis1", &[1]);
-            let sum = ctx.g.op("ReduceSum", &[&masked, &axis1], vec![("keepdims", Attr::Int(0))]);
-            let count = ctx.g.op("ReduceSum", &[&m3, &axis1], vec![("keepdims", Attr::Int(0))]);
+            let sum = ctx.g.op(
+                "ReduceSum",
+                &[&masked, &axis1],
+                vec![("keepdims", Attr::Int(0))],
+            );
+            let count = ctx.g.op(
+                "ReduceSum",
+                &[&m3, &axis1],
+                vec![("keepdims", Attr::Int(0))],
+            );
             let tiny = ctx.g.const_f32("count_min", 1e-9);
             let count = ctx.g.op("Max", &[&count, &tiny], vec![]);
             let mean = ctx.g.op("Div", &[&sum, &count], vec![]);
             let sq = ctx.g.op("Mul", &[&mean, &mean], vec![]);
-            let ss = ctx.g.op("ReduceSum", &[&sq, &axis1], vec![("keepdims", Attr::Int(1))]);
+            let ss = ctx.g.op(
+                "ReduceSum",
+                &[&sq, &axis1],
+                vec![("keepdims", Attr::Int(1))],
+            );
             let norm = ctx.g.op("Sqrt", &[&ss], vec![]);
             let eps = ctx.g.const_f32("norm_min", 1e-12);
             let norm = ctx.g.op("Max", &[&norm, &eps], vec![]);
-            ctx.g.op_into("Div", &[&mean, &norm], &["embedding"], vec![]);
-            ctx.g.output("embedding", DataType::FLOAT, &[batch, Dim::Fixed(d)]);
+            ctx.g
+                .op_into("Div", &[&mean, &norm], &["embedding"], vec![]);
+            ctx.g
+                .output("embedding", DataType::FLOAT, &[batch, Dim::Fixed(d)]);
         }
     }
     ctx.g

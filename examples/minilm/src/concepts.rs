@@ -150,7 +150,11 @@ pub fn select(
                     freq_out,
                     mean_active_in: sum_in[j][c] / fired[j][c] as f64,
                     score: freq_in - freq_out,
-                    top_tokens: top.into_iter().take(6).map(|(t, _)| t.to_string()).collect(),
+                    top_tokens: top
+                        .into_iter()
+                        .take(6)
+                        .map(|(t, _)| t.to_string())
+                        .collect(),
                 }
             })
             .collect();

@@ -52,7 +52,9 @@ fn read_text(path: &Path) -> Option<String> {
     } else {
         bytes
     };
-    String::from_utf8(bytes).ok().filter(|t| !t.trim().is_empty())
+    String::from_utf8(bytes)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
 }
 
 /// The paragraphs of a Debian `copyright` file that are licence prose: no field names, e-mail
@@ -69,7 +71,8 @@ fn licence_prose(text: &str) -> String {
                     || t.contains('@')
                     || t.contains("http")
                     || t.contains('/')
-                    || t.split_once(':').is_some_and(|(k, _)| !k.contains(' ') && k.len() < 30))
+                    || t.split_once(':')
+                        .is_some_and(|(k, _)| !k.contains(' ') && k.len() < 30))
             })
             .map(str::trim)
             .collect::<Vec<_>>()
@@ -98,7 +101,13 @@ fn strip_html(html: &str) -> String {
         };
         let Some(j) = skip_to else { break };
         let tag = &rest[..j];
-        if tag.starts_with("<p") || tag.starts_with("</p") || tag.starts_with("<h") || tag.starts_with("<br") || tag.starts_with("<pre") || tag.starts_with("</pre") {
+        if tag.starts_with("<p")
+            || tag.starts_with("</p")
+            || tag.starts_with("<h")
+            || tag.starts_with("<br")
+            || tag.starts_with("<pre")
+            || tag.starts_with("</pre")
+        {
             out.push('\n');
         }
         rest = &rest[j..];
@@ -177,7 +186,12 @@ pub fn default_corpus(chars_per_kind: usize) -> Result<Vec<Document>> {
 
     let py = python_facts()?;
     for (name, text) in &py.topics {
-        add(&mut docs, format!("pydoc_data.topics[{name}]"), "prose", text.clone());
+        add(
+            &mut docs,
+            format!("pydoc_data.topics[{name}]"),
+            "prose",
+            text.clone(),
+        );
     }
     let book = glob_rust_book();
     for p in book {
@@ -187,20 +201,24 @@ pub fn default_corpus(chars_per_kind: usize) -> Result<Vec<Document>> {
     }
     for d in &doc_dirs {
         for p in sorted(d) {
-            let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            if (name.starts_with("README") || name.starts_with("NEWS")) && p.is_file() {
-                if let Some(t) = read_text(&p) {
-                    add(&mut docs, p.display().to_string(), "prose", t);
-                }
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if (name.starts_with("README") || name.starts_with("NEWS"))
+                && p.is_file()
+                && let Some(t) = read_text(&p)
+            {
+                add(&mut docs, p.display().to_string(), "prose", t);
             }
         }
     }
 
     for p in sorted(Path::new(&py.stdlib)) {
-        if p.extension().is_some_and(|e| e == "py") {
-            if let Some(t) = read_text(&p) {
-                add(&mut docs, p.display().to_string(), "code", t);
-            }
+        if p.extension().is_some_and(|e| e == "py")
+            && let Some(t) = read_text(&p)
+        {
+            add(&mut docs, p.display().to_string(), "code", t);
         }
     }
     for kind in ["legal", "prose", "code"] {
@@ -220,7 +238,9 @@ fn glob_rust_book() -> Vec<PathBuf> {
     let Ok(toolchains) = std::fs::read_dir(home.join("toolchains")) else {
         return vec![];
     };
-    let mut dirs: Vec<PathBuf> = toolchains.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut dirs: Vec<PathBuf> = toolchains
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     dirs.sort();
     for t in dirs {
         let book = t.join("share/doc/rust/html/book");
@@ -228,8 +248,10 @@ fn glob_rust_book() -> Vec<PathBuf> {
             let mut v: Vec<PathBuf> = r
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("ch") && n.to_string_lossy().ends_with(".html"))
+                    p.file_name().is_some_and(|n| {
+                        n.to_string_lossy().starts_with("ch")
+                            && n.to_string_lossy().ends_with(".html")
+                    })
                 })
                 .collect();
             v.sort();
@@ -253,7 +275,10 @@ pub struct Chunk {
 /// Cuts documents into model inputs of at most `max_tokens` tokens (specials included), along
 /// paragraph boundaries where possible.
 pub fn chunk(model: &MiniLm, docs: &[Document], max_tokens: usize) -> Result<Vec<Chunk>> {
-    ensure!(max_tokens >= 8, "chunks of {max_tokens} tokens are too short");
+    ensure!(
+        max_tokens >= 8,
+        "chunks of {max_tokens} tokens are too short"
+    );
     let (cls, sep) = model.cls_sep()?;
     let inner = max_tokens - 2;
     let mut chunks = Vec::new();
@@ -268,7 +293,11 @@ pub fn chunk(model: &MiniLm, docs: &[Document], max_tokens: usize) -> Result<Vec
                 let mut t = vec!["[CLS]".to_string()];
                 t.append(toks);
                 t.push("[SEP]".to_string());
-                chunks.push(Chunk { doc: di, ids: i, tokens: t });
+                chunks.push(Chunk {
+                    doc: di,
+                    ids: i,
+                    tokens: t,
+                });
             }
             ids.clear();
             toks.clear();
@@ -356,8 +385,16 @@ impl Default for CollectOptions {
 }
 
 /// Runs the model over `docs` (chunks shuffled with `opts.seed`) and writes the shards to `out`.
-pub fn collect(model: &MiniLm, docs: &[Document], out: &Path, opts: &CollectOptions) -> Result<CollectMeta> {
-    ensure!(opts.batch > 0 && opts.shard_rows > 0, "batch and shard_rows must be positive");
+pub fn collect(
+    model: &MiniLm,
+    docs: &[Document],
+    out: &Path,
+    opts: &CollectOptions,
+) -> Result<CollectMeta> {
+    ensure!(
+        opts.batch > 0 && opts.shard_rows > 0,
+        "batch and shard_rows must be positive"
+    );
     let mut chunks = chunk(model, docs, opts.seq_tokens)?;
     if chunks.is_empty() {
         bail!("the corpus gave no text to run");
@@ -367,7 +404,10 @@ pub fn collect(model: &MiniLm, docs: &[Document], out: &Path, opts: &CollectOpti
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut by_kind: BTreeMap<&str, Vec<Chunk>> = BTreeMap::new();
     for c in chunks.drain(..) {
-        by_kind.entry(docs[c.doc].kind.as_str()).or_default().push(c);
+        by_kind
+            .entry(docs[c.doc].kind.as_str())
+            .or_default()
+            .push(c);
     }
     let mut queues: Vec<std::vec::IntoIter<Chunk>> = by_kind
         .into_values()
@@ -400,7 +440,10 @@ pub fn collect(model: &MiniLm, docs: &[Document], out: &Path, opts: &CollectOpti
     let mut rows: Vec<f32> = Vec::new();
     let mut lines: Vec<SequenceMeta> = Vec::new();
     let started = Instant::now();
-    let flush = |rows: &mut Vec<f32>, lines: &mut Vec<SequenceMeta>, meta: &mut CollectMeta| -> Result<()> {
+    let flush = |rows: &mut Vec<f32>,
+                 lines: &mut Vec<SequenceMeta>,
+                 meta: &mut CollectMeta|
+     -> Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -453,7 +496,8 @@ pub fn collect(model: &MiniLm, docs: &[Document], out: &Path, opts: &CollectOpti
     flush(&mut rows, &mut lines, &mut meta)?;
     meta.seconds = started.elapsed().as_secs_f64();
     let mp = out.join("meta.json");
-    std::fs::write(&mp, serde_json::to_string_pretty(&meta)?).with_context(|| format!("writing {}", mp.display()))?;
+    std::fs::write(&mp, serde_json::to_string_pretty(&meta)?)
+        .with_context(|| format!("writing {}", mp.display()))?;
     Ok(meta)
 }
 
@@ -467,11 +511,13 @@ pub fn read_sequences(dir: &Path) -> Result<Vec<SequenceMeta>> {
     let mut out = Vec::new();
     for shard in &meta.shards {
         let jl = dir.join(shard.replace(".npy", ".jsonl"));
-        let text = std::fs::read_to_string(&jl).with_context(|| format!("reading {}", jl.display()))?;
+        let text =
+            std::fs::read_to_string(&jl).with_context(|| format!("reading {}", jl.display()))?;
         for (i, line) in text.lines().enumerate() {
             out.push(
-                serde_json::from_str(line)
-                    .with_context(|| format!("{}:{}: not a sequence record", jl.display(), i + 1))?,
+                serde_json::from_str(line).with_context(|| {
+                    format!("{}:{}: not a sequence record", jl.display(), i + 1)
+                })?,
             );
         }
     }

@@ -17,4 +17,4 @@ pub mod corpus;
 mod model;
 pub mod provision;
 
-pub use model::{Hidden, MiniLm, Options, Tokens, hook_name};
+pub use model::{Hidden, HookFn, MiniLm, Options, Tokens, hook_name};

@@ -14,6 +14,9 @@ use tokenizers::Tokenizer;
 
 use crate::bert::{BertConfig, BertWeights, Part, build};
 
+/// A hook: called with the residual stream of a batch, edits it in place.
+pub type HookFn<'a> = dyn FnMut(&mut Hidden<'_>) -> Result<()> + 'a;
+
 /// How to load the model.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -102,7 +105,9 @@ impl MiniLm {
         drop(weights);
         let env = tiller::onnxruntime::init(None)?;
         let session = |bytes: &[u8]| -> Result<Session> {
-            let fail = |e: &dyn std::fmt::Display| anyhow!("creating an ONNX Runtime session for MiniLM: {e}");
+            let fail = |e: &dyn std::fmt::Display| {
+                anyhow!("creating an ONNX Runtime session for MiniLM: {e}")
+            };
             Session::builder(&env)
                 .map_err(|e| fail(&e))?
                 .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -122,8 +127,8 @@ impl MiniLm {
             }));
         }
         let tok_path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?;
+        let mut tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("{}: {e}", tok_path.display()))?;
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams {
@@ -180,7 +185,11 @@ impl MiniLm {
         let ids = e.get_ids().to_vec();
         let tokens = ids
             .iter()
-            .map(|&id| self.tokenizer.id_to_token(id).unwrap_or_else(|| "[UNK]".into()))
+            .map(|&id| {
+                self.tokenizer
+                    .id_to_token(id)
+                    .unwrap_or_else(|| "[UNK]".into())
+            })
             .collect();
         Ok(Tokens { ids, tokens })
     }
@@ -272,11 +281,7 @@ impl MiniLm {
 
     /// Embeds token-id sequences, calling `hook` on the residual stream at the hook layer.
     /// Returns `[n, d]` unit-norm sentence embeddings.
-    pub fn embed_ids(
-        &self,
-        seqs: &[&[u32]],
-        hook: Option<&mut dyn FnMut(&mut Hidden<'_>) -> Result<()>>,
-    ) -> Result<Array2<f32>> {
+    pub fn embed_ids(&self, seqs: &[&[u32]], hook: Option<&mut HookFn<'_>>) -> Result<Array2<f32>> {
         let (ids, mask, t) = self.padded(seqs)?;
         let d = self.d();
         self.with_pair(|p| {
@@ -313,7 +318,7 @@ impl MiniLm {
     pub fn embed(
         &self,
         texts: &[&str],
-        hook: Option<&mut dyn FnMut(&mut Hidden<'_>) -> Result<()>>,
+        hook: Option<&mut HookFn<'_>>,
     ) -> Result<(Array2<f32>, Vec<Tokens>)> {
         let toks = self.tokenize(texts)?;
         let seqs: Vec<&[u32]> = toks.iter().map(|t| t.ids.as_slice()).collect();

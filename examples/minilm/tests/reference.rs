@@ -142,7 +142,10 @@ fn matches_float64_numpy_reference() {
         let want = floats(&r2["embeddings"][i]);
         let ee = rel_err(edited.row(i).as_slice().unwrap(), &want);
         assert!(ee < 1e-4, "edited text {i}: embedding relative error {ee}");
-        let moved = rel_err(edited.row(i).as_slice().unwrap(), &floats(&r["embeddings"][i]));
+        let moved = rel_err(
+            edited.row(i).as_slice().unwrap(),
+            &floats(&r["embeddings"][i]),
+        );
         assert!(moved > 1e-2, "the edit must change embedding {i} ({moved})");
     }
 }
