@@ -78,10 +78,54 @@ fn describe(e: ReadNpyError) -> String {
     }
 }
 
+/// Longest `.npy` header accepted (NumPy itself refuses more than 10 000 bytes by default).
+const MAX_NPY_HEADER: u64 = 1 << 16;
+
+/// Why the first 12 bytes `head` of a `.npy` of `size` bytes declare a header that cannot be
+/// there. `ndarray-npy` allocates the header length it reads before reading the header (up to
+/// 4 GiB in format 2 and 3), so this is checked before it sees the bytes.
+fn header_overrun(head: &[u8], size: u64) -> Option<String> {
+    if head.len() < 12 || !head.starts_with(b"\x93NUMPY") {
+        return None;
+    }
+    let (start, len) = match head[6] {
+        1 => (10, u64::from(u16::from_le_bytes([head[8], head[9]]))),
+        2 | 3 => (
+            12,
+            u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
+        ),
+        _ => return None,
+    };
+    if len > MAX_NPY_HEADER {
+        Some(format!(
+            "its header is {len} bytes, over the {MAX_NPY_HEADER} allowed"
+        ))
+    } else if start + len > size {
+        Some(format!(
+            "the file is truncated: its header ends at byte {}, the file has {size}",
+            start + len
+        ))
+    } else {
+        None
+    }
+}
+
 /// Reads a float `.npy` file of any shape as float32.
 pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let a = ArrayD::<Widened>::read_npy(std::io::BufReader::new(file))
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut reader = std::io::BufReader::new(file);
+    // `ndarray-npy` allocates the header length it reads before reading the header: a length
+    // larger than the file (up to 4 GiB in format 2 and 3) must be refused before it sees it.
+    let mut head = Vec::with_capacity(12);
+    (&mut reader)
+        .take(12)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::io(path, e))?;
+    if let Some(why) = header_overrun(&head, size) {
+        return Err(Error::format(path, why));
+    }
+    let a = ArrayD::<Widened>::read_npy(std::io::Cursor::new(head).chain(reader))
         .map_err(|e| Error::format(path, describe(e)))?;
     Ok(a.mapv(|w| w.0))
 }
@@ -99,8 +143,36 @@ pub fn npz_names(path: &Path) -> Result<Vec<String>> {
         .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))
 }
 
+/// Checks the header of member `name` (or `name.npy`) of a `.npz` before `ndarray-npy` reads it.
+fn check_npz_member(path: &Path, name: &str) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let bad = |e: String| Error::format(path, format!("array `{name}`: {e}"));
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))?;
+    let member = match zip.index_for_name(name) {
+        Some(i) => i,
+        None => match zip.index_for_name(&format!("{name}.npy")) {
+            Some(i) => i,
+            // Not there: `ndarray-npy` says so.
+            None => return Ok(()),
+        },
+    };
+    let mut entry = zip.by_index(member).map_err(|e| bad(e.to_string()))?;
+    let size = entry.size();
+    let mut head = Vec::with_capacity(12);
+    // A member that cannot even be read this far is reported by `ndarray-npy`.
+    if (&mut entry).take(12).read_to_end(&mut head).is_err() {
+        return Ok(());
+    }
+    match header_overrun(&head, size) {
+        Some(why) => Err(bad(why)),
+        None => Ok(()),
+    }
+}
+
 /// Reads the float array `name` of a `.npz` archive as float32.
 pub fn read_npz_f32(path: &Path, name: &str) -> Result<ArrayD<f32>> {
+    check_npz_member(path, name)?;
     let a: ArrayD<Widened> = open_npz(path)?.by_name(name).map_err(|e| {
         let why = match e {
             ndarray_npy::ReadNpzError::Npy(e) => describe(e),

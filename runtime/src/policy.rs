@@ -573,62 +573,73 @@ impl Instance1 {
         answer: i64,
         exists: &dyn Fn(u32) -> bool,
     ) -> std::result::Result<Vec<PolicyAction>, Failure> {
-        if answer == 0 {
-            return Ok(Vec::new());
-        }
-        let (ptr, count) = (
-            (answer as u64 >> 32) as usize,
-            (answer as u64 & 0xffff_ffff) as usize,
-        );
-        if count > MAX_ACTIONS {
-            return Err(Failure::BadAnswer);
-        }
-        let data = self.memory.data(&self.store);
-        let records = data
-            .get(
-                ptr..ptr
-                    .checked_add(count * ACTION_SIZE)
-                    .ok_or(Failure::BadAnswer)?,
-            )
-            .ok_or(Failure::BadAnswer)?;
-        let mut out = Vec::with_capacity(count);
-        for r in records.chunks_exact(ACTION_SIZE) {
-            let u = |i: usize| u32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
-            let (code, feature, value, sptr, slen) = (
-                u(0),
-                u(4),
-                f32::from_bits(u(8)),
-                u(12) as usize,
-                u(16) as usize,
-            );
-            let string = || -> std::result::Result<String, Failure> {
-                if slen > MAX_STRING {
-                    return Err(Failure::BadAnswer);
-                }
-                let b = data
-                    .get(sptr..sptr.checked_add(slen).ok_or(Failure::BadAnswer)?)
-                    .ok_or(Failure::BadAnswer)?;
-                String::from_utf8(b.to_vec()).map_err(|_| Failure::BadAnswer)
-            };
-            let known = |f: u32| exists(f);
-            let finite = |v: f32| {
-                if v.is_finite() {
-                    Ok(v)
-                } else {
-                    Err(Failure::BadAnswer)
-                }
-            };
-            out.push(match code {
-                action::FLAG => PolicyAction::Flag(string()?),
-                action::SWITCH_PROFILE => PolicyAction::SwitchProfile(string()?),
-                action::STOP => PolicyAction::Stop,
-                action::CLAMP if known(feature) => PolicyAction::Clamp(feature, finite(value)?),
-                action::ABLATE if known(feature) => PolicyAction::Ablate(feature),
-                action::ADD if known(feature) => PolicyAction::Add(feature, finite(value)?),
-                action::CLEAR => PolicyAction::Clear,
-                _ => return Err(Failure::BadAnswer),
-            });
-        }
-        Ok(out)
+        parse_answer(self.memory.data(&self.store), answer, exists)
     }
+}
+
+/// Decodes a guest's answer `(ptr << 32) | count` of action records in its memory `data`.
+///
+/// Public only so that the fuzz targets (`fuzz/`) can reach it; not part of the API.
+#[doc(hidden)]
+pub fn parse_answer(
+    data: &[u8],
+    answer: i64,
+    exists: &dyn Fn(u32) -> bool,
+) -> std::result::Result<Vec<PolicyAction>, Failure> {
+    if answer == 0 {
+        return Ok(Vec::new());
+    }
+    let (ptr, count) = (
+        (answer as u64 >> 32) as usize,
+        (answer as u64 & 0xffff_ffff) as usize,
+    );
+    if count > MAX_ACTIONS {
+        return Err(Failure::BadAnswer);
+    }
+    let records = data
+        .get(
+            ptr..ptr
+                .checked_add(count * ACTION_SIZE)
+                .ok_or(Failure::BadAnswer)?,
+        )
+        .ok_or(Failure::BadAnswer)?;
+    let mut out = Vec::with_capacity(count);
+    for r in records.chunks_exact(ACTION_SIZE) {
+        let u = |i: usize| u32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+        let (code, feature, value, sptr, slen) = (
+            u(0),
+            u(4),
+            f32::from_bits(u(8)),
+            u(12) as usize,
+            u(16) as usize,
+        );
+        let string = || -> std::result::Result<String, Failure> {
+            if slen > MAX_STRING {
+                return Err(Failure::BadAnswer);
+            }
+            let b = data
+                .get(sptr..sptr.checked_add(slen).ok_or(Failure::BadAnswer)?)
+                .ok_or(Failure::BadAnswer)?;
+            String::from_utf8(b.to_vec()).map_err(|_| Failure::BadAnswer)
+        };
+        let known = |f: u32| exists(f);
+        let finite = |v: f32| {
+            if v.is_finite() {
+                Ok(v)
+            } else {
+                Err(Failure::BadAnswer)
+            }
+        };
+        out.push(match code {
+            action::FLAG => PolicyAction::Flag(string()?),
+            action::SWITCH_PROFILE => PolicyAction::SwitchProfile(string()?),
+            action::STOP => PolicyAction::Stop,
+            action::CLAMP if known(feature) => PolicyAction::Clamp(feature, finite(value)?),
+            action::ABLATE if known(feature) => PolicyAction::Ablate(feature),
+            action::ADD if known(feature) => PolicyAction::Add(feature, finite(value)?),
+            action::CLEAR => PolicyAction::Clear,
+            _ => return Err(Failure::BadAnswer),
+        });
+    }
+    Ok(out)
 }

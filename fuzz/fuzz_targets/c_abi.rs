@@ -1,0 +1,139 @@
+//! The C ABI entry points that take buffers, called as a C host would, with buffers this target
+//! owns (so every pointer is valid for the length passed): a TOML config in memory, the
+//! out-buffers of `tiller_last_error` / `tiller_build_info` at every length, and, when the config
+//! gives a runtime, overrides JSON, step tokens and hook activations with lengths and `n_tokens` /
+//! `width` that need not agree.
+#![no_main]
+#![allow(unsafe_code, dead_code)]
+
+// The ABI crate builds only a cdylib and a staticlib (no rlib to link): compile its source here.
+#[path = "../../plugin-abi/src/lib.rs"]
+#[allow(missing_docs, unused)]
+mod abi;
+
+use abi::*;
+use libfuzzer_sys::fuzz_target;
+use std::ffi::{CString, c_char};
+
+/// Splits off a `u16`-length-prefixed field.
+fn field<'a>(data: &mut &'a [u8]) -> &'a [u8] {
+    let n = match data.split_first_chunk::<2>() {
+        Some((n, rest)) => {
+            *data = rest;
+            u16::from_le_bytes(*n) as usize
+        }
+        None => return &[],
+    };
+    let (f, rest) = data.split_at(n.min(data.len()));
+    *data = rest;
+    f
+}
+
+fn cstring(b: &[u8]) -> CString {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    CString::new(&b[..end]).unwrap_or_default()
+}
+
+/// Calls an out-buffer function at a fuzzed length and checks what it promises.
+fn out_buffer(
+    len: usize,
+    f: unsafe extern "C" fn(*mut c_char, usize, *mut usize) -> tiller_status,
+) {
+    let mut buf = vec![0x55 as c_char; len];
+    let mut needed = 0usize;
+    let ptr = if len == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr()
+    };
+    // SAFETY: `buf` is valid for `len` bytes (or NULL with 0); `needed` is writable.
+    let s = unsafe { f(ptr, len, &mut needed) };
+    assert_ne!(s, tiller_status::TILLER_PANIC);
+    if s == tiller_status::TILLER_OK {
+        assert!(needed <= len, "needed {needed} > len {len} but OK");
+        assert_eq!(buf[needed - 1], 0, "not NUL-terminated");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut rest = data;
+    let toml = cstring(field(&mut rest));
+    let overrides = field(&mut rest);
+    let tokens = field(&mut rest);
+    let acts = field(&mut rest);
+    let knobs: [u8; 4] = rest
+        .get(..4)
+        .and_then(|k| k.try_into().ok())
+        .unwrap_or_default();
+
+    let mut rt: *mut tiller_runtime = std::ptr::null_mut();
+    let base = c"/nonexistent/tiller-fuzz";
+    // SAFETY: NUL-terminated strings; `rt` is writable.
+    let s = unsafe { tiller_runtime_new_from_toml(toml.as_ptr(), base.as_ptr(), &mut rt) };
+    assert_ne!(s, tiller_status::TILLER_PANIC);
+    out_buffer(knobs[0] as usize, tiller_last_error);
+    out_buffer(knobs[1] as usize, tiller_build_info);
+    if s != tiller_status::TILLER_OK {
+        return;
+    }
+
+    let o = cstring(overrides);
+    // SAFETY: `rt` is live; the strings are NUL-terminated.
+    let s = unsafe { tiller_request_begin(rt, 1, std::ptr::null(), o.as_ptr()) };
+    assert_ne!(s, tiller_status::TILLER_PANIC);
+
+    // Tokens: each byte a phase (0, 1, or something else) of request 1 or 2.
+    let n = tokens.len().min(64);
+    let ids: Vec<u64> = tokens[..n].iter().map(|&b| 1 + u64::from(b >> 7)).collect();
+    let phases: Vec<u8> = tokens[..n].iter().map(|&b| b & 3).collect();
+    let mut step: *mut tiller_step = std::ptr::null_mut();
+    // SAFETY: `ids` and `phases` hold `n` elements; `step` is writable.
+    let s = unsafe { tiller_step_open(rt, ids.as_ptr(), phases.as_ptr(), n, &mut step) };
+    assert_ne!(s, tiller_status::TILLER_PANIC);
+    if s == tiller_status::TILLER_OK {
+        // The hook's data: `acts` as f32 values; n_tokens and width from the knobs, the data
+        // sized to what they claim so the pointer stays valid for it.
+        let n_tokens = if knobs[2] & 1 == 0 {
+            n
+        } else {
+            knobs[2] as usize >> 1
+        };
+        let width = (knobs[3] as usize).max(1);
+        let dtype = u32::from(knobs[2] >> 6);
+        let len = n_tokens * width;
+        let mut buf: Vec<f32> = (0..len)
+            .map(|i| {
+                let b = acts.get(i % acts.len().max(1)).copied().unwrap_or(0);
+                f32::from(b as i8) / 8.0
+            })
+            .collect();
+        // SAFETY: `buf` holds `len` f32s (and twice that many 16-bit values).
+        let s = unsafe {
+            tiller_step_hook(
+                step,
+                c"model.layers.0".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                dtype,
+                n_tokens,
+                width,
+            )
+        };
+        assert_ne!(s, tiller_status::TILLER_PANIC);
+        // Room for fewer stop ids than there may be.
+        let cap = usize::from(knobs[3] & 3);
+        let mut stops = vec![0u64; cap];
+        let mut n_stop = 0usize;
+        // SAFETY: a step from `tiller_step_open`, closed (which frees it) once; `stops` holds `cap`.
+        let s = unsafe { tiller_step_close(step, stops.as_mut_ptr(), cap, &mut n_stop) };
+        assert_ne!(s, tiller_status::TILLER_PANIC);
+    }
+    let len = usize::from(knobs[0]);
+    let mut summary = vec![0 as c_char; len];
+    let mut needed = 0usize;
+    // SAFETY: `rt` is live and not used after the free; `summary` holds `len` bytes.
+    unsafe {
+        let s = tiller_request_end(rt, 1, summary.as_mut_ptr(), len, &mut needed);
+        assert_ne!(s, tiller_status::TILLER_PANIC);
+        tiller_runtime_free(rt);
+    }
+});
