@@ -1,5 +1,8 @@
 //! Shared helpers for the benchmarks: random dictionaries and activations with fixed seeds.
 
+pub mod dicts;
+pub mod machine;
+
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};

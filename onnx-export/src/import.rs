@@ -232,3 +232,15 @@ pub fn output_path(out: &Path, name: Option<&str>) -> PathBuf {
 pub fn write(meta: &Meta, weights: &Weights, out: &Path) -> Result<()> {
     Ok(tiller::dictionary::write_dictionary(meta, weights, out)?)
 }
+
+/// [`write`] with `W_enc` and `W_dec` stored as `dtype` (f16, bf16: rounded to nearest).
+pub fn write_as(
+    meta: &Meta,
+    weights: &Weights,
+    out: &Path,
+    dtype: tiller::dictionary::WeightDtype,
+) -> Result<()> {
+    Ok(tiller::dictionary::write_dictionary_as(
+        meta, weights, out, dtype,
+    )?)
+}

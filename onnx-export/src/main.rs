@@ -47,6 +47,10 @@ enum Command {
         /// Probes: what each read-out outputs, `sigmoid` (a probability) or `logit`.
         #[arg(long, default_value = "sigmoid")]
         probe_output: tiller_export::probe::ProbeOutput,
+        /// How to store `W_enc` and `W_dec`: `f32`, `f16` or `bf16` (rounded to nearest; the
+        /// runtime's native encoder reads half-width weights at their width, moving half the bytes).
+        #[arg(long, default_value = "f32")]
+        dtype: tiller::dictionary::WeightDtype,
         /// The dictionary to write; several dictionaries go to `OUT.<name>.onnx`.
         #[arg(short, long)]
         output: PathBuf,
@@ -416,6 +420,7 @@ fn run(cli: Cli) -> Result<()> {
             labels,
             bias,
             probe_output,
+            dtype,
             output,
         } => {
             let layer = match layer.as_deref() {
@@ -459,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 let out =
                     import::output_path(&output, if several { one.name.as_deref() } else { None });
-                import::write(&one.meta, &one.weights, &out)?;
+                import::write_as(&one.meta, &one.weights, &out, dtype)?;
                 let m = &one.meta;
                 println!(
                     "wrote {}: {} {} {}x{} from {}",
@@ -700,6 +705,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         "labels": m.labels.len(),
         "opset": f.opset(),
         "external_data": f.has_external_data(),
+        "weights": f.weight_dtype().as_str(),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -721,6 +727,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     println!("  input norm  {}", m.input_norm);
     println!("  source      {}", m.source);
     println!("  exact       {}", m.exact);
+    println!("  weights     {}", f.weight_dtype());
     if let Some(ids) = &m.feature_ids {
         println!("  sliced      {} of the original features", ids.len());
     }

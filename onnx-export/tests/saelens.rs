@@ -475,3 +475,55 @@ fn metadata_and_inspect() {
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("Golden Gate Bridge"));
 }
+
+/// A checkpoint saved in f16 or bf16, imported with `--dtype` of the same width, keeps its
+/// weights exactly (half the bytes of f32), and the runtime's native encoder reads them at that
+/// width; the result equals SAELens's maths on the stored weights.
+#[test]
+fn half_width_checkpoints_import_at_their_width() {
+    use tiller::dictionary::WeightDtype;
+    for (dtype, flag, want) in [
+        (Dtype::F16, "f16", WeightDtype::F16),
+        (Dtype::BF16, "bf16", WeightDtype::Bf16),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let mut rng = Rng::new(13);
+        let t = tensors(&mut rng, "jumprelu", 32, 80, 32);
+        let t = write_saelens(&ckpt, &v6("jumprelu", json!({})), &t, dtype);
+        let out = dir.path().join("d.onnx");
+        let bin = env!("CARGO_BIN_EXE_tiller-export");
+        let o = std::process::Command::new(bin)
+            .arg("import")
+            .arg(&ckpt)
+            .args(["--dtype", flag, "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = std::process::Command::new(bin)
+            .args(["inspect", "--json"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["weights"], flag);
+        let opts = SessionOptions {
+            native: true,
+            ..SessionOptions::default()
+        };
+        let dict = Dictionary::load(&out, &opts).unwrap();
+        assert_eq!(dict.backend(), tiller::Backend::Native(want));
+        let s = Sae {
+            arch: "jumprelu",
+            k: 0,
+            apply_b_dec_to_input: true,
+            norm: "none",
+            rescale: false,
+        };
+        let x = rng.matrix(19, 32, 1.0) + 0.25;
+        let (ref_acts, _) = saelens_reference(&s, &t, &x);
+        let ea = rel_err(&dict.encode(x.view()).unwrap().acts, &ref_acts);
+        assert!(ea < TOL, "{flag}: acts relative error {ea:e}");
+    }
+}

@@ -120,6 +120,41 @@ pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
     t
 }
 
+/// The little-endian bytes of `data` stored as `elem` (FLOAT, FLOAT16 or BFLOAT16; the half
+/// types round to nearest, ties to even).
+fn float_bytes(data: &[f32], elem: DataType) -> Vec<u8> {
+    match elem {
+        DataType::FLOAT16 => data
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DataType::BFLOAT16 => data
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// A tensor proto holding `data` stored as `elem` (FLOAT, FLOAT16 or BFLOAT16) in `raw_data`.
+pub fn tensor_float(name: &str, dims: &[usize], data: &[f32], elem: DataType) -> TensorProto {
+    debug_assert_eq!(dims.iter().product::<usize>(), data.len());
+    let mut t = TensorProto::new();
+    t.name = name.to_string();
+    t.data_type = float_elem(elem) as i32;
+    t.dims = dims.iter().map(|&d| d as i64).collect();
+    t.raw_data = float_bytes(data, elem);
+    t
+}
+
+/// `elem` if it is one of the float types [`tensor_float`] writes, else FLOAT.
+fn float_elem(elem: DataType) -> DataType {
+    match elem {
+        DataType::FLOAT16 | DataType::BFLOAT16 => elem,
+        _ => DataType::FLOAT,
+    }
+}
+
 /// An int64 tensor proto.
 pub fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> TensorProto {
     let mut t = TensorProto::new();
@@ -163,19 +198,21 @@ impl ExternalSink {
         })
     }
 
-    /// Appends `data` (4 KiB aligned) and returns the external-data entries that point at it.
-    fn append(&mut self, data: &[f32]) -> Result<Vec<StringStringEntryProto>> {
+    /// Appends `data` stored as `elem` (4 KiB aligned) and returns the external-data entries that
+    /// point at it.
+    fn append(&mut self, data: &[f32], elem: DataType) -> Result<Vec<StringStringEntryProto>> {
         let pad = (4096 - self.offset % 4096) % 4096;
         let io = |e| Error::io(&self.path, e);
         self.out.write_all(&vec![0u8; pad as usize]).map_err(io)?;
         self.offset += pad;
+        let mut length = 0u64;
         for chunk in data.chunks(1 << 16) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bytes = float_bytes(chunk, elem);
+            length += bytes.len() as u64;
             self.out
                 .write_all(&bytes)
                 .map_err(|e| Error::io(&self.path, e))?;
         }
-        let length = data.len() as u64 * 4;
         let entries = [
             ("location", self.location.clone()),
             ("offset", self.offset.to_string()),
@@ -240,14 +277,27 @@ impl GraphBuilder {
 
     /// Adds a float32 initializer and returns its name.
     pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        self.weight_as(name, dims, data, DataType::FLOAT)
+    }
+
+    /// Adds an initializer holding `data` stored as `elem` (FLOAT, FLOAT16 or BFLOAT16; the half
+    /// types round to nearest, ties to even) and returns its name. Nothing converts it back: a
+    /// graph that needs float32 reads it through a `Cast`.
+    pub fn weight_as(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        data: &[f32],
+        elem: DataType,
+    ) -> String {
         match self.external.as_mut().filter(|_| data.len() >= 256) {
             Some(sink) => {
                 let mut t = TensorProto::new();
                 t.name = name.to_string();
-                t.data_type = DataType::FLOAT as i32;
+                t.data_type = float_elem(elem) as i32;
                 t.dims = dims.iter().map(|&d| d as i64).collect();
                 t.data_location = EnumOrUnknown::new(DataLocation::EXTERNAL);
-                match sink.append(data) {
+                match sink.append(data, float_elem(elem)) {
                     Ok(entries) => t.external_data = entries,
                     Err(e) => {
                         self.error.get_or_insert(e);
@@ -255,7 +305,10 @@ impl GraphBuilder {
                 }
                 self.graph.initializer.push(t);
             }
-            None => self.graph.initializer.push(tensor_f32(name, dims, data)),
+            None => self
+                .graph
+                .initializer
+                .push(tensor_float(name, dims, data, elem)),
         }
         name.to_string()
     }

@@ -23,6 +23,9 @@
 //! - [`DictionaryFile`]: a validated dictionary file; parsing it reads the whole file once.
 //! - [`Dictionary`]: ONNX Runtime sessions over one dictionary; building one costs milliseconds
 //!   to seconds (weights are prepacked), a call costs microseconds. Share it between threads.
+//!   With [`SessionOptions::native`] it encodes natively instead where it can ([`Backend`]):
+//!   `W_enc` packed for streaming at its stored width (f32, f16 or bf16), as the [`Runtime`]'s
+//!   hooks do.
 //! - [`onnxruntime`]: loads ONNX Runtime once per process, downloading the pinned wheel from PyPI
 //!   into a cache on first use.
 #![deny(missing_docs)]
@@ -48,4 +51,4 @@ pub use runtime::{
     ActivationsMut, Event, FeatureStats, Phase, RequestSummary, Runtime, Step, StepResult, Token,
 };
 pub use service::Service;
-pub use session::{Dictionary, Encoded, SessionOptions};
+pub use session::{Backend, Dictionary, Encoded, SessionOptions};

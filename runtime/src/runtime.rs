@@ -14,7 +14,7 @@ use crate::config::{Action, Aggregate, ApplyTo, Config, Op, Overrides, SteerConf
 use crate::dictionary::{Activation, DictionaryFile, Kind, Meta, split_hooks};
 use crate::metrics::{DictionaryMetrics, FeatureMetrics, HookMetrics, Metrics};
 use crate::native::SlicedEncoder;
-use crate::session::{Dictionary, SessionOptions};
+use crate::session::{Backend, Dictionary, SessionOptions};
 use crate::steering::{Rule, covers};
 use crate::{Error, Result};
 
@@ -233,6 +233,7 @@ impl State {
                 .onnxruntime
                 .as_ref()
                 .map(|p| config.resolve(p)),
+            native: true,
         };
         // Features each dictionary must produce: monitored and steered ones.
         let mut needed: HashMap<&str, HashSet<u32>> = HashMap::new();
@@ -976,6 +977,7 @@ struct Scratch {
     edited: Vec<bool>,
     enc_in: Vec<f32>,
     enc_scratch: Vec<f32>,
+    full_scratch: crate::native::Scratch,
     /// By dictionary index: the activations computed at its input hook during this step.
     pending: Vec<Pending>,
     /// The `(feature, value)` pairs handed to a policy for one token.
@@ -993,6 +995,8 @@ struct Pending {
     m: usize,
     /// Every feature, when a request's own rules needed the full dictionary.
     full: Option<Array2<f32>>,
+    /// The storage of the last native full encode, kept for the next.
+    spare: Vec<f32>,
     /// A crosscoder's input layers gathered so far in this step, `[n, layers·d_in]`.
     stash: Vec<f32>,
     stash_finite: Vec<bool>,
@@ -1054,6 +1058,15 @@ impl Runtime {
     /// The config in force.
     pub fn config(&self) -> Config {
         self.state().config.clone()
+    }
+
+    /// How the dictionary `name` computes all its features (the TopK dictionaries, requests
+    /// whose rules name features outside the config's, crosscoders): natively where the
+    /// dictionary allows, else through ONNX Runtime. `None` for an unknown name.
+    pub fn backend(&self, name: &str) -> Option<Backend> {
+        let state = self.state();
+        let di = *state.dict_index.get(name)?;
+        Some(state.dicts[di].dict.backend())
     }
 
     /// The hooks the config attaches to, with their widths.
@@ -1555,7 +1568,9 @@ fn encode(
         c.checked_div(every) != (c + n as u64).checked_div(every)
     };
     let native = d.sliced.as_ref().filter(|_| !needs_full);
-    if sample || native.is_none() {
+    let full_native = d.dict.native();
+    let ort = native.is_none() && (m > 0 || needs_full) && full_native.is_none();
+    if sample || ort {
         // The input with non-finite tokens zeroed, for ONNX Runtime.
         sc.enc_in.clear();
         sc.enc_in.extend_from_slice(xs);
@@ -1570,7 +1585,9 @@ fn encode(
     p.m = m;
     p.named.clear();
     p.named.resize(n * m, 0.0);
-    p.full = None;
+    if let Some(full) = p.full.take() {
+        p.spare = full.into_raw_vec_and_offset().0;
+    }
     let x = || {
         ArrayView2::from_shape((n, width), &sc.enc_in)
             .map_err(|e| Error::tensor("activations", e.to_string()))
@@ -1578,10 +1595,38 @@ fn encode(
     if sample {
         measure_fvu(rt, d, x()?, &sc.finite);
     }
-    match native {
-        Some(s) => s.encode(xs, &sc.finite, &mut sc.enc_scratch, &mut p.named),
-        None if m == 0 && !needs_full => {}
-        None => {
+    match (native, full_native) {
+        (Some(s), _) => s.encode(xs, &sc.finite, &mut sc.enc_scratch, &mut p.named),
+        (None, _) if m == 0 && !needs_full => {}
+        (None, Some(fe)) => {
+            // Every feature natively, into last time's storage (no allocation at a steady batch
+            // size).
+            let f = d.meta.d_sae;
+            let mut buf = std::mem::take(&mut p.spare);
+            buf.clear();
+            buf.resize(n * f, 0.0);
+            fe.encode(
+                xs,
+                n,
+                Some(&sc.finite),
+                &mut sc.full_scratch,
+                &mut buf,
+                None,
+            );
+            for t in 0..n {
+                for (j, &c) in d.features.iter().enumerate() {
+                    p.named[t * m + j] = buf[t * f + c as usize];
+                }
+            }
+            if needs_full {
+                let full = Array2::from_shape_vec((n, f), buf)
+                    .map_err(|e| Error::tensor("activations", e.to_string()))?;
+                p.full = Some(full);
+            } else {
+                p.spare = buf;
+            }
+        }
+        (None, None) => {
             let enc = d
                 .dict
                 .encode(x()?)

@@ -4,14 +4,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 use protobuf::Message;
 
-use crate::dictionary::{Activation, DictionaryFile, Kind, Meta};
+use crate::dictionary::{Activation, DictionaryFile, Kind, Meta, WeightDtype};
 use crate::graph::prune;
+use crate::native::{FullEncoder, Scratch};
 use crate::{Error, Result};
 
 /// How sessions are built. Defaults are tuned for latency inside a server: one intra-op thread, no
@@ -24,6 +25,11 @@ pub struct SessionOptions {
     pub pool_size: usize,
     /// The ONNX Runtime library to load, instead of `ORT_DYLIB_PATH` or the cached copy.
     pub onnxruntime: Option<PathBuf>,
+    /// Encode natively where the dictionary allows (every kind but crosscoders, every
+    /// activation; see [`Backend`]) instead of through ONNX Runtime. Default false: a
+    /// `Dictionary` runs its ONNX graph as written, which is what `verify` and graph tests
+    /// check; the [`crate::Runtime`] turns this on for its hooks.
+    pub native: bool,
 }
 
 impl Default for SessionOptions {
@@ -32,6 +38,7 @@ impl Default for SessionOptions {
             intra_threads: 1,
             pool_size: 1,
             onnxruntime: None,
+            native: false,
         }
     }
 }
@@ -115,6 +122,16 @@ impl Pool {
     }
 }
 
+/// How a [`Dictionary`] computes its features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Natively: `W_enc` packed for streaming and read at its stored width (see
+    /// [`SessionOptions::native`]).
+    Native(WeightDtype),
+    /// ONNX Runtime, on the dictionary's graph.
+    OnnxRuntime,
+}
+
 /// A dictionary ready to encode and decode on the CPU execution provider.
 ///
 /// `Send + Sync`: share it between threads; each call takes a free session from a small pool.
@@ -122,8 +139,12 @@ impl Pool {
 pub struct Dictionary {
     file: DictionaryFile,
     opts: SessionOptions,
-    encoder: Pool,
+    /// The encode graph's sessions: built at load, or on first use when `native` encodes.
+    encoder: Mutex<Option<Arc<Pool>>>,
     full: Mutex<Option<Arc<Pool>>>,
+    native: Option<FullEncoder>,
+    /// The native encoder's buffers, one per concurrent call.
+    scratch: Mutex<Vec<Scratch>>,
 }
 
 /// The outputs of one encode.
@@ -142,20 +163,67 @@ impl Dictionary {
         Self::from_file(file, opts)
     }
 
-    /// Builds sessions for an already validated file.
+    /// Builds sessions for an already validated file (with [`SessionOptions::native`] where the
+    /// native encoder applies, the encode sessions only when first needed; ONNX Runtime is loaded
+    /// either way).
     pub fn from_file(file: DictionaryFile, opts: &SessionOptions) -> Result<Self> {
-        let outputs: &[&str] = if file.meta().activation == Activation::TopK {
-            &["acts", "top_values", "top_indices"]
+        let native = if opts.native {
+            FullEncoder::new(&file)?
         } else {
-            &["acts"]
+            None
         };
-        let encoder = Pool::new(&file, outputs, opts)?;
+        let encoder = match native {
+            Some(_) => {
+                crate::onnxruntime::init(opts.onnxruntime.as_deref())?;
+                None
+            }
+            None => Some(Arc::new(Pool::new(
+                &file,
+                Self::encode_outputs(&file),
+                opts,
+            )?)),
+        };
         Ok(Self {
             file,
             opts: opts.clone(),
-            encoder,
+            encoder: Mutex::new(encoder),
             full: Mutex::new(None),
+            native,
+            scratch: Mutex::new(Vec::new()),
         })
+    }
+
+    fn encode_outputs(file: &DictionaryFile) -> &'static [&'static str] {
+        if file.meta().activation == Activation::TopK {
+            &["acts", "top_values", "top_indices"]
+        } else {
+            &["acts"]
+        }
+    }
+
+    /// The sessions in `slot`, built on first use for `outputs`.
+    fn pool(&self, slot: &Mutex<Option<Arc<Pool>>>, outputs: &[&str]) -> Result<Arc<Pool>> {
+        let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+        match &*g {
+            Some(p) => Ok(p.clone()),
+            None => {
+                let p = Arc::new(Pool::new(&self.file, outputs, &self.opts)?);
+                *g = Some(p.clone());
+                Ok(p)
+            }
+        }
+    }
+
+    /// How [`Dictionary::encode`] computes the features.
+    pub fn backend(&self) -> Backend {
+        self.native
+            .as_ref()
+            .map_or(Backend::OnnxRuntime, |n| Backend::Native(n.dtype()))
+    }
+
+    /// The native encoder, where it applies.
+    pub(crate) fn native(&self) -> Option<&FullEncoder> {
+        self.native.as_ref()
     }
 
     /// The dictionary's metadata.
@@ -214,8 +282,26 @@ impl Dictionary {
         let shape = self.input_shape(x.nrows());
         let data = x.as_slice().unwrap_or(&[]);
         let topk = self.meta().activation == Activation::TopK;
+        if let Some(native) = &self.native {
+            let n = x.nrows();
+            let mut acts = Array2::zeros((n, self.meta().d_sae));
+            let k = self.meta().k.unwrap_or(0);
+            let mut top = topk.then(|| (Array2::zeros((n, k)), Array2::zeros((n, k))));
+            let mut scratch = self.take_scratch();
+            let out = acts.as_slice_mut().unwrap_or(&mut []);
+            let top_out = top.as_mut().map(|(v, i)| {
+                (
+                    v.as_slice_mut().unwrap_or(&mut []),
+                    i.as_slice_mut().unwrap_or(&mut []),
+                )
+            });
+            native.encode(data, n, None, &mut scratch, out, top_out);
+            self.put_scratch(scratch);
+            return Ok(Encoded { acts, top });
+        }
         let path = self.file.path().to_path_buf();
-        self.encoder.with(|s| {
+        let pool = self.pool(&self.encoder, Self::encode_outputs(&self.file))?;
+        pool.with(|s| {
             let input = TensorRef::from_array_view((shape.clone(), data))
                 .map_err(|e| Error::ort("binding `x`", e))?;
             let out = s
@@ -238,6 +324,45 @@ impl Dictionary {
         })
     }
 
+    /// [`Dictionary::encode`] into `acts` (`[batch, d_sae]`), for hosts that keep their buffers:
+    /// on the native path a call allocates nothing once warm (TopK's values and indices stay in
+    /// place in `acts`).
+    pub fn encode_into(
+        &self,
+        x: ArrayView2<'_, f32>,
+        mut acts: ArrayViewMut2<'_, f32>,
+    ) -> Result<()> {
+        let want = (x.nrows(), self.meta().d_sae);
+        if acts.dim() != want {
+            return Err(Error::tensor(
+                "acts",
+                format!("has shape {:?}; {want:?} expected", acts.dim()),
+            ));
+        }
+        match (&self.native, acts.as_slice_mut()) {
+            (Some(native), Some(out)) => {
+                self.check_input(&x)?;
+                let x = x.as_standard_layout();
+                let data = x.as_slice().unwrap_or(&[]);
+                let mut scratch = self.take_scratch();
+                native.encode(data, x.nrows(), None, &mut scratch, out, None);
+                self.put_scratch(scratch);
+            }
+            _ => acts.assign(&self.encode(x)?.acts),
+        }
+        Ok(())
+    }
+
+    fn take_scratch(&self) -> Scratch {
+        let mut g = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        g.pop().unwrap_or_default()
+    }
+
+    fn put_scratch(&self, s: Scratch) {
+        let mut g = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        g.push(s);
+    }
+
     /// Feature activations and the reconstruction (`[batch, n_layers·d_out]`). A probe has no
     /// decoder: asking one for a reconstruction is an error.
     pub fn encode_decode(&self, x: ArrayView2<'_, f32>) -> Result<(Array2<f32>, Array2<f32>)> {
@@ -251,17 +376,7 @@ impl Dictionary {
             ));
         }
         self.check_input(&x)?;
-        let pool = {
-            let mut g = self.full.lock().unwrap_or_else(|p| p.into_inner());
-            match &*g {
-                Some(p) => p.clone(),
-                None => {
-                    let p = Arc::new(Pool::new(&self.file, &["acts", "recon"], &self.opts)?);
-                    *g = Some(p.clone());
-                    p
-                }
-            }
-        };
+        let pool = self.pool(&self.full, &["acts", "recon"])?;
         let x = x.as_standard_layout();
         let shape = self.input_shape(x.nrows());
         let data = x.as_slice().unwrap_or(&[]);

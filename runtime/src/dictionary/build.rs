@@ -3,7 +3,7 @@
 use ndarray::{Array1, Array2};
 use onnx_protobuf::{ModelProto, tensor_proto::DataType};
 
-use super::{Activation, InputNorm, Kind, LAYER_NORM_EPS, Meta};
+use super::{Activation, InputNorm, Kind, LAYER_NORM_EPS, Meta, WeightDtype};
 use crate::graph::{Attr, Dim, EXTERNAL_DATA_THRESHOLD, ExternalSink, GraphBuilder, tensor_f32};
 use crate::{Error, Result};
 
@@ -214,7 +214,19 @@ impl Weights {
 /// Builds the format v1 graph of a dictionary: input `x`, outputs `acts` and `recon` (and
 /// `top_values`/`top_indices` for TopK), the metadata of `meta`.
 pub fn build_model(meta: &Meta, w: &Weights) -> Result<ModelProto> {
-    build(meta, w, GraphBuilder::new("tiller_dictionary"))
+    build(
+        meta,
+        w,
+        GraphBuilder::new("tiller_dictionary"),
+        WeightDtype::F32,
+    )
+}
+
+/// [`build_model`] with `W_enc` and `W_dec` stored as `dtype` (rounded to nearest, ties to even),
+/// read by the graph through a `Cast` to float32. A value that does not fit in `dtype` is an
+/// error naming the tensor and the index.
+pub fn build_model_as(meta: &Meta, w: &Weights, dtype: WeightDtype) -> Result<ModelProto> {
+    build(meta, w, GraphBuilder::new("tiller_dictionary"), dtype)
 }
 
 /// Writes the dictionary to `path`. Past [`EXTERNAL_DATA_THRESHOLD`] bytes of weights, they are
@@ -231,25 +243,67 @@ pub fn write_dictionary_with(
     path: &std::path::Path,
     threshold: usize,
 ) -> Result<()> {
-    let floats = w.w_enc.len()
-        + w.w_dec.len()
-        + w.b_enc.len()
+    write(meta, w, path, threshold, WeightDtype::F32)
+}
+
+/// [`write_dictionary`] with `W_enc` and `W_dec` stored as `dtype` (see [`build_model_as`]).
+pub fn write_dictionary_as(
+    meta: &Meta,
+    w: &Weights,
+    path: &std::path::Path,
+    dtype: WeightDtype,
+) -> Result<()> {
+    write(meta, w, path, EXTERNAL_DATA_THRESHOLD, dtype)
+}
+
+fn write(
+    meta: &Meta,
+    w: &Weights,
+    path: &std::path::Path,
+    threshold: usize,
+    dtype: WeightDtype,
+) -> Result<()> {
+    let floats = w.b_enc.len()
         + w.b_dec.len()
         + w.w_skip.as_ref().map_or(0, |a| a.len())
         + w.gated
             .as_ref()
             .map_or(0, |g| g.r_mag.len() + g.b_mag.len());
-    if floats * 4 <= threshold {
-        return crate::graph::write_model(build_model(meta, w)?, path, usize::MAX);
+    let bytes = floats * 4 + (w.w_enc.len() + w.w_dec.len()) * dtype.size();
+    if bytes <= threshold {
+        return crate::graph::write_model(build_model_as(meta, w, dtype)?, path, usize::MAX);
     }
     let g = GraphBuilder::new("tiller_dictionary").with_external(ExternalSink::create(path)?);
-    let model = build(meta, w, g)?;
+    let model = build(meta, w, g, dtype)?;
     let bytes = protobuf::Message::write_to_bytes(&model)
         .map_err(|e| Error::invalid("model", format!("cannot serialise it: {e}")))?;
     std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
-fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder) -> Result<ModelProto> {
+/// Fails if a value of `a` does not fit in `dtype` (float16's ±65504; bfloat16 only overflows
+/// within half a unit of float32's largest value).
+fn check_range(name: &str, a: &[f32], dtype: WeightDtype) -> Result<()> {
+    if dtype == WeightDtype::F32 {
+        return Ok(());
+    }
+    match a.iter().position(|&v| !dtype.round(v).is_finite()) {
+        Some(i) => Err(Error::tensor(
+            name,
+            format!(
+                "value {} at flat index {i} does not fit in {dtype}: store the weights as f32{}",
+                a[i],
+                if dtype == WeightDtype::F16 {
+                    " or bf16"
+                } else {
+                    ""
+                }
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder, dtype: WeightDtype) -> Result<ModelProto> {
     w.check(meta)?;
     let (li, lo) = (meta.input_layers(), meta.output_layers());
     let crosscoder = meta.kind == Kind::Crosscoder;
@@ -266,12 +320,28 @@ fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder) -> Result<ModelProto> {
     fn contiguous(a: &Array2<f32>) -> ndarray::CowArray<'_, f32, ndarray::Ix2> {
         a.as_standard_layout()
     }
+    // Half-width weights are read through a Cast to float32: ONNX Runtime folds it into a
+    // float32 copy when the session is built.
+    let stored = |g: &mut GraphBuilder, name: &str, dims: &[usize], data: &[f32]| {
+        check_range(name, data, dtype)?;
+        let n = g.weight_as(name, dims, data, dtype.onnx());
+        Ok::<_, Error>(if dtype == WeightDtype::F32 {
+            n
+        } else {
+            g.op(
+                "Cast",
+                &[&n],
+                vec![("to", Attr::Int(DataType::FLOAT as i64))],
+            )
+        })
+    };
     let w_enc = contiguous(&w.w_enc);
-    let w_enc_name = g.weight(
+    let w_enc_name = stored(
+        &mut g,
         "W_enc",
         &[li * meta.d_in, d_sae],
         w_enc.as_slice().unwrap_or(&[]),
-    );
+    )?;
     // A probe has no decoder: no `W_dec`, `b_dec` or `recon`.
     let decoder = meta.has_decoder();
     let (w_dec_name, b_dec_name) = if decoder {
@@ -281,7 +351,7 @@ fn build(meta: &Meta, w: &Weights, mut g: GraphBuilder) -> Result<ModelProto> {
         } else {
             vec![d_sae, meta.d_out]
         };
-        let w_dec_name = g.weight("W_dec", &dec_dims, w_dec.as_slice().unwrap_or(&[]));
+        let w_dec_name = stored(&mut g, "W_dec", &dec_dims, w_dec.as_slice().unwrap_or(&[]))?;
         let b_dec_dims: Vec<usize> = if layered {
             vec![lo, meta.d_out]
         } else {

@@ -11,7 +11,7 @@ use onnx_protobuf::{
 };
 use protobuf::{Enum, Message};
 
-use super::{Activation, Kind, Meta};
+use super::{Activation, Kind, Meta, WeightDtype};
 use crate::graph::OPSET;
 use crate::{Error, Result};
 
@@ -295,8 +295,22 @@ impl DictionaryFile {
         }
     }
 
-    /// Reads the initializer `name` as float32 (f16, bf16 and f64 are converted), with its dims.
-    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    /// The element type `W_enc` is stored in (float64, were it used, is read as float32).
+    pub fn weight_dtype(&self) -> WeightDtype {
+        let t = self.model.graph.as_ref().and_then(|g| find(g, "W_enc"));
+        match t.and_then(|t| DataType::from_i32(t.data_type)) {
+            Some(DataType::FLOAT16) => WeightDtype::F16,
+            Some(DataType::BFLOAT16) => WeightDtype::Bf16,
+            _ => WeightDtype::F32,
+        }
+    }
+
+    /// The initializer `name` as stored: its dims, its ONNX element type, and its little-endian bytes
+    /// (read from external data where it lives there).
+    pub(crate) fn tensor_bytes(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<usize>, i32, std::borrow::Cow<'_, [u8]>)> {
         let graph = self
             .model
             .graph
@@ -305,10 +319,14 @@ impl DictionaryFile {
         let t = find(graph, name).ok_or_else(|| {
             Error::dictionary(&self.path, format!("initializer `{name}` is missing"))
         })?;
-        let (dims, n) = tensor_dims(&self.path, t)?;
-        let bytes: std::borrow::Cow<'_, [u8]> = match self.locate(&self.base_dir(), t)? {
-            Bytes::Floats(v) => return Ok((dims, v.to_vec())),
-            Bytes::Inline(b) => b.into(),
+        let (dims, _) = tensor_dims(&self.path, t)?;
+        let stored = t.data_type;
+        let (ty, bytes): (_, std::borrow::Cow<'_, [u8]>) = match self.locate(&self.base_dir(), t)? {
+            Bytes::Floats(v) => (
+                DataType::FLOAT as i32,
+                v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+            ),
+            Bytes::Inline(b) => (stored, b.into()),
             Bytes::External {
                 file,
                 offset,
@@ -319,10 +337,17 @@ impl DictionaryFile {
                     .map_err(|e| Error::io(&file, e))?;
                 let mut buf = vec![0u8; length as usize];
                 fh.read_exact(&mut buf).map_err(|e| Error::io(&file, e))?;
-                buf.into()
+                (stored, buf.into())
             }
         };
-        let values: Vec<f32> = match DataType::from_i32(t.data_type) {
+        Ok((dims, ty, bytes))
+    }
+
+    /// Reads the initializer `name` as float32 (f16, bf16 and f64 are converted), with its dims.
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (dims, ty, bytes) = self.tensor_bytes(name)?;
+        let n: usize = dims.iter().product();
+        let values: Vec<f32> = match DataType::from_i32(ty) {
             Some(DataType::FLOAT) => bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -346,7 +371,7 @@ impl DictionaryFile {
                     &self.path,
                     format!(
                         "initializer `{name}` is not a floating-point tensor (type {})",
-                        t.data_type
+                        ty
                     ),
                 ));
             }

@@ -10,7 +10,10 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-pub use build::{Gated, Weights, build_model, write_dictionary, write_dictionary_with};
+pub use build::{
+    Gated, Weights, build_model, build_model_as, write_dictionary, write_dictionary_as,
+    write_dictionary_with,
+};
 pub use file::DictionaryFile;
 
 use crate::{Error, Result};
@@ -88,6 +91,50 @@ string_enum! {
         Linear = "linear",
         /// `1 / (1 + exp(-pre))`: a probe's probability (probes only).
         Sigmoid = "sigmoid",
+    }
+}
+
+string_enum! {
+    /// The element type a dictionary stores `W_enc` and `W_dec` in (biases, thresholds and the
+    /// other small tensors stay float32). Half-width weights are initializers of ONNX type
+    /// FLOAT16 or BFLOAT16 read through a `Cast` to float32, so that ONNX Runtime runs the same
+    /// graph; the metadata does not change. The runtime's native encoder reads them at their
+    /// stored width.
+    WeightDtype {
+        /// float32.
+        F32 = "f32",
+        /// IEEE float16 (values within ±65504).
+        F16 = "f16",
+        /// bfloat16 (float32's range, 8 bits of precision).
+        Bf16 = "bf16",
+    }
+}
+
+impl WeightDtype {
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// `v` rounded to this type (to nearest, ties to even) and back to f32.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Self::F32 => v,
+            Self::F16 => half::f16::from_f32(v).to_f32(),
+            Self::Bf16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+
+    pub(crate) fn onnx(self) -> onnx_protobuf::tensor_proto::DataType {
+        use onnx_protobuf::tensor_proto::DataType;
+        match self {
+            Self::F32 => DataType::FLOAT,
+            Self::F16 => DataType::FLOAT16,
+            Self::Bf16 => DataType::BFLOAT16,
+        }
     }
 }
 
