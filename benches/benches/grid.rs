@@ -6,7 +6,7 @@
 //! - `full`: the same config, for a request whose override names a feature outside the slice, so
 //!   that every feature is encoded (ONNX Runtime on the whole dictionary).
 //!
-//! The dictionaries are ReLU SAEs cached in `target/bench-dicts` (8 GiB of weights in all,
+//! The dictionaries are ReLU SAEs cached in `target/bench-dicts` (4.4 GiB of weights in all,
 //! written once, in about 30 s; `benches/compare` shares the 2304 × 16384 one). A shape is
 //! loaded only when one of its benchmarks runs, and dropped before the next shape. The grid takes
 //! about 2 minutes on this 2-core machine; `TILLER_BENCH_GRID=small` keeps the 16384-feature shapes, and

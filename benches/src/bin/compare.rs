@@ -244,6 +244,40 @@ fn time_rounds<S>(
     Ok((per[per.len() / 2], per[0]))
 }
 
+/// Bytes written between two cold calls: twice a 32 MiB last-level cache.
+const EVICT_BYTES: usize = 64 << 20;
+
+/// Median and minimum over `rounds` rounds of the µs per call of `call(state)`, `calls` calls a
+/// round, each timed alone after `evict` has been rewritten and `before(state)` has run (both outside
+/// the timed part), so that no call finds the previous one's weights in cache, as in a server where
+/// the model's own weights pass through the caches between two hook calls. One warm-up round first.
+fn time_cold<S>(
+    state: &mut S,
+    rounds: usize,
+    calls: usize,
+    evict: &mut [u8],
+    mut before: impl FnMut(&mut S),
+    mut call: impl FnMut(&mut S) -> Result<()>,
+) -> Result<(f64, f64)> {
+    let mut per = Vec::with_capacity(rounds);
+    for r in 0..=rounds {
+        let mut total = 0.0;
+        for _ in 0..calls {
+            evict.iter_mut().for_each(|b| *b = b.wrapping_add(1));
+            std::hint::black_box(&mut *evict);
+            before(state);
+            let t = Instant::now();
+            call(state)?;
+            total += t.elapsed().as_secs_f64();
+        }
+        if r > 0 {
+            per.push(total * 1e6 / calls as f64);
+        }
+    }
+    per.sort_by(f64::total_cmp);
+    Ok((per[per.len() / 2], per[0]))
+}
+
 /// One measurement as a JSON line.
 fn emit(workload: &str, imp: &str, batch: usize, (us, min): (f64, f64), rounds: usize) {
     println!(
@@ -350,6 +384,42 @@ fn rust(quick: bool) -> Result<()> {
             if imp == "tiller_rust" {
                 let t = time_hook(&rt, &x, batch, rounds, calls, false)?;
                 emit(&format!("sliced_b{batch}"), "part_step", batch, t, rounds);
+                // The same calls with the caches flushed before each, as between two decode steps
+                // of a real model: the 0.6 MB of sliced weights then come from memory.
+                let tokens = vec![
+                    Token {
+                        request: 1,
+                        phase: Phase::Generated
+                    };
+                    batch
+                ];
+                let src = x
+                    .slice(s![..batch, ..])
+                    .iter()
+                    .copied()
+                    .collect::<Vec<f32>>();
+                let mut evict = vec![0u8; EVICT_BYTES];
+                let cold_rounds = r(11, 3);
+                let t = time_cold(
+                    &mut src.clone(),
+                    cold_rounds,
+                    r(40, 10),
+                    &mut evict,
+                    |buf| buf.copy_from_slice(&src),
+                    |buf| {
+                        let mut step = rt.step(&tokens)?;
+                        step.hook("h", ActivationsMut::F32(buf))?;
+                        std::hint::black_box(step.finish());
+                        Ok(())
+                    },
+                )?;
+                emit(
+                    &format!("sliced_b{batch}"),
+                    "part_cold",
+                    batch,
+                    t,
+                    cold_rounds,
+                );
             }
         }
         rt.end_request(1)?;
@@ -435,6 +505,7 @@ fn rust(quick: bool) -> Result<()> {
     };
     let x1 = x.slice(s![..1, ..]);
     let mut acts = Array2::<f32>::zeros((1, F));
+    let mut evict = vec![0u8; EVICT_BYTES];
     let rounds = r(21, 5);
     let calls = r(8, 3);
     for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Bf16] {
@@ -446,12 +517,13 @@ fn rust(quick: bool) -> Result<()> {
                 dict.backend()
             );
         }
-        let t = time_rounds(
+        let t = time_cold(
             &mut acts,
             rounds,
             calls,
+            &mut evict,
             |_| {},
-            |acts, _| {
+            |acts| {
                 dict.encode_into(x1, acts.view_mut())?;
                 Ok(())
             },
@@ -460,12 +532,13 @@ fn rust(quick: bool) -> Result<()> {
     }
     eprintln!("full encode through ONNX Runtime (Rust API, f32 weights)");
     let dict = Dictionary::load(dict_path(WeightDtype::F32)?, &SessionOptions::default())?;
-    let t = time_rounds(
+    let t = time_cold(
         &mut acts,
         rounds,
         calls,
+        &mut evict,
         |_| {},
-        |acts, _| {
+        |acts| {
             dict.encode_into(x1, acts.view_mut())?;
             Ok(())
         },
@@ -547,7 +620,12 @@ f16, bf16); ONNX Runtime's Python API on the f32 dictionary's graph pruned to `a
 - GB/s counts the weights a call reads (the 64 encoder columns, their biases and the 4 decoder \
 rows, 0.6 MB, which stay in L2 between calls; or the whole encoder, 151 MB, read from memory \
 every call); GFLOP/s its multiply-adds ×2. The hardware floor is the larger of bytes ÷ bandwidth \
-(L2's or memory's) and FLOP ÷ dense FLOP/s.";
+(L2's or memory's) and FLOP ÷ dense FLOP/s.
+- The sliced hooks run warm: their 0.6 MB of weights stay in L2 from one call to the next, as in \
+every benchmark here. Each full-encode call (every implementation) runs after 64 MiB have been \
+rewritten, so that it reads its weights from memory: otherwise part of them stays in the 32 MiB \
+L3 from one call to the next. In a server the model's own weights pass through the caches between \
+two calls of a hook: the last column of the breakdown below shows the sliced hook that way.";
 
 #[derive(Debug, Clone)]
 struct Time {
@@ -669,6 +747,8 @@ fn report(files: &[PathBuf], out_dir: &Path) -> Result<()> {
     };
     let nan = (f64::NAN, "not measured");
     let (copy, _) = limits.best("copy_gbps").unwrap_or(nan);
+    // A read-only call (an encode) is bounded by the better of the two memory figures.
+    let memory = copy.max(limits.best("read_gbps").map_or(f64::NAN, |r| r.0));
     let (cache, _) = limits.best("cache_read_gbps").unwrap_or(nan);
     let (gflops, gflops_by) = limits.best("dense_gflops").unwrap_or(nan);
     let l2 = cache_size(2).unwrap_or(1024.0 * 1024.0);
@@ -699,9 +779,9 @@ fn report(files: &[PathBuf], out_dir: &Path) -> Result<()> {
     }
     let _ = writeln!(
         md,
-        "\nThe table judges each call against the best of these: {copy:.1} GB/s from memory (STREAM \
-         copy), {cache:.1} GB/s from cache for weights that fit in L2 ({:.0} KiB), {gflops:.1} \
-         GFLOP/s ({gflops_by}).\n",
+        "\nThe table judges each call against the best of these: {memory:.1} GB/s from memory (the \
+         better of the copy and the read), {cache:.1} GB/s from cache for weights that fit in L2 \
+         ({:.0} KiB), {gflops:.1} GFLOP/s ({gflops_by}).\n",
         l2 / 1024.0
     );
     let _ = writeln!(md, "## Time per call\n");
@@ -720,7 +800,7 @@ fn report(files: &[PathBuf], out_dir: &Path) -> Result<()> {
         let (bw, bw_name) = if w.bytes <= l2 {
             (cache, "L2")
         } else {
-            (copy, "memory")
+            (memory, "memory")
         };
         let floor = (w.bytes / (bw * 1e9)).max(w.flops / (gflops * 1e9)) * 1e6;
         let mut bars = Vec::new();
@@ -777,7 +857,7 @@ fn report(files: &[PathBuf], out_dir: &Path) -> Result<()> {
     let _ = writeln!(md, "## Where the sliced hook's time goes (Rust API)\n");
     let _ = writeln!(
         md,
-        "| batch | whole call | step open + close | encode + monitor + metrics | of which metrics (at most) | 4 edits | ONNX Runtime on the 64-feature graph, encode only |\n| --- | --- | --- | --- | --- | --- | --- |"
+        "| batch | whole call | step open + close | encode + monitor + metrics | of which metrics (at most) | 4 edits | ONNX Runtime on the 64-feature graph, encode only | whole call, caches flushed before it |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for b in BATCHES {
         let w = format!("sliced_b{b}");
@@ -790,13 +870,14 @@ fn report(files: &[PathBuf], out_dir: &Path) -> Result<()> {
         };
         let _ = writeln!(
             md,
-            "| {b} | {} | {} | {} | {} | {} | {} |",
+            "| {b} | {} | {} | {} | {} | {} | {} | {} |",
             fmt_us(all_us),
             fmt_us(step),
             fmt_us(norules - step),
             get(&w, "part_metrics").map_or("n/a".into(), fmt_us),
             fmt_us(all_us - norules),
-            get(&w, "part_ort_rust").map_or("n/a".into(), fmt_us)
+            get(&w, "part_ort_rust").map_or("n/a".into(), fmt_us),
+            get(&w, "part_cold").map_or("n/a".into(), fmt_us)
         );
     }
     if let (Some(native), Some(ort)) = (
@@ -929,7 +1010,15 @@ fn chart(path: &Path, panels: &[Panel], cpu: &str) -> Result<()> {
                 color.filled(),
             ))
             .map_err(|e| err(e.to_string()))?;
-            draw_text(&fmt_us(*us), (x_of(*us) + 8, y + 6), 17, &BLACK)?;
+            // Past the floor's line when the bar ends next to it.
+            let end = x_of(*us);
+            let xf = x_of(*floor);
+            let lx = if (xf - end).abs() < 12 {
+                xf.max(end)
+            } else {
+                end
+            };
+            draw_text(&fmt_us(*us), (lx + 8, y + 6), 17, &BLACK)?;
         }
         // The floor: a dashed line across the bars.
         let x = x_of(*floor);
