@@ -356,7 +356,7 @@ fn rust(quick: bool) -> Result<()> {
     limit(
         "read_gbps",
         machine::stream_read_gbps(r(10, 4)),
-        "Rust, sum over 256 MiB",
+        "Rust, sums over 256 MiB, 1 to 8 streams",
     );
     limit(
         "cache_read_gbps",
@@ -622,7 +622,7 @@ rows, 0.6 MB, which stay in L2 between calls; or the whole encoder, 151 MB, read
 every call); GFLOP/s its multiply-adds ×2. The hardware floor is the larger of bytes ÷ bandwidth \
 (L2's or memory's) and FLOP ÷ dense FLOP/s.
 - The sliced hooks run warm: their 0.6 MB of weights stay in L2 from one call to the next, as in \
-every benchmark here. Each full-encode call (every implementation) runs after 64 MiB have been \
+the criterion benchmarks. Each full-encode call (every implementation) runs after 64 MiB have been \
 rewritten, so that it reads its weights from memory: otherwise part of them stays in the 32 MiB \
 L3 from one call to the next. In a server the model's own weights pass through the caches between \
 two calls of a hook: the last column of the breakdown below shows the sliced hook that way.";
