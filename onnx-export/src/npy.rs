@@ -210,18 +210,23 @@ pub fn read_activations(path: &Path, width: usize) -> Result<Array2<f32>> {
             ),
         ));
     }
-    if let Some((i, _)) = a
+    check_finite_rows(path, &a)?;
+    Ok(a)
+}
+
+/// Refuses activations holding a NaN or an infinity, naming the first such row.
+pub fn check_finite_rows(path: &Path, a: &ndarray::Array2<f32>) -> Result<()> {
+    match a
         .rows()
         .into_iter()
-        .enumerate()
-        .find(|(_, r)| r.iter().any(|v| !v.is_finite()))
+        .position(|r| r.iter().any(|v| !v.is_finite()))
     {
-        return Err(Error::format(
+        Some(i) => Err(Error::format(
             path,
             format!("row {i} contains NaN or infinite values"),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(a)
 }
 
 /// Writes a float32 `.npy` file.

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tiller::{ActivationsMut, Phase, RequestSummary, Runtime, Token};
 use tiller_minilm::{Hidden, MiniLm};
 
+pub mod client;
 pub mod pipeline;
 
 /// Most inputs in one request.

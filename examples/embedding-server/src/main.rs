@@ -8,7 +8,6 @@
 //! SIGHUP reloads the config (a broken file is refused and the running config kept); SIGINT or
 //! SIGTERM stop accepting connections, finish the requests in flight and exit.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -183,40 +182,7 @@ async fn serve(
 
 /// A blocking HTTP/1.1 exchange with the demo's own server: (status, body).
 fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    let mut s =
-        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").context("no HTTP header")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no HTTP status")?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || tail.len() < n {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            rest = tail.get(n + 2..).unwrap_or("");
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
+    embedding_server::client::http(addr, method, path, &[], body)
 }
 
 fn demo(dir: &Path, listen: &str, keep: bool, rows: usize, train_tokens: u64) -> Result<()> {

@@ -194,17 +194,7 @@ pub fn read_rows(path: &Path) -> Result<Array2<f32>> {
             format!("has shape {shape:?}: no activations"),
         ));
     }
-    if let Some((i, _)) = a
-        .rows()
-        .into_iter()
-        .enumerate()
-        .find(|(_, r)| r.iter().any(|v| !v.is_finite()))
-    {
-        return Err(Error::format(
-            path,
-            format!("row {i} contains NaN or infinite values"),
-        ));
-    }
+    crate::npy::check_finite_rows(path, &a)?;
     Ok(a)
 }
 
