@@ -101,8 +101,58 @@ put("policy_answer", "none", struct.pack("<q", 0) + mem)
 # The C ABI: u16-length fields (toml, overrides, tokens, activations) then four knob bytes.
 def field(b):
     return struct.pack("<H", len(b)) + b
-for i, (t, o) in enumerate([(b'[runtime]\nthreads = 1\n', b'{}'), (b'', b''), (config, b'{"profile": "x"}')]):
+# The target writes `d.onnx` (16 -> 32 features, hook model.layers.0) into the configs' base folder.
+with_dict = b"""[runtime]
+threads = 1
+
+[[dictionary]]
+name = "d"
+path = "d.onnx"
+
+[[monitor]]
+name = "m"
+dictionary = "d"
+features = [1, 2, 3]
+threshold = 0.1
+window = "token"
+action = "flag"
+
+[[monitor]]
+name = "r"
+dictionary = "d"
+features = [4]
+threshold = 0.05
+window = "request"
+aggregate = "count"
+count = 2
+action = "stop"
+
+[[profile]]
+name = "x"
+[[profile.steer]]
+name = "a"
+dictionary = "d"
+op = "ablate"
+feature = 3
+[[profile.steer]]
+name = "c"
+dictionary = "d"
+op = "clamp"
+feature = 5
+value = 1.0
+[[profile.steer]]
+name = "p"
+dictionary = "d"
+op = "add"
+feature = 7
+strength = 2.0
+apply_to = "generated"
+"""
+for i, (t, o) in enumerate([(b'[runtime]\nthreads = 1\n', b'{}'), (b'', b''), (config, b'{"profile": "x"}'),
+                            (with_dict, b'{"profile": "x"}'), (with_dict, b'{}'),
+                            (with_dict, b'{"steer": [{"dictionary": "d", "op": "add", "feature": 9, "strength": 1.5}]}')]):
     put("c_abi", f"c{i}", field(t) + field(o) + field(b"\x00\x01\x80") + field(bytes(range(32))) + bytes([64, 200, 0, 4]))
+    put("c_abi", f"w{i}", field(t) + field(o) + field(b"\x00\x01\x80\x81") + field(bytes(range(0, 256, 3))) + bytes([64, 200, 0, 16]))
 PY
 
 # The README's config example, the repository's own description of every key.

@@ -3,6 +3,12 @@
 //! out-buffers of `tiller_last_error` / `tiller_build_info` at every length, and, when the config
 //! gives a runtime, overrides JSON, step tokens and hook activations with lengths and `n_tokens` /
 //! `width` that need not agree.
+//!
+//! A small ReLU SAE (`d.onnx`: 16 → 32 features, hook `model.layers.0`) is written once per
+//! process into a scratch folder, which is the configs' base folder: a fuzzed config naming
+//! `path = "d.onnx"` loads it, so the hook, the monitors, the steering and the request summary are
+//! reached with real work (the seeds do). ONNX Runtime is loaded as Tiller loads it (`scripts/fuzz`
+//! sets `ORT_DYLIB_PATH`).
 #![no_main]
 #![allow(unsafe_code, dead_code)]
 
@@ -11,9 +17,38 @@
 #[allow(missing_docs, unused)]
 mod abi;
 
+#[path = "common.rs"]
+mod common;
+
 use abi::*;
 use libfuzzer_sys::fuzz_target;
 use std::ffi::{CString, c_char};
+use std::sync::OnceLock;
+
+/// The scratch folder holding `d.onnx`, as a C string (the configs' base folder).
+fn fixture_dir() -> &'static CString {
+    static DIR: OnceLock<CString> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let (d, f) = (16usize, 32usize);
+        let mut meta = tiller::Meta::new(tiller::Kind::Sae, tiller::Activation::Relu, d, f, d);
+        meta.hook_in = "model.layers.0".into();
+        meta.hook_out = "model.layers.0".into();
+        // Deterministic weights: a small integer pattern, scaled.
+        let w_dec = ndarray::Array2::from_shape_fn((f, d), |(i, j)| {
+            ((i * 7 + j * 3) % 11) as f32 / 11.0 - 0.45
+        });
+        let weights = tiller::Weights::new(
+            w_dec.t().to_owned(),
+            ndarray::Array1::from_elem(f, -0.1),
+            w_dec,
+            ndarray::Array1::zeros(d),
+        );
+        let path = common::scratch_file("d.onnx", b"");
+        tiller::dictionary::write_dictionary(&meta, &weights, &path).expect("fixture dictionary");
+        let dir = path.parent().expect("scratch folder").to_string_lossy().into_owned();
+        CString::new(dir).expect("a path without NUL")
+    })
+}
 
 /// Splits off a `u16`-length-prefixed field.
 fn field<'a>(data: &mut &'a [u8]) -> &'a [u8] {
@@ -67,7 +102,7 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_default();
 
     let mut rt: *mut tiller_runtime = std::ptr::null_mut();
-    let base = c"/nonexistent/tiller-fuzz";
+    let base = fixture_dir();
     // SAFETY: NUL-terminated strings; `rt` is writable.
     let s = unsafe { tiller_runtime_new_from_toml(toml.as_ptr(), base.as_ptr(), &mut rt) };
     assert_ne!(s, tiller_status::TILLER_PANIC);
