@@ -2,7 +2,8 @@
 # Builds the llama.cpp adapter against the provisioned llama.cpp (provision.sh) and libtiller:
 #   $OUT/libtiller_llama.so   the adapter (tiller_llama.h), for C/C++ hosts and the Python adapter
 #   $OUT/tiller-llama-run     the command-line host the tests and the overhead measurement run
-# OUT is target/llama-cpp (under $CARGO_TARGET_DIR when set). Prints OUT.
+# OUT is target/llama-cpp (target/llama-cpp-release with --release; under $CARGO_TARGET_DIR when
+# set). Prints OUT.
 #   examples/llama-cpp/build.sh [--release]     # libtiller from target/debug (or target/release)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,6 +17,7 @@ llama=${TILLER_LLAMA_DIR:-$("$here/provision.sh")}
 (cd "$root" && cargo build -q -p tiller-abi "${cargo_flags[@]}")
 libtiller=$target/$profile
 out=$target/llama-cpp
+if [ "$profile" = release ]; then out=$target/llama-cpp-release; fi
 mkdir -p "$out"
 cflags=(-std=c11 -O2 -g -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC
         -I"$here" -I"$llama/include" -I"$root/plugin-abi/include")

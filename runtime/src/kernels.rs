@@ -2,117 +2,14 @@
 //! compiled for several instruction sets with run-time dispatch (`multiversion`). Unlike a general
 //! GEMM they allocate nothing, which keeps a steady-state hook call allocation-free.
 //!
-//! Two products: [`matmul`] over a few selected encoder columns in their natural `[d, m]` layout
-//! (the sliced path, whose weights sit in cache), and [`panel_matmul`] over a whole encoder packed
-//! by [`pack_panels`] (the full path, whose weights stream from memory once per call).
+//! One product, [`panel_matmul`], over encoder columns packed by [`pack_panels`]: a whole encoder
+//! (the full path, whose weights stream from memory once per call) or the few columns a hook needs
+//! (the sliced path, whose weights sit in cache).
 
 use multiversion::multiversion;
 
+/// Lanes of the vector loops below (`axpy`, `dot`, `row_stats`).
 const L: usize = 8;
-
-/// `out = x · w` for `x` `[n, d]`, `w` `[d, m]` (the selected encoder columns, in their natural
-/// layout) and `out` `[n, m]`, all row-major.
-///
-/// Each block keeps `TB` tokens × `VB·L` features in registers and streams `w` row by row: every
-/// load of `w` feeds `TB` multiply-adds, and a token's value is broadcast once per row.
-pub fn matmul(x: &[f32], n: usize, d: usize, w: &[f32], m: usize, out: &mut [f32]) {
-    debug_assert!(x.len() >= n * d && w.len() >= d * m && out.len() >= n * m);
-    imp(x, n, d, w, m, out);
-}
-
-// FMA only where the target has it: elsewhere `mul_add` would be a slow library call.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "x86_64+avx",
-    "aarch64+neon"
-))]
-fn imp(x: &[f32], n: usize, d: usize, w: &[f32], m: usize, out: &mut [f32]) {
-    let fma =
-        multiversion::target::target_cfg_f!(any(target_feature = "fma", target_arch = "aarch64"));
-    let mut t = 0;
-    while t + 4 <= n {
-        let mut j = 0;
-        while j + 2 * L <= m {
-            gblock::<4, 2>(x, t, d, w, j, m, out, fma);
-            j += 2 * L;
-        }
-        while j + L <= m {
-            gblock::<4, 1>(x, t, d, w, j, m, out, fma);
-            j += L;
-        }
-        tail(x, t, 4, d, w, j, m, out);
-        t += 4;
-    }
-    while t < n {
-        let mut j = 0;
-        while j + 8 * L <= m {
-            gblock::<1, 8>(x, t, d, w, j, m, out, fma);
-            j += 8 * L;
-        }
-        while j + 2 * L <= m {
-            gblock::<1, 2>(x, t, d, w, j, m, out, fma);
-            j += 2 * L;
-        }
-        while j + L <= m {
-            gblock::<1, 1>(x, t, d, w, j, m, out, fma);
-            j += L;
-        }
-        tail(x, t, 1, d, w, j, m, out);
-        t += 1;
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gblock<const TB: usize, const VB: usize>(
-    x: &[f32],
-    t: usize,
-    d: usize,
-    w: &[f32],
-    j: usize,
-    m: usize,
-    out: &mut [f32],
-    fma: bool,
-) {
-    let mut acc = [[[0f32; L]; VB]; TB];
-    let xs: [&[f32]; TB] = std::array::from_fn(|a| &x[(t + a) * d..(t + a + 1) * d]);
-    for k in 0..d {
-        let row = &w[k * m + j..k * m + j + VB * L];
-        let xv: [f32; TB] = std::array::from_fn(|a| xs[a][k]);
-        for v in 0..VB {
-            let wv = <&[f32; L]>::try_from(&row[v * L..v * L + L]).unwrap_or(&[0.0; L]);
-            for a in 0..TB {
-                for i in 0..L {
-                    acc[a][v][i] = if fma {
-                        xv[a].mul_add(wv[i], acc[a][v][i])
-                    } else {
-                        acc[a][v][i] + xv[a] * wv[i]
-                    };
-                }
-            }
-        }
-    }
-    for a in 0..TB {
-        for v in 0..VB {
-            out[(t + a) * m + j + v * L..(t + a) * m + j + v * L + L].copy_from_slice(&acc[a][v]);
-        }
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tail(x: &[f32], t: usize, tb: usize, d: usize, w: &[f32], j0: usize, m: usize, out: &mut [f32]) {
-    for a in t..t + tb {
-        for j in j0..m {
-            let mut s = 0.0;
-            for k in 0..d {
-                s += x[a * d + k] * w[k * m + j];
-            }
-            out[a * m + j] = s;
-        }
-    }
-}
 
 /// Features per panel of an encoder packed by [`pack_panels`]: two AVX-512 vectors, four AVX2 or
 /// eight NEON vectors of accumulators per token.
@@ -527,7 +424,7 @@ mod tests {
     }
 
     #[test]
-    fn matmul_matches_a_float64_reference() {
+    fn sliced_shapes_match_a_float64_reference() {
         let d = 37;
         // Feature counts that exercise every block shape and the scalar tail.
         for m in [1, 7, 8, 11, 16, 64, 75] {
@@ -538,8 +435,9 @@ mod tests {
                 let w: Vec<f32> = (0..d * m)
                     .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
                     .collect();
+                let packed = pack_panels(d, m, |i| w[i]);
                 let mut out = vec![f32::NAN; n * m];
-                matmul(&x, n, d, &w, m, &mut out);
+                panel_matmul(&x, n, d, &packed, m, &mut out);
                 for t in 0..n {
                     for j in 0..m {
                         let terms =

@@ -1,8 +1,8 @@
 //! The native encode paths, which run without ONNX Runtime's per-call overhead:
 //!
 //! - [`SlicedEncoder`]: when a hook needs only some features of a ReLU, JumpReLU or Gated
-//!   dictionary (for which slicing is exact), their encoder columns are computed with a
-//!   cache-friendly matrix product.
+//!   dictionary (for which slicing is exact), their encoder columns are packed in panels and
+//!   computed with the full encoder's kernel.
 //! - [`FullEncoder`]: every feature of a dictionary, with `W_enc` packed in panels at its stored
 //!   width (f32, f16 or bf16) so that an encode streams the weights from memory once, in order,
 //!   at the memory's bandwidth (the weights of a 2304 × 16384 dictionary are far larger than any
@@ -180,7 +180,8 @@ fn prepare(
 pub struct SlicedEncoder {
     norm: InputNorm,
     d_in: usize,
-    /// The selected encoder columns: `[d_in, m]`, row-major.
+    /// The selected encoder columns, packed in panels by [`pack_panels`] (as the full encoder
+    /// packs `W_enc`): each weight read feeds up to 8 tokens.
     w: Vec<f32>,
     m: usize,
     b_dec_in: Option<Array1<f32>>,
@@ -246,6 +247,7 @@ impl SlicedEncoder {
                 .collect();
             epilogue.fold(&bdw);
         }
+        let w = pack_panels(m.d_in, n_cols, |i| w[i]);
         Ok(Some(Self {
             norm: m.input_norm,
             d_in: m.d_in,
@@ -268,7 +270,7 @@ impl SlicedEncoder {
             prepare(self.norm, b, self.d_in, x, Some(finite), scratch);
             scratch
         };
-        crate::kernels::matmul(xs, n, self.d_in, &self.w, self.m, out);
+        panel_matmul(xs, n, self.d_in, &self.w, self.m, out);
         for row in out.chunks_exact_mut(self.m.max(1)).take(n) {
             self.epilogue.apply(row);
         }
