@@ -7,8 +7,8 @@ and with monitoring and steering, on two workloads, one thread each:
 - a random decoder (arch `llama`, 512 wide, 8 layers, GQA) generating 64 tokens for each of 4
   sequences in one batch, hook after layer 4, a 512 -> 8192 ReLU SAE, the same monitors and rules.
 
-Each figure is the best of `--rounds` runs of `tiller-llama-run` (release libtiller). Prints a
-markdown table. Needs the venv of scripts/test (gguf, numpy) and llama.cpp (provision.sh).
+Each figure is the best of `--rounds` runs of `tiller-llama-run` (release libtiller), the three
+variants interleaved in each round. Prints a markdown table. Needs the venv of scripts/test (gguf, numpy) and llama.cpp (provision.sh).
 
     .venv/bin/python examples/llama-cpp/overhead.py            # builds what it needs first
 """
@@ -108,15 +108,22 @@ def write_dictionary(folder: Path, d: int, f: int, hook: str, export: Path) -> P
     return folder / "tiller.toml"
 
 
-def best(cmd, rounds, stdin=None):
-    tps = []
+def tokens_per_second(cmd, stdin=None):
+    r = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr}")
+    out = json.loads(r.stdout)
+    return out["tokens"] / out["seconds"]
+
+
+def best(cmds, rounds, stdin=None):
+    """The best tokens/s of each command over `rounds`, the commands interleaved in every round so
+    that a slower stretch of the machine hits all of them alike."""
+    tps = [0.0] * len(cmds)
     for _ in range(rounds):
-        r = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr}")
-        out = json.loads(r.stdout)
-        tps.append(out["tokens"] / out["seconds"])
-    return max(tps)
+        for i, cmd in enumerate(cmds):
+            tps[i] = max(tps[i], tokens_per_second(cmd, stdin))
+    return tps
 
 
 def main() -> int:
@@ -146,12 +153,11 @@ def main() -> int:
         convert.convert_minilm(minilm_dir, bert)
         cfg = write_dictionary(tmp / "bert", 384, 6144, "encoder.layer.3", export)
         stdin = "\n".join(TEXTS * 8) + "\n"
-        base = [str(run), "embed", "--model", str(bert), "--repeat", "5"]
+        base = [str(run), "embed", "--model", str(bert), "--repeat", "20"]
         hooked = base + ["--config", str(cfg), "--layer", "3", "--hook-format", "encoder.layer.%d"]
         rows.append(("all-MiniLM-L6-v2 embeddings (bert, 6 layers, 384 wide), 48 texts",
-                     best(base, a.rounds, stdin),
-                     best(hooked + ["--profile", ""], a.rounds, stdin),
-                     best(hooked + ["--profile", "steer"], a.rounds, stdin)))
+                     *best([base, hooked + ["--profile", ""], hooked + ["--profile", "steer"]],
+                           a.rounds, stdin)))
 
         dec = tmp / "decoder.gguf"
         hp = dict(convert.TINY_LLAMA, n_embd=512, n_layer=8, n_head=8, n_head_kv=4, n_ff=1536, n_ctx=512)
@@ -163,9 +169,8 @@ def main() -> int:
         base = [str(run), "generate", "--model", str(dec), "--steps", "64"] + prompts
         hooked = base + ["--config", str(cfg), "--layer", "4"]
         rows.append(("random decoder (llama, 8 layers, 512 wide), 4 sequences x (16 prompt + 64 generated)",
-                     best(base, a.rounds),
-                     best(hooked + ["--profile", ""] * 4, a.rounds),
-                     best(hooked + ["--profile", "steer"] * 4, a.rounds)))
+                     *best([base, hooked + ["--profile", ""] * 4, hooked + ["--profile", "steer"] * 4],
+                           a.rounds)))
 
     print("| workload | llama.cpp alone | + Tiller, monitoring | + Tiller, monitoring and steering |")
     print("| --- | ---: | ---: | ---: |")
