@@ -87,13 +87,22 @@ fn pipeline_on_real_text() {
                 p.before, p.after, p.a, p.b
             );
         }
-        // A single layer-3 feature carries code similarity measurably; for legal text no single
-        // feature does (the best found moves it by a few thousandths): reported, not asserted.
+        // Ablating the code feature lowers the similarity of every code pair. How much depends on
+        // the machine's corpus (its /usr/share/doc decides the features trained): from 0.016 to
+        // 0.033 a pair on one machine, 0.001 to 0.004 once cmake's and g++'s documentation joined
+        // it. For legal text no single layer-3 feature does (the best found moves it by a few
+        // thousandths): reported, not asserted.
         if profile == "no-code" {
-            assert!(
-                after < before - 0.005,
-                "{profile} did not lower related similarity: {before} -> {after}"
-            );
+            for p in &e.related {
+                assert!(
+                    p.after < p.before,
+                    "{profile} did not lower the similarity of {:?} / {:?}: {} -> {}",
+                    p.a,
+                    p.b,
+                    p.before,
+                    p.after
+                );
+            }
         }
         for p in &e.unrelated {
             println!("    unrelated {:.4} -> {:.4}", p.before, p.after);
