@@ -22,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -30,7 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "python" / "tests"))
 
 import convert  # noqa: E402
-from conftest import write_saelens  # noqa: E402
+from conftest import unit_row_sae  # noqa: E402
 
 TEXTS = [
     "The licensee may redistribute the software under the terms of this license.",
@@ -83,27 +82,8 @@ value = 1.0
 """
 
 
-def write_dictionary(folder: Path, d: int, f: int, hook: str, export: Path) -> Path:
-    rng = np.random.default_rng(1)
-    w_dec = rng.standard_normal((f, d))
-    w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
-    write_saelens(
-        folder / "ckpt",
-        {
-            "W_enc": w_dec.T.astype(np.float32),
-            "b_enc": np.full(f, -0.3, np.float32),
-            "W_dec": w_dec.astype(np.float32),
-            "b_dec": np.zeros(d, np.float32),
-        },
-        architecture="standard",
-        d_in=d,
-        d_sae=f,
-        apply_b_dec_to_input=False,
-        metadata={"sae_lens_version": "6.0.0", "hook_name": hook},
-    )
-    out = folder / "sae.onnx"
-    subprocess.run([str(export), "import", str(folder / "ckpt"), "-o", str(out)], check=True,
-                   capture_output=True)
+def write_dictionary(folder: Path, d: int, f: int, hook: str) -> Path:
+    unit_row_sae(folder, d, f, hook, -0.3, seed=1)
     (folder / "tiller.toml").write_text(config(f))
     return folder / "tiller.toml"
 
@@ -139,7 +119,6 @@ def main() -> int:
         subprocess.run(["cargo", "build", "-q", "-p", "tiller-export", "-p", "tiller-minilm"], cwd=REPO,
                        check=True)
     run = target / "llama-cpp-release" / "tiller-llama-run"
-    export = target / "debug" / "tiller-export"
     minilm_dir = Path(subprocess.run(
         [str(target / "debug" / "minilm"), "fetch"], check=True,
         capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -151,7 +130,7 @@ def main() -> int:
         (tmp / "llama").mkdir()
         bert = tmp / "minilm.gguf"
         convert.convert_minilm(minilm_dir, bert)
-        cfg = write_dictionary(tmp / "bert", 384, 6144, "encoder.layer.3", export)
+        cfg = write_dictionary(tmp / "bert", 384, 6144, "encoder.layer.3")
         stdin = "\n".join(TEXTS * 8) + "\n"
         base = [str(run), "embed", "--model", str(bert), "--repeat", "20"]
         hooked = base + ["--config", str(cfg), "--layer", "3", "--hook-format", "encoder.layer.%d"]
@@ -162,7 +141,7 @@ def main() -> int:
         dec = tmp / "decoder.gguf"
         hp = dict(convert.TINY_LLAMA, n_embd=512, n_layer=8, n_head=8, n_head_kv=4, n_ff=1536, n_ctx=512)
         convert.convert_tiny_llama(3, dec, None, hp)
-        cfg = write_dictionary(tmp / "llama", 512, 8192, "blk.4", export)
+        cfg = write_dictionary(tmp / "llama", 512, 8192, "blk.4")
         prompts = []
         for s in range(4):
             prompts += ["--prompt", ",".join(str(1 + (s * 31 + j * 7) % 250) for j in range(16))]

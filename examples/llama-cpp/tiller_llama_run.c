@@ -208,12 +208,12 @@ static void begin(struct host *h, const struct args *a, uint64_t id, llama_seq_i
     if (tiller_llama_seq_begin(h->adapter, seq, id) != 0) die("seq_begin", tiller_llama_last_error());
 }
 
-static void print_summary_and_end(struct host *h, uint64_t id, llama_seq_id seq) {
+/* Ends request `id` and prints its summary (JSON), or `null` without Tiller. */
+static void print_summary(struct host *h, uint64_t id) {
     if (h->rt == NULL) {
         fputs("null", stdout);
         return;
     }
-    if (tiller_llama_seq_end(h->adapter, seq) != 0) die("seq_end", tiller_llama_last_error());
     size_t len = 4096, needed = 0;
     for (;;) {
         char *buf = malloc(len);
@@ -316,21 +316,7 @@ static int run_embed(const struct args *a) {
     printf("],\"summaries\":[");
     for (size_t i = 0; i < n_texts; i++) {
         if (i) putchar(',');
-        if (h.rt == NULL) {
-            fputs("null", stdout);
-            continue;
-        }
-        size_t len = 1 << 16, needed = 0;
-        char *buf = malloc(len);
-        tiller_status s = tiller_request_end(h.rt, 1 + i, buf, len, &needed);
-        if (s == TILLER_BUFFER_TOO_SMALL) {
-            free(buf);
-            buf = malloc(needed);
-            s = tiller_request_end(h.rt, 1 + i, buf, needed, &needed);
-        }
-        if (s != TILLER_OK) die_tiller("tiller_request_end");
-        fputs(buf, stdout);
-        free(buf);
+        print_summary(&h, 1 + i);
     }
     printf("],\"metrics\":");
     print_metrics(&h);
@@ -439,7 +425,10 @@ static int run_generate(const struct args *a) {
     printf("],\"summaries\":[");
     for (size_t s = 0; s < n_seq; s++) {
         if (s) putchar(',');
-        print_summary_and_end(&h, 1 + s, (llama_seq_id)s);
+        if (h.adapter != NULL && tiller_llama_seq_end(h.adapter, (llama_seq_id)s) != 0) {
+            die("seq_end", tiller_llama_last_error());
+        }
+        print_summary(&h, 1 + s);
     }
     printf("],\"metrics\":");
     print_metrics(&h);

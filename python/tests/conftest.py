@@ -8,7 +8,7 @@ import os
 import struct
 import subprocess
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import pytest
@@ -58,6 +58,32 @@ def import_saelens(src: Path, out: Path) -> Path:
     )
     assert r.returncode == 0, r.stderr
     return out
+
+
+def unit_row_sae(
+    folder: Path, d_in: int, d_sae: int, hook: str, b_enc: float, seed: int
+) -> Tuple[Path, np.ndarray]:
+    """A ReLU SAE with unit decoder rows and the encoder their transpose, written as a SAELens
+    checkpoint under `folder` and imported to `folder/sae.onnx`. Returns the path and `W_dec`
+    (float64, so that a reference can predict the edits exactly)."""
+    rng = np.random.default_rng(seed)
+    w_dec = rng.standard_normal((d_sae, d_in))
+    w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
+    write_saelens(
+        folder / "ckpt",
+        {
+            "W_enc": w_dec.T.astype(np.float32),
+            "b_enc": np.full(d_sae, b_enc, np.float32),
+            "W_dec": w_dec.astype(np.float32),
+            "b_dec": np.zeros(d_in, np.float32),
+        },
+        architecture="standard",
+        d_in=d_in,
+        d_sae=d_sae,
+        apply_b_dec_to_input=False,
+        metadata={"sae_lens_version": "6.0.0", "hook_name": hook},
+    )
+    return import_saelens(folder / "ckpt", folder / "sae.onnx"), w_dec
 
 
 def random_sae(rng: np.random.Generator, d_in: int, d_sae: int, scale: float = 0.4) -> Dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "python" / "tests"))
 
 import convert  # noqa: E402
 import reference  # noqa: E402
-from conftest import import_saelens, write_saelens  # noqa: E402
+from conftest import unit_row_sae  # noqa: E402
 
 LAYER = 0
 FEATURE = 2
@@ -87,24 +87,7 @@ def model(tmp_path_factory):
 def config(tmp_path_factory):
     """A 64 -> 16 ReLU SAE on `blk.0` with unit decoder rows, and the config above."""
     d = tmp_path_factory.mktemp("sae")
-    rng = np.random.default_rng(5)
-    w_dec = rng.standard_normal((16, 64))
-    w_dec /= np.linalg.norm(w_dec, axis=1, keepdims=True)
-    write_saelens(
-        d / "ckpt",
-        {
-            "W_enc": w_dec.T.astype(np.float32),
-            "b_enc": np.full(16, -0.1, np.float32),
-            "W_dec": w_dec.astype(np.float32),
-            "b_dec": np.zeros(64, np.float32),
-        },
-        architecture="standard",
-        d_in=64,
-        d_sae=16,
-        apply_b_dec_to_input=False,
-        metadata={"sae_lens_version": "6.0.0", "hook_name": "blk.0"},
-    )
-    import_saelens(d / "ckpt", d / "sae.onnx")
+    _, w_dec = unit_row_sae(d, 64, 16, "blk.0", -0.1, seed=5)
     (d / "tiller.toml").write_text(CONFIG)
     return d / "tiller.toml", w_dec
 
