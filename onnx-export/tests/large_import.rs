@@ -3,6 +3,8 @@
 //! result loads back into ONNX Runtime and encodes correctly.
 //!
 //! Long (minutes, 8 GiB of disk): `cargo test -p tiller-export --test large_import -- --ignored --nocapture`.
+//! The files go under the build's own folder (`target/tmp`), or under `TILLER_LARGE_IMPORT_DIR`
+//! when set; the test first checks that the folder's disk has room and says so when it has not.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -68,6 +70,19 @@ fn write_checkpoint(dir: &std::path::Path) -> u64 {
     offset as u64
 }
 
+/// Bytes free on the disk holding `dir`, as `df` reports them to an unprivileged user.
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    let o = std::process::Command::new("df")
+        .args(["-P", "-k"])
+        .arg(dir)
+        .output()
+        .expect("df runs");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text.lines().nth(1).expect("df prints a row for the folder");
+    let kb: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    kb * 1024
+}
+
 fn peak_rss_bytes(stderr: &str) -> u64 {
     let line = stderr
         .lines()
@@ -80,7 +95,21 @@ fn peak_rss_bytes(stderr: &str) -> u64 {
 #[test]
 #[ignore = "writes 8 GiB and takes minutes; run explicitly"]
 fn a_4_gib_dictionary_imports_within_1_5x_its_size_and_loads_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let parent = std::env::var_os("TILLER_LARGE_IMPORT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_TARGET_TMPDIR").into());
+    std::fs::create_dir_all(&parent).unwrap();
+    // The checkpoint and the exported data are on disk together during the import.
+    let need = 2 * (D * F * 2 + D + F) as u64 * 4 + (1 << 30);
+    let free = free_bytes(&parent);
+    assert!(
+        free >= need,
+        "{} has {:.1} GiB free; this test needs {:.1} GiB (set TILLER_LARGE_IMPORT_DIR to a folder with room)",
+        parent.display(),
+        free as f64 / (1u64 << 30) as f64,
+        need as f64 / (1u64 << 30) as f64
+    );
+    let dir = tempfile::tempdir_in(&parent).unwrap();
     let ckpt = dir.path().join("ckpt");
     let t0 = std::time::Instant::now();
     let weight_bytes = write_checkpoint(&ckpt);
