@@ -137,41 +137,18 @@ fn bench_ops(c: &mut Criterion) {
     group.finish();
 }
 
-/// The metrics of one call: 64 features' histograms and active counters, updated through local
-/// copies and flushed once, as the runtime does; and the text exposition a scrape reads.
+/// The metrics of one call (`tiller_benches::MetricsLoad`: 64 features' histograms and active
+/// counters, as the runtime updates them), and the text exposition a scrape reads.
 fn bench_metrics(c: &mut Criterion) {
     let metrics = tiller::metrics::Metrics::new("tiller", &Default::default()).expect("metrics");
-    let children: Vec<_> = (0..64)
-        .map(|i| {
-            let l = ["res", &(i * 251).to_string()];
-            (
-                metrics.feature_activation.with_label_values(&l),
-                metrics.feature_active.with_label_values(&l),
-            )
-        })
-        .collect();
-    let values: Vec<f64> = (0..64).map(|i| 0.05 * f64::from(i)).collect();
-    // The runtime keeps the local copies from call to call and flushes them once per call.
-    let mut local: Vec<_> = children.iter().map(|(h, _)| h.local()).collect();
+    let mut load = tiller_benches::MetricsLoad::new(&metrics, &dicts::monitored_features(F, 64));
     let mut group = c.benchmark_group("metrics");
     for batch in [1usize, 64] {
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(
             BenchmarkId::new("update_64_features", batch),
             &batch,
-            |b, &batch| {
-                b.iter(|| {
-                    for _ in 0..batch {
-                        for (h, &v) in local.iter_mut().zip(&values) {
-                            h.observe(v);
-                        }
-                    }
-                    for (h, (_, active)) in local.iter().zip(&children) {
-                        h.flush();
-                        active.inc_by(batch as u64);
-                    }
-                })
-            },
+            |b, &batch| b.iter(|| load.call(batch)),
         );
     }
     let dir = tempfile::tempdir().expect("temp dir");

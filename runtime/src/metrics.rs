@@ -3,8 +3,17 @@
 //! Every label value comes from a bounded set: hook, dictionary, monitor and rule names from the
 //! config, and the features the config names. Hot paths use children looked up once, when a config
 //! is compiled.
+//!
+//! The per-feature families (`feature_activation`, `feature_active_total`) are updated through
+//! local copies that each of the runtime's step buffers keeps and flushes at most every
+//! [`FLUSH_EVERY`]; the collector that holds the two families runs the runtime's flush first, so
+//! a scrape (a `gather` of [`Metrics::registry`], or [`Metrics::text`]) sees every step that has
+//! ended.
 
-use prometheus::core::Collector;
+use std::sync::{Arc, RwLock};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -30,10 +39,42 @@ pub const METRICS: &[(&str, &str)] = &[
     ("build_info", "gauge"),
 ];
 
+/// The longest a step buffer keeps its per-feature counts before adding them to the registry's
+/// (a scrape flushes the idle buffers at once; only a step still running at that moment is late).
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// A function the collector runs before it reads the per-feature families.
+type FlushHook = Arc<RwLock<Option<Box<dyn Fn() + Send + Sync>>>>;
+
+/// The per-feature families behind one collector that first flushes what step buffers hold.
+struct FlushFirst {
+    activation: HistogramVec,
+    active: IntCounterVec,
+    hook: FlushHook,
+}
+
+impl Collector for FlushFirst {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.activation.desc();
+        d.extend(self.active.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(flush) = self.hook.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            flush();
+        }
+        let mut out = self.activation.collect();
+        out.extend(self.active.collect());
+        out
+    }
+}
+
 /// The runtime's metric families.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    before_collect: FlushHook,
     /// `tokens_total{hook}`.
     pub tokens: IntCounterVec,
     /// `hook_duration_seconds{hook}`.
@@ -60,6 +101,12 @@ pub struct Metrics {
     pub policy_counters: IntCounterVec,
     /// `config_reloads_total{result}`.
     pub reloads: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 /// The fixed set of `errors_total{kind}` values.
@@ -117,17 +164,25 @@ impl Metrics {
                 prometheus::exponential_buckets(1e-6, 2.0, 20)
                     .map_err(|e| Error::invalid("metrics", e.to_string()))?,
             )?,
-            feature_activation: histogram(
-                "feature_activation",
-                "Activation of the features the config names, per token where active.",
+            feature_activation: HistogramVec::new(
+                HistogramOpts::new(
+                    "feature_activation",
+                    "Activation of the features the config names, per token where active.",
+                )
+                .buckets(vec![
+                    0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0,
+                ]),
                 &["dictionary", "feature"],
-                vec![0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
-            )?,
-            feature_active: counter(
-                "feature_active_total",
-                "Tokens on which a named feature was active (above zero).",
+            )
+            .map_err(|e| Error::invalid("metrics", e.to_string()))?,
+            feature_active: IntCounterVec::new(
+                Opts::new(
+                    "feature_active_total",
+                    "Tokens on which a named feature was active (above zero).",
+                ),
                 &["dictionary", "feature"],
-            )?,
+            )
+            .map_err(|e| Error::invalid("metrics", e.to_string()))?,
             monitor_events: counter(
                 "monitor_events_total",
                 "Monitor events by action.",
@@ -178,7 +233,13 @@ impl Metrics {
         reg(Box::new(info.clone()))?;
         info.with_label_values(&[env!("CARGO_PKG_VERSION"), crate::onnxruntime::ORT_VERSION])
             .set(1);
-        let m = families.with_registry(registry);
+        let before_collect: FlushHook = Arc::new(RwLock::new(None));
+        reg(Box::new(FlushFirst {
+            activation: families.feature_activation.clone(),
+            active: families.feature_active.clone(),
+            hook: before_collect.clone(),
+        }))?;
+        let m = families.with_registry(registry, before_collect);
         for kind in ERROR_KINDS {
             m.errors.with_label_values(&[kind]);
         }
@@ -198,6 +259,15 @@ impl Metrics {
     /// The registry, for hosts that serve it themselves.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Sets the function run before every read of the per-feature families (the runtime's flush
+    /// of its step buffers). It must not gather this registry itself.
+    pub fn on_collect(&self, flush: impl Fn() + Send + Sync + 'static) {
+        *self
+            .before_collect
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(flush));
     }
 
     /// Counts an error of `kind` (one of [`ERROR_KINDS`]).
@@ -223,9 +293,10 @@ struct Families {
 }
 
 impl Families {
-    fn with_registry(self, registry: Registry) -> Metrics {
+    fn with_registry(self, registry: Registry, before_collect: FlushHook) -> Metrics {
         Metrics {
             registry,
+            before_collect,
             tokens: self.tokens,
             hook_duration: self.hook_duration,
             feature_activation: self.feature_activation,

@@ -982,9 +982,45 @@ struct Scratch {
     pending: Vec<Pending>,
     /// The `(feature, value)` pairs handed to a policy for one token.
     pairs: Vec<(u32, f32)>,
-    /// By dictionary, then feature: local histograms and active counts (for `local_generation`).
-    local: Vec<Vec<(prometheus::local::LocalHistogram, u64)>>,
+    /// By dictionary, then feature: local histograms and active counts (for `local_generation`),
+    /// added to the registry's at most every [`crate::metrics::FLUSH_EVERY`] and at each scrape.
+    local: Vec<Vec<LocalFeature>>,
     local_generation: u64,
+    /// When `local` was last flushed (`None`: never).
+    flushed_at: Option<Instant>,
+}
+
+impl Scratch {
+    /// Adds the per-feature counts this buffer holds to the registry's.
+    fn flush_metrics(&mut self) {
+        for f in self.local.iter_mut().flatten() {
+            f.flush();
+        }
+    }
+}
+
+/// One named feature's counts since the last flush, and where they go.
+struct LocalFeature {
+    activation: prometheus::local::LocalHistogram,
+    active: u64,
+    counter: prometheus::IntCounter,
+}
+
+impl LocalFeature {
+    fn flush(&mut self) {
+        if self.active > 0 {
+            self.activation.flush();
+            self.counter.inc_by(self.active);
+            self.active = 0;
+        }
+    }
+}
+
+impl Drop for LocalFeature {
+    /// A buffer dropped (or rebuilt after a reload) loses none of its counts.
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 #[derive(Default)]
@@ -1019,7 +1055,8 @@ pub struct Runtime {
     metrics: Metrics,
     generation: AtomicU64,
     sampled: AtomicU64,
-    scratch: Mutex<Vec<Scratch>>,
+    /// Step buffers between steps (shared with the metrics' flush at scrape time).
+    scratch: Arc<Mutex<Vec<Scratch>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -1041,13 +1078,23 @@ impl Runtime {
             &config.runtime.metrics_labels,
         )?;
         let state = State::build(config, 1, &metrics)?;
+        let scratch: Arc<Mutex<Vec<Scratch>>> = Arc::default();
+        // A scrape first adds what the idle step buffers hold to the registry.
+        let pool = Arc::downgrade(&scratch);
+        metrics.on_collect(move || {
+            if let Some(pool) = pool.upgrade() {
+                for sc in pool.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+                    sc.flush_metrics();
+                }
+            }
+        });
         Ok(Self {
             state: RwLock::new(Arc::new(state)),
             requests: RwLock::new(HashMap::new()),
             metrics,
             generation: AtomicU64::new(1),
             sampled: AtomicU64::new(0),
-            scratch: Mutex::new(Vec::new()),
+            scratch,
         })
     }
 
@@ -1690,13 +1737,18 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
     // Per-call accumulators for the feature metrics, flushed once at the end of the call.
     if sc.local_generation != state.generation {
         sc.local_generation = state.generation;
+        // The old buffers flush as they drop.
         sc.local = state
             .dicts
             .iter()
             .map(|d| {
                 d.feature_metrics
                     .iter()
-                    .map(|f| (f.activation.local(), 0u64))
+                    .map(|f| LocalFeature {
+                        activation: f.activation.local(),
+                        active: 0,
+                        counter: f.active.clone(),
+                    })
                     .collect()
             })
             .collect();
@@ -1712,9 +1764,9 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
         let mut req = lock(&sc.reqs[sc.token_req[t]]);
         for (j, &v) in row.iter().enumerate() {
             if v > d.active_above {
-                let (hist, active) = &mut locals[j];
-                hist.observe(f64::from(v));
-                *active += 1;
+                let local = &mut locals[j];
+                local.activation.observe(f64::from(v));
+                local.active += 1;
                 if let Some(s) = req.features.get_mut(di).and_then(|f| f.get_mut(j)) {
                     s.max = if s.count == 0 { v } else { s.max.max(v) };
                     s.count += 1;
@@ -1798,12 +1850,15 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
             result.events.push(event);
         }
     }
-    for ((hist, active), fm) in locals.iter_mut().zip(&d.feature_metrics) {
-        if *active > 0 {
-            hist.flush();
-            fm.active.inc_by(*active);
-            *active = 0;
-        }
+    // Flushing costs a few atomic operations per active feature: at batch 1 about as much as
+    // the monitor itself, so it is done at most every FLUSH_EVERY (and at each scrape).
+    let now = Instant::now();
+    if sc
+        .flushed_at
+        .is_none_or(|t| now.duration_since(t) >= crate::metrics::FLUSH_EVERY)
+    {
+        sc.flush_metrics();
+        sc.flushed_at = Some(now);
     }
 }
 

@@ -14,6 +14,10 @@ use rand_distr::{Distribution, Normal};
 use tiller::dictionary::{build_model, reference};
 use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
+#[path = "support/exposition.rs"]
+mod exposition;
+use exposition::sample;
+
 const D: usize = 32;
 const F: usize = 96;
 
@@ -375,5 +379,114 @@ fn overrides_and_bounded_labels() {
                 "label {k}={v} is not from a bounded set: {line}"
             );
         }
+    }
+}
+
+/// Step buffers keep the per-feature counts and flush them at most every 10 ms, and at each
+/// scrape: a scrape right after the last step, whether it gathers the registry itself (as a host
+/// serving its own registry does) or asks for the text, counts every step that ended, across
+/// threads and reloads, once; the counts match the float64 reference.
+#[test]
+fn every_scrape_counts_every_ended_step_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, w) = write_dict(dir.path(), Activation::Relu);
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, GOOD).unwrap();
+    let rt = Arc::new(Runtime::from_config_file(&cfg).unwrap());
+    const THREADS: u64 = 4;
+    const STEPS: u64 = 150;
+    let input = |t: u64, s: u64| randn(1000 + t * STEPS + s, (1, D));
+    let registry_text = |rt: &Runtime| {
+        let mut buf = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &rt.metrics().registry().gather(),
+            &mut buf,
+        )
+        .unwrap();
+        String::from_utf8(buf).unwrap()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // Scrapes and reloads while the threads step: counts only grow.
+    let scraper = {
+        let (rt, stop, cfg) = (rt.clone(), stop.clone(), cfg.clone());
+        std::thread::spawn(move || {
+            let mut last = 0.0;
+            let mut scrapes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let text = registry_text(&rt);
+                let n =
+                    sample(&text, "tiller_feature_active_total", &["feature=\"1\""]).unwrap_or(0.0);
+                assert!(n >= last, "a count went down: {last} then {n}");
+                last = n;
+                scrapes += 1;
+                if scrapes % 8 == 0 {
+                    rt.reload(Some(&cfg)).unwrap();
+                }
+            }
+            scrapes
+        })
+    };
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let rt = rt.clone();
+            std::thread::spawn(move || {
+                rt.begin_request(t + 1, None, None).unwrap();
+                for s in 0..STEPS {
+                    let mut x = input(t, s);
+                    let token = Token {
+                        request: t + 1,
+                        phase: Phase::Generated,
+                    };
+                    let mut step = rt.step(&[token]).unwrap();
+                    step.hook("blocks.2", ActivationsMut::F32(x.as_slice_mut().unwrap()))
+                        .unwrap();
+                    step.finish();
+                }
+                rt.end_request(t + 1).unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(scraper.join().unwrap() > 0);
+
+    // The float64 reference: per monitored feature, the active tokens and the sum of activations.
+    let mut want = [(0u64, 0.0f64); 3];
+    for t in 0..THREADS {
+        for s in 0..STEPS {
+            let acts = reference::encode(&meta, &w, input(t, s).view());
+            for (j, f) in [1usize, 2, 3].into_iter().enumerate() {
+                if acts[[0, f]] > 0.0 {
+                    want[j].0 += 1;
+                    want[j].1 += acts[[0, f]];
+                }
+            }
+        }
+    }
+    // The last steps ended well within 10 ms of this scrape: only the scrape's flush counts them.
+    for text in [registry_text(&rt), rt.metrics_text(), registry_text(&rt)] {
+        for (j, f) in [1, 2, 3].into_iter().enumerate() {
+            let label = format!("feature=\"{f}\"");
+            let active = sample(&text, "tiller_feature_active_total", &[&label]).unwrap();
+            let count = sample(&text, "tiller_feature_activation_count", &[&label]).unwrap();
+            let sum = sample(&text, "tiller_feature_activation_sum", &[&label]).unwrap();
+            assert_eq!(
+                active as u64, want[j].0,
+                "feature {f}: active tokens\n{text}"
+            );
+            assert_eq!(count as u64, want[j].0, "feature {f}: histogram count");
+            assert!(
+                (sum - want[j].1).abs() <= 1e-5 * want[j].1,
+                "feature {f}: sum {sum} against {}",
+                want[j].1
+            );
+        }
+        assert_eq!(
+            sample(&text, "tiller_tokens_total", &["hook=\"blocks.2\""]),
+            Some((THREADS * STEPS) as f64)
+        );
     }
 }

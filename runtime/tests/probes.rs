@@ -17,6 +17,10 @@ use tiller::{
     SessionOptions, Token, Weights,
 };
 
+#[path = "support/exposition.rs"]
+mod exposition;
+use exposition::sample;
+
 const TOL: f64 = 1e-5;
 const D: usize = 24;
 const OUT: usize = 3;
@@ -146,15 +150,6 @@ fn probes_take_only_their_activations_and_have_no_decoder() {
     bad.apply_b_dec_to_input = true;
     pm.activation = Activation::Sigmoid;
     assert!(bad.check(&pm).is_err());
-}
-
-/// The value of the sample of `name` whose labels include every one of `labels`.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| labels.iter().all(|p| l.contains(p)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[test]

@@ -425,39 +425,20 @@ fn rust(quick: bool) -> Result<()> {
         rt.end_request(1)?;
     }
 
-    // The metrics' share: 64 features' histograms and counters updated for every token, through
-    // local copies (made once, as the runtime keeps them) flushed once per call, as the runtime
-    // does; every feature counted active, an upper bound (with these weights about half are).
+    // The metrics' share (`MetricsLoad`: as the runtime updates them, every feature counted
+    // active, an upper bound; with these weights about half are).
     let metrics = tiller::metrics::Metrics::new("tiller", &Default::default())?;
-    let children: Vec<_> = dicts::monitored_features(F, N_FEATURES)
-        .iter()
-        .map(|f| {
-            let l = ["res", &f.to_string()];
-            (
-                metrics.feature_activation.with_label_values(&l),
-                metrics.feature_active.with_label_values(&l),
-            )
-        })
-        .collect();
-    let mut local: Vec<_> = children.iter().map(|(h, _)| h.local()).collect();
-    let values: Vec<f64> = (0..N_FEATURES).map(|i| 0.05 * i as f64).collect();
+    let mut load =
+        tiller_benches::MetricsLoad::new(&metrics, &dicts::monitored_features(F, N_FEATURES));
     for batch in BATCHES {
         let calls = if batch == 1 { r(2000, 300) } else { r(200, 50) };
         let t = time_rounds(
-            &mut local,
+            &mut load,
             rounds,
             calls,
             |_| {},
-            |local, _| {
-                for _ in 0..batch {
-                    for (h, &v) in local.iter_mut().zip(&values) {
-                        h.observe(v);
-                    }
-                }
-                for (h, (_, active)) in local.iter().zip(&children) {
-                    h.flush();
-                    active.inc_by(batch as u64);
-                }
+            |load, _| {
+                load.call(batch);
                 Ok(())
             },
         )?;
