@@ -361,6 +361,28 @@ mod tests {
         }
         r[36] = -1e30;
         assert_eq!(row_stats(&r), (1e30, true));
+        // Lengths around the lane count, the largest value and a bad one at each end.
+        for len in [0usize, 1, 31, 32, 33, 64, 95, 2304] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let want = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert_eq!(row_stats(&row), (want, true), "length {len}");
+            for pos in [0, len.saturating_sub(1)].into_iter().filter(|_| len > 0) {
+                let mut big = row.clone();
+                big[pos] = -3e38;
+                assert_eq!(row_stats(&big), (3e38, true), "length {len}, at {pos}");
+                for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut b = row.clone();
+                    b[pos] = bad;
+                    assert!(!row_stats(&b).1, "length {len}: {bad} at {pos}");
+                }
+            }
+        }
+        assert_eq!(
+            row_stats(&[-0.0, f32::MIN_POSITIVE / 2.0]).0,
+            f32::MIN_POSITIVE / 2.0
+        );
     }
 
     #[test]
