@@ -92,59 +92,48 @@ pub fn slice_relu(
 }
 
 /// The runtime's metrics work in one hook call, alone: every named feature's activation histogram
-/// and active counter updated for each token through local copies (kept from call to call), and
-/// added to the registry's at most every `tiller::metrics::FLUSH_EVERY`, as the runtime does.
-/// Every feature counts as active: an upper bound.
+/// and active counter updated for each token through the runtime's own step-buffer type
+/// (`tiller::metrics::LocalFeature`, kept from call to call) and flushed when
+/// `tiller::metrics::flush_due` says so, as the runtime does. Every feature counts as active: an
+/// upper bound.
+#[derive(Debug)]
 pub struct MetricsLoad {
-    children: Vec<(prometheus::Histogram, prometheus::IntCounter)>,
-    local: Vec<prometheus::local::LocalHistogram>,
+    local: Vec<tiller::metrics::LocalFeature>,
     values: Vec<f64>,
-    flushed_at: std::time::Instant,
-}
-
-impl std::fmt::Debug for MetricsLoad {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetricsLoad")
-            .field("features", &self.children.len())
-            .finish_non_exhaustive()
-    }
+    flushed_at: Option<std::time::Instant>,
 }
 
 impl MetricsLoad {
     /// The series of dictionary `res` for each of `features`, on `metrics`.
     pub fn new(metrics: &tiller::metrics::Metrics, features: &[u32]) -> Self {
-        let children: Vec<_> = features
+        let local = features
             .iter()
             .map(|f| {
                 let l = ["res", &f.to_string()];
-                (
-                    metrics.feature_activation.with_label_values(&l),
-                    metrics.feature_active.with_label_values(&l),
-                )
+                tiller::metrics::LocalFeature::new(&tiller::metrics::FeatureMetrics {
+                    activation: metrics.feature_activation.with_label_values(&l),
+                    active: metrics.feature_active.with_label_values(&l),
+                })
             })
             .collect();
         Self {
-            local: children.iter().map(|(h, _)| h.local()).collect(),
+            local,
             values: (0..features.len()).map(|i| 0.05 * i as f64).collect(),
-            children,
-            flushed_at: std::time::Instant::now(),
+            flushed_at: None,
         }
     }
 
     /// One call's updates for `batch` tokens.
     pub fn call(&mut self, batch: usize) {
         for _ in 0..batch {
-            for (h, &v) in self.local.iter_mut().zip(&self.values) {
-                h.observe(v);
+            for (f, &v) in self.local.iter_mut().zip(&self.values) {
+                f.observe(v);
             }
         }
-        let now = std::time::Instant::now();
-        if now.duration_since(self.flushed_at) >= tiller::metrics::FLUSH_EVERY {
-            for (h, (_, active)) in self.local.iter().zip(&self.children) {
-                h.flush();
-                active.inc_by(batch as u64);
+        if tiller::metrics::flush_due(&mut self.flushed_at) {
+            for f in &mut self.local {
+                f.flush();
             }
-            self.flushed_at = now;
         }
     }
 }

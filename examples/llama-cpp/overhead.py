@@ -8,7 +8,8 @@ and with monitoring and steering, on two workloads, one thread each:
   sequences in one batch, hook after layer 4, a 512 -> 8192 ReLU SAE, the same monitors and rules.
 
 Each figure is the best of `--rounds` runs of `tiller-llama-run` (release libtiller), the three
-variants interleaved in each round. Prints a markdown table. Needs the venv of scripts/test (gguf, numpy) and llama.cpp (provision.sh).
+variants interleaved in each round. Prints a markdown table. Needs the venv of scripts/test (gguf,
+numpy) and llama.cpp (provision.sh).
 
     .venv/bin/python examples/llama-cpp/overhead.py            # builds what it needs first
 """
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -43,6 +43,17 @@ pub const METRICS: &[(&str, &str)] = &[
 /// (a scrape flushes the idle buffers at once; only a step still running at that moment is late).
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// Whether per-feature buffers last flushed at `flushed_at` are due again (never flushed, or
+/// [`FLUSH_EVERY`] ago); when they are, records now as the time of the flush.
+pub fn flush_due(flushed_at: &mut Option<std::time::Instant>) -> bool {
+    let now = std::time::Instant::now();
+    let due = flushed_at.is_none_or(|t| now.duration_since(t) >= FLUSH_EVERY);
+    if due {
+        *flushed_at = Some(now);
+    }
+    due
+}
+
 /// A function the collector runs before it reads the per-feature families.
 type FlushHook = Arc<RwLock<Option<Box<dyn Fn() + Send + Sync>>>>;
 
@@ -136,9 +147,19 @@ impl Metrics {
                 .register(c)
                 .map_err(|e| Error::invalid("metrics", e.to_string()))
         };
+        // Families made without registering them (the per-feature ones go behind `FlushFirst`),
+        // and made and registered.
+        let new_counter = |name: &str, help: &str, l: &[&str]| -> Result<IntCounterVec> {
+            IntCounterVec::new(Opts::new(name, help), l)
+                .map_err(|e| Error::invalid("metrics", e.to_string()))
+        };
+        let new_histogram =
+            |name: &str, help: &str, l: &[&str], buckets: Vec<f64>| -> Result<HistogramVec> {
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), l)
+                    .map_err(|e| Error::invalid("metrics", e.to_string()))
+            };
         let counter = |name: &str, help: &str, l: &[&str]| -> Result<IntCounterVec> {
-            let c = IntCounterVec::new(Opts::new(name, help), l)
-                .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+            let c = new_counter(name, help, l)?;
             reg(Box::new(c.clone()))?;
             Ok(c)
         };
@@ -150,8 +171,7 @@ impl Metrics {
         };
         let histogram =
             |name: &str, help: &str, l: &[&str], buckets: Vec<f64>| -> Result<HistogramVec> {
-                let c = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), l)
-                    .map_err(|e| Error::invalid("metrics", e.to_string()))?;
+                let c = new_histogram(name, help, l, buckets)?;
                 reg(Box::new(c.clone()))?;
                 Ok(c)
             };
@@ -164,25 +184,17 @@ impl Metrics {
                 prometheus::exponential_buckets(1e-6, 2.0, 20)
                     .map_err(|e| Error::invalid("metrics", e.to_string()))?,
             )?,
-            feature_activation: HistogramVec::new(
-                HistogramOpts::new(
-                    "feature_activation",
-                    "Activation of the features the config names, per token where active.",
-                )
-                .buckets(vec![
-                    0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0,
-                ]),
+            feature_activation: new_histogram(
+                "feature_activation",
+                "Activation of the features the config names, per token where active.",
                 &["dictionary", "feature"],
-            )
-            .map_err(|e| Error::invalid("metrics", e.to_string()))?,
-            feature_active: IntCounterVec::new(
-                Opts::new(
-                    "feature_active_total",
-                    "Tokens on which a named feature was active (above zero).",
-                ),
+                vec![0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+            )?,
+            feature_active: new_counter(
+                "feature_active_total",
+                "Tokens on which a named feature was active (above zero).",
                 &["dictionary", "feature"],
-            )
-            .map_err(|e| Error::invalid("metrics", e.to_string()))?,
+            )?,
             monitor_events: counter(
                 "monitor_events_total",
                 "Monitor events by action.",
@@ -321,6 +333,48 @@ pub struct FeatureMetrics {
     pub activation: Histogram,
     /// Its active-token counter.
     pub active: IntCounter,
+}
+
+/// One named feature's active tokens and their activations since its last flush, kept by one
+/// step buffer without atomics, and the registry's series they are added to. Dropping it (a
+/// buffer rebuilt after a reload, or freed) flushes it, so no count is lost.
+#[derive(Debug)]
+pub struct LocalFeature {
+    activation: prometheus::local::LocalHistogram,
+    active: u64,
+    counter: IntCounter,
+}
+
+impl LocalFeature {
+    /// An empty buffer for `feature`'s series.
+    pub fn new(feature: &FeatureMetrics) -> Self {
+        Self {
+            activation: feature.activation.local(),
+            active: 0,
+            counter: feature.active.clone(),
+        }
+    }
+
+    /// Counts one active token with activation `v`.
+    pub fn observe(&mut self, v: f64) {
+        self.activation.observe(v);
+        self.active += 1;
+    }
+
+    /// Adds what it holds to the registry's series.
+    pub fn flush(&mut self) {
+        if self.active > 0 {
+            self.activation.flush();
+            self.counter.inc_by(self.active);
+            self.active = 0;
+        }
+    }
+}
+
+impl Drop for LocalFeature {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// Cached children for one hook.

@@ -984,7 +984,7 @@ struct Scratch {
     pairs: Vec<(u32, f32)>,
     /// By dictionary, then feature: local histograms and active counts (for `local_generation`),
     /// added to the registry's at most every [`crate::metrics::FLUSH_EVERY`] and at each scrape.
-    local: Vec<Vec<LocalFeature>>,
+    local: Vec<Vec<crate::metrics::LocalFeature>>,
     local_generation: u64,
     /// When `local` was last flushed (`None`: never).
     flushed_at: Option<Instant>,
@@ -996,30 +996,6 @@ impl Scratch {
         for f in self.local.iter_mut().flatten() {
             f.flush();
         }
-    }
-}
-
-/// One named feature's counts since the last flush, and where they go.
-struct LocalFeature {
-    activation: prometheus::local::LocalHistogram,
-    active: u64,
-    counter: prometheus::IntCounter,
-}
-
-impl LocalFeature {
-    fn flush(&mut self) {
-        if self.active > 0 {
-            self.activation.flush();
-            self.counter.inc_by(self.active);
-            self.active = 0;
-        }
-    }
-}
-
-impl Drop for LocalFeature {
-    /// A buffer dropped (or rebuilt after a reload) loses none of its counts.
-    fn drop(&mut self) {
-        self.flush();
     }
 }
 
@@ -1734,7 +1710,7 @@ fn measure_fvu(rt: &Runtime, d: &DictState, x: ArrayView2<'_, f32>, finite: &[bo
 /// Metrics, request statistics and monitors for dictionary `di`'s activations.
 fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) {
     let d = &state.dicts[di];
-    // Per-call accumulators for the feature metrics, flushed once at the end of the call.
+    // The step buffer's per-feature counts, for the state in force (rebuilt after a reload).
     if sc.local_generation != state.generation {
         sc.local_generation = state.generation;
         // The old buffers flush as they drop.
@@ -1744,11 +1720,7 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
             .map(|d| {
                 d.feature_metrics
                     .iter()
-                    .map(|f| LocalFeature {
-                        activation: f.activation.local(),
-                        active: 0,
-                        counter: f.active.clone(),
-                    })
+                    .map(crate::metrics::LocalFeature::new)
                     .collect()
             })
             .collect();
@@ -1764,9 +1736,7 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
         let mut req = lock(&sc.reqs[sc.token_req[t]]);
         for (j, &v) in row.iter().enumerate() {
             if v > d.active_above {
-                let local = &mut locals[j];
-                local.activation.observe(f64::from(v));
-                local.active += 1;
+                locals[j].observe(f64::from(v));
                 if let Some(s) = req.features.get_mut(di).and_then(|f| f.get_mut(j)) {
                     s.max = if s.count == 0 { v } else { s.max.max(v) };
                     s.count += 1;
@@ -1852,13 +1822,8 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
     }
     // Flushing costs a few atomic operations per active feature: at batch 1 about as much as
     // the monitor itself, so it is done at most every FLUSH_EVERY (and at each scrape).
-    let now = Instant::now();
-    if sc
-        .flushed_at
-        .is_none_or(|t| now.duration_since(t) >= crate::metrics::FLUSH_EVERY)
-    {
+    if crate::metrics::flush_due(&mut sc.flushed_at) {
         sc.flush_metrics();
-        sc.flushed_at = Some(now);
     }
 }
 
