@@ -248,6 +248,8 @@ tiller_status tiller_step_close(tiller_step *step,
 void tiller_step_free(tiller_step *step);
 
 // Writes the Prometheus text exposition of the runtime's metrics into `buf`. Thread-safe.
+// Every step closed before the call is counted in it; a step still open on another thread may
+// show up in a later call (its per-feature series within 10 ms of its close).
 //
 // # Safety
 // `rt` is a live handle; `buf` is NULL or valid for `len` bytes; `needed` is NULL or writable.

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
 use ndarray::{Array2, ArrayView2};
@@ -982,18 +982,29 @@ struct Scratch {
     pending: Vec<Pending>,
     /// The `(feature, value)` pairs handed to a policy for one token.
     pairs: Vec<(u32, f32)>,
-    /// By dictionary, then feature: local histograms and active counts (for `local_generation`),
-    /// added to the registry's at most every [`crate::metrics::FLUSH_EVERY`] and at each scrape.
-    local: Vec<Vec<crate::metrics::LocalFeature>>,
-    local_generation: u64,
-    /// When `local` was last flushed (`None`: never).
+    /// The per-feature counts of this buffer's steps, shared with the scrape (registered in
+    /// [`Runtime::locals`] when the buffer is made).
+    local: Arc<Mutex<Locals>>,
+}
+
+/// A step buffer's per-feature counts: by dictionary, then feature, local histograms and active
+/// counts (for the state of `generation`), added to the registry's at most every
+/// [`crate::metrics::FLUSH_EVERY`] and at each scrape. Behind their own lock, which only the
+/// buffer's step (once per hook) and a scrape take, so that a scrape also reaches the counts of a
+/// buffer in use: the steps that ended before it and left their counts in a buffer that another
+/// step has since taken.
+#[derive(Default)]
+struct Locals {
+    features: Vec<Vec<crate::metrics::LocalFeature>>,
+    generation: u64,
+    /// When `features` were last flushed (`None`: never).
     flushed_at: Option<Instant>,
 }
 
-impl Scratch {
-    /// Adds the per-feature counts this buffer holds to the registry's.
-    fn flush_metrics(&mut self) {
-        for f in self.local.iter_mut().flatten() {
+impl Locals {
+    /// Adds the per-feature counts held here to the registry's.
+    fn flush(&mut self) {
+        for f in self.features.iter_mut().flatten() {
             f.flush();
         }
     }
@@ -1031,8 +1042,10 @@ pub struct Runtime {
     metrics: Metrics,
     generation: AtomicU64,
     sampled: AtomicU64,
-    /// Step buffers between steps (shared with the metrics' flush at scrape time).
-    scratch: Arc<Mutex<Vec<Scratch>>>,
+    /// Step buffers between steps.
+    scratch: Mutex<Vec<Scratch>>,
+    /// The per-feature counts of every step buffer, which a scrape flushes first.
+    locals: Arc<Mutex<Vec<Weak<Mutex<Locals>>>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -1054,14 +1067,19 @@ impl Runtime {
             &config.runtime.metrics_labels,
         )?;
         let state = State::build(config, 1, &metrics)?;
-        let scratch: Arc<Mutex<Vec<Scratch>>> = Arc::default();
-        // A scrape first adds what the idle step buffers hold to the registry.
-        let pool = Arc::downgrade(&scratch);
+        let locals: Arc<Mutex<Vec<Weak<Mutex<Locals>>>>> = Arc::default();
+        // A scrape first adds what every step buffer holds to the registry.
+        let all = Arc::downgrade(&locals);
         metrics.on_collect(move || {
-            if let Some(pool) = pool.upgrade() {
-                for sc in pool.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
-                    sc.flush_metrics();
-                }
+            if let Some(all) = all.upgrade() {
+                let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+                all.retain(|l| match l.upgrade() {
+                    Some(l) => {
+                        l.lock().unwrap_or_else(|p| p.into_inner()).flush();
+                        true
+                    }
+                    None => false,
+                });
             }
         });
         Ok(Self {
@@ -1070,7 +1088,8 @@ impl Runtime {
             metrics,
             generation: AtomicU64::new(1),
             sampled: AtomicU64::new(0),
-            scratch,
+            scratch: Mutex::default(),
+            locals,
         })
     }
 
@@ -1243,7 +1262,14 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop()
-            .unwrap_or_default();
+            .unwrap_or_else(|| {
+                let sc = Scratch::default();
+                self.locals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Arc::downgrade(&sc.local));
+                sc
+            });
         sc.tokens.clear();
         sc.tokens.extend_from_slice(tokens);
         sc.token_req.clear();
@@ -1711,10 +1737,11 @@ fn measure_fvu(rt: &Runtime, d: &DictState, x: ArrayView2<'_, f32>, finite: &[bo
 fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) {
     let d = &state.dicts[di];
     // The step buffer's per-feature counts, for the state in force (rebuilt after a reload).
-    if sc.local_generation != state.generation {
-        sc.local_generation = state.generation;
+    let mut local = sc.local.lock().unwrap_or_else(|p| p.into_inner());
+    if local.generation != state.generation {
+        local.generation = state.generation;
         // The old buffers flush as they drop.
-        sc.local = state
+        local.features = state
             .dicts
             .iter()
             .map(|d| {
@@ -1727,7 +1754,8 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
     }
     let p = &sc.pending[di];
     let m = p.m;
-    let locals = &mut sc.local[di];
+    let local = &mut *local;
+    let locals = &mut local.features[di];
     for t in 0..sc.tokens.len() {
         if !sc.finite[t] {
             continue;
@@ -1822,8 +1850,8 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
     }
     // Flushing costs a few atomic operations per active feature: at batch 1 about as much as
     // the monitor itself, so it is done at most every FLUSH_EVERY (and at each scrape).
-    if crate::metrics::flush_due(&mut sc.flushed_at) {
-        sc.flush_metrics();
+    if crate::metrics::flush_due(&mut local.flushed_at) {
+        local.flush();
     }
 }
 

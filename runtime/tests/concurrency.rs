@@ -453,40 +453,85 @@ fn every_scrape_counts_every_ended_step_once() {
     stop.store(true, Ordering::Relaxed);
     assert!(scraper.join().unwrap() > 0);
 
-    // The float64 reference: per monitored feature, the active tokens and the sum of activations.
+    let inputs: Vec<_> = (0..THREADS)
+        .flat_map(|t| (0..STEPS).map(move |s| (t, s)))
+        .map(|(t, s)| input(t, s))
+        .collect();
+    let want = reference_counts(&meta, &w, &inputs);
+    // The last steps ended well within 10 ms of this scrape: only the scrape's flush counts them.
+    for text in [registry_text(&rt), rt.metrics_text(), registry_text(&rt)] {
+        assert_feature_counts(&text, &want, THREADS * STEPS);
+    }
+}
+
+/// The float64 reference of the per-feature series for the one-token steps over `inputs`: per
+/// monitored feature (1, 2, 3), the active tokens and the sum of their activations.
+fn reference_counts(meta: &Meta, w: &Weights, inputs: &[Array2<f32>]) -> [(u64, f64); 3] {
     let mut want = [(0u64, 0.0f64); 3];
-    for t in 0..THREADS {
-        for s in 0..STEPS {
-            let acts = reference::encode(&meta, &w, input(t, s).view());
-            for (j, f) in [1usize, 2, 3].into_iter().enumerate() {
-                if acts[[0, f]] > 0.0 {
-                    want[j].0 += 1;
-                    want[j].1 += acts[[0, f]];
-                }
+    for x in inputs {
+        let acts = reference::encode(meta, w, x.view());
+        for (j, f) in [1usize, 2, 3].into_iter().enumerate() {
+            if acts[[0, f]] > 0.0 {
+                want[j].0 += 1;
+                want[j].1 += acts[[0, f]];
             }
         }
     }
-    // The last steps ended well within 10 ms of this scrape: only the scrape's flush counts them.
-    for text in [registry_text(&rt), rt.metrics_text(), registry_text(&rt)] {
-        for (j, f) in [1, 2, 3].into_iter().enumerate() {
-            let label = format!("feature=\"{f}\"");
-            let active = sample(&text, "tiller_feature_active_total", &[&label]).unwrap();
-            let count = sample(&text, "tiller_feature_activation_count", &[&label]).unwrap();
-            let sum = sample(&text, "tiller_feature_activation_sum", &[&label]).unwrap();
-            assert_eq!(
-                active as u64, want[j].0,
-                "feature {f}: active tokens\n{text}"
-            );
-            assert_eq!(count as u64, want[j].0, "feature {f}: histogram count");
-            assert!(
-                (sum - want[j].1).abs() <= 1e-5 * want[j].1,
-                "feature {f}: sum {sum} against {}",
-                want[j].1
-            );
-        }
+    want
+}
+
+/// The exposition `text` holds `want`'s active counts, histogram counts and sums (1e-5), and
+/// `tokens` tokens at hook `blocks.2`.
+fn assert_feature_counts(text: &str, want: &[(u64, f64); 3], tokens: u64) {
+    for (j, f) in [1, 2, 3].into_iter().enumerate() {
+        let label = format!("feature=\"{f}\"");
+        let active = sample(text, "tiller_feature_active_total", &[&label]).unwrap();
+        let count = sample(text, "tiller_feature_activation_count", &[&label]).unwrap();
+        let sum = sample(text, "tiller_feature_activation_sum", &[&label]).unwrap();
         assert_eq!(
-            sample(&text, "tiller_tokens_total", &["hook=\"blocks.2\""]),
-            Some((THREADS * STEPS) as f64)
+            active as u64, want[j].0,
+            "feature {f}: active tokens\n{text}"
+        );
+        assert_eq!(count as u64, want[j].0, "feature {f}: histogram count");
+        assert!(
+            (sum - want[j].1).abs() <= 1e-5 * want[j].1,
+            "feature {f}: sum {sum} against {}",
+            want[j].1
         );
     }
+    assert_eq!(
+        sample(text, "tiller_tokens_total", &["hook=\"blocks.2\""]),
+        Some(tokens as f64)
+    );
+}
+
+/// A step that ended leaves its per-feature counts in its buffer until the next flush; when the
+/// next step takes that buffer and is still open at a scrape, the scrape counts them all the same.
+#[test]
+fn a_scrape_counts_the_steps_left_in_a_buffer_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, w) = write_dict(dir.path(), Activation::Relu);
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, GOOD).unwrap();
+    let rt = Runtime::from_config_file(&cfg).unwrap();
+    rt.begin_request(1, None, None).unwrap();
+    let token = Token {
+        request: 1,
+        phase: Phase::Generated,
+    };
+    // One thread: every step takes the same buffer. The first flushes at once, the next ones
+    // (well within 10 ms) leave their counts in it.
+    let inputs: Vec<_> = (0..6).map(|s| randn(7000 + s, (1, D))).collect();
+    for x in &inputs {
+        let mut x = x.clone();
+        let mut step = rt.step(&[token]).unwrap();
+        step.hook("blocks.2", ActivationsMut::F32(x.as_slice_mut().unwrap()))
+            .unwrap();
+        step.finish();
+    }
+    let want = reference_counts(&meta, &w, &inputs);
+    let open = rt.step(&[token]).unwrap();
+    assert_feature_counts(&rt.metrics_text(), &want, inputs.len() as u64);
+    drop(open);
+    assert_feature_counts(&rt.metrics_text(), &want, inputs.len() as u64);
 }
