@@ -244,13 +244,15 @@ def main() -> None:
     h = rt._h
     c_ids, c_ph = (ctypes.c_uint64 * 1)(1), (ctypes.c_uint8 * 1)(1)
     out, stop, n_stop = ctypes.c_void_p(), (ctypes.c_uint64 * 1)(), ctypes.c_size_t()
-    p_out, p_n = ctypes.byref(out), ctypes.byref(n_stop)
+    # Every pointer as an int, as the binding passes them: what ctypes itself costs.
+    a_ids, a_ph, a_stop = (ctypes.addressof(v) for v in (c_ids, c_ph, stop))
+    a_out, a_n = ctypes.addressof(out), ctypes.addressof(n_stop)
     open_, hook_, close_ = lib.tiller_step_open, lib.tiller_step_hook, lib.tiller_step_close
 
-    def raw(addr):  # the address is taken outside the timed part: what ctypes itself costs
-        open_(h, c_ids, c_ph, 1, p_out)
-        hook_(out, b"h", addr, 0, 1, D)
-        close_(out, stop, 1, p_n)
+    def raw(addr):  # the address is taken outside the timed part
+        open_(h, a_ids, a_ph, 1, a_out)
+        hook_(out.value, b"h", addr, 0, 1, D)
+        close_(out.value, a_stop, 1, a_n)
 
     def address(v):
         return v.ctypes.data

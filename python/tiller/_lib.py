@@ -59,17 +59,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         "tiller_request_begin": (status, [c_void_p, c_uint64, c_char_p, c_char_p]),
         "tiller_request_summary": (status, [c_void_p, c_uint64] + buf_args),
         "tiller_request_end": (status, [c_void_p, c_uint64] + buf_args),
-        "tiller_step_open": (
-            status,
-            # Addresses (ints) or ctypes arrays: NumPy token arrays are passed without a copy.
-            [c_void_p, c_void_p, c_void_p, c_size_t, POINTER(c_void_p)],
-        ),
+        # The step functions take addresses (ints) where tiller.h has pointers: the binding
+        # passes its scratch buffers and NumPy's token arrays by address, which ctypes converts
+        # faster than arrays or `byref` (these run at every step).
+        "tiller_step_open": (status, [c_void_p, c_void_p, c_void_p, c_size_t, c_void_p]),
         "tiller_step_hook": (status, [c_void_p, c_char_p, c_void_p, c_uint32, c_size_t, c_size_t]),
         "tiller_step_hook_cuda": (
             status,
             [c_void_p, c_char_p, c_void_p, c_uint32, c_size_t, c_size_t, c_void_p],
         ),
-        "tiller_step_close": (status, [c_void_p, POINTER(c_uint64), c_size_t, POINTER(c_size_t)]),
+        "tiller_step_close": (status, [c_void_p, c_void_p, c_size_t, c_void_p]),
         "tiller_step_free": (None, [c_void_p]),
         "tiller_metrics_text": (status, [c_void_p] + buf_args),
     }

@@ -53,15 +53,20 @@ def _ro_address(a: np.ndarray) -> int:
 class _Scratch:
     """Per-thread ctypes buffers for the token map, the step handle and the stop ids, reused by
     every step of the thread (the library copies what it keeps), so a step allocates no ctypes
-    objects on the hot path."""
+    objects on the hot path. The step functions take them by address (`*_addr`, plain ints):
+    ctypes converts an int argument in a fraction of the time it takes to convert an array or a
+    `byref` (about 0.35 µs less per open and close)."""
 
-    __slots__ = ("cap", "ids", "ph", "stop", "out", "out_ref", "n", "n_ref")
+    __slots__ = (
+        "cap", "ids", "ph", "stop", "out", "n",
+        "ids_addr", "ph_addr", "stop_addr", "out_addr", "n_addr",
+    )
 
     def __init__(self) -> None:
         self.out = c_void_p()
-        self.out_ref = byref(self.out)
+        self.out_addr = _addressof(self.out)
         self.n = c_size_t()
-        self.n_ref = byref(self.n)
+        self.n_addr = _addressof(self.n)
         self.grow(64)
 
     def grow(self, cap: int) -> None:
@@ -69,6 +74,9 @@ class _Scratch:
         self.ids = (c_uint64 * cap)()
         self.ph = (c_uint8 * cap)()
         self.stop = (c_uint64 * cap)()
+        self.ids_addr = _addressof(self.ids)
+        self.ph_addr = _addressof(self.ph)
+        self.stop_addr = _addressof(self.stop)
 
 
 _tls = threading.local()
@@ -235,13 +243,13 @@ class Runtime:
         if not h:
             raise ClosedError("the runtime is closed")
         if phases is None:
-            n, ids_p, ph_p, sc = _tokens_from_pairs(tokens)
-            st = _step_open(h, ids_p, ph_p, n, sc.out_ref)
+            n, sc = _tokens_from_pairs(tokens)
+            st = _step_open(h, sc.ids_addr, sc.ph_addr, n, sc.out_addr)
         else:
             # `keep` holds the converted token arrays alive through the call.
             n, ids_p, ph_p, keep = _tokens_from_arrays(tokens, phases)
             sc = _scratch(n)
-            st = _step_open(h, ids_p, ph_p, n, sc.out_ref)
+            st = _step_open(h, ids_p, ph_p, n, sc.out_addr)
             del keep
         if st:
             _lib.check(st)
@@ -269,7 +277,8 @@ class _Recheck(Exception):
     """The fast path met something it does not take; the checked path says what."""
 
 
-def _tokens_from_pairs(tokens: Any) -> Tuple[int, Any, Any, Any]:
+def _tokens_from_pairs(tokens: Any) -> Tuple[int, _Scratch]:
+    """Writes the pairs into the thread's scratch token map; returns their count and the scratch."""
     if type(tokens) is not list and not isinstance(tokens, (list, tuple)):
         if isinstance(tokens, np.ndarray):
             raise InvalidArgumentError(
@@ -297,7 +306,7 @@ def _tokens_from_pairs(tokens: Any) -> Tuple[int, Any, Any, Any]:
             i += 1
     except (_Recheck, TypeError, ValueError, KeyError):
         _check_pairs(tokens, ids, ph)
-    return n, ids, ph, sc
+    return n, sc
 
 
 def _check_pairs(tokens: Sequence[Any], ids: Any, ph: Any) -> None:
@@ -504,7 +513,7 @@ class Step:
             raise ClosedError("the step is closed")
         # At most one stop per request, and every request of the step has a token.
         sc = _scratch(self.n_tokens)
-        st = _step_close(s, sc.stop, sc.cap, sc.n_ref)
+        st = _step_close(s, sc.stop_addr, sc.cap, sc.n_addr)
         if st:
             _lib.check(st)
         k = sc.n.value
