@@ -39,6 +39,8 @@ struct tiller_llama {
     /* Scratch for tiller_step_open, grown to the largest batch. */
     uint64_t *ids;
     uint8_t *phases;
+    /* The decode in progress's sequence of each token, marked prompted when it succeeds. */
+    llama_seq_id *seqs;
     size_t scratch_cap;
 
     uint64_t *stops;
@@ -136,6 +138,7 @@ void tiller_llama_free(tiller_llama *a) {
     free(a->seq_bound);
     free(a->seq_prompted);
     free(a->ids);
+    free(a->seqs);
     free(a->phases);
     free(a->stops);
     free(a);
@@ -349,6 +352,11 @@ static int grow_scratch(tiller_llama *a, size_t n) {
         return -1;
     }
     a->phases = ph;
+    llama_seq_id *seqs = realloc(a->seqs, n * sizeof *seqs);
+    if (seqs == NULL) {
+        return -1;
+    }
+    a->seqs = seqs;
     a->scratch_cap = n;
     return 0;
 }
@@ -398,6 +406,7 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
         }
         a->ids[i] = a->seq_request[s];
         a->phases[i] = a->seq_prompted[s] ? TILLER_GENERATED : TILLER_PROMPT;
+        a->seqs[i] = s;
     }
     /* A step's stops are among its requests: at most one per token. */
     if (a->stops_cap < n) {
@@ -416,14 +425,10 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
         set_error("tiller_llama_begin: tiller_step_open: %s", msg);
         return -1;
     }
-    /* Remember which sequences this batch prompts: marked prompted when it succeeds. */
     a->step = step;
     a->step_tokens = n;
     a->failed = 0;
     a->error[0] = '\0';
-    for (size_t i = 0; i < n; i++) {
-        a->ids[i] = (uint64_t)batch.seq_id[i][0];
-    }
     return 0;
 }
 
@@ -453,7 +458,7 @@ int tiller_llama_end(tiller_llama *a, int32_t decode_result) {
         return -1;
     }
     for (size_t i = 0; i < a->step_tokens; i++) {
-        a->seq_prompted[a->ids[i]] = 1;
+        a->seq_prompted[a->seqs[i]] = 1;
     }
     size_t n_stop = 0;
     if (tiller_step_close(step, a->stops, a->stops_cap, &n_stop) != TILLER_OK) {
