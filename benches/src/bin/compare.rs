@@ -263,8 +263,7 @@ fn time_cold<S>(
     for r in 0..=rounds {
         let mut total = 0.0;
         for _ in 0..calls {
-            evict.iter_mut().for_each(|b| *b = b.wrapping_add(1));
-            std::hint::black_box(&mut *evict);
+            rewrite(evict);
             before(state);
             let t = Instant::now();
             call(state)?;
@@ -276,6 +275,12 @@ fn time_cold<S>(
     }
     per.sort_by(f64::total_cmp);
     Ok((per[per.len() / 2], per[0]))
+}
+
+/// Rewrites `buf` (`EVICT_BYTES`), pushing what the caches held out of them.
+fn rewrite(buf: &mut [u8]) {
+    buf.iter_mut().for_each(|b| *b = b.wrapping_add(1));
+    std::hint::black_box(buf);
 }
 
 /// One measurement as a JSON line.
@@ -353,9 +358,10 @@ fn rust(quick: bool) -> Result<()> {
         machine::stream_copy_gbps(r(10, 4)),
         "Rust, copy_from_slice, 2 x 256 MiB",
     );
+    let (read_gbps, streams) = machine::stream_read_best(r(10, 4));
     limit(
         "read_gbps",
-        machine::stream_read_gbps(r(10, 4)),
+        read_gbps,
         "Rust, sums over 256 MiB, 1 to 8 streams",
     );
     limit(
@@ -510,6 +516,34 @@ fn rust(quick: bool) -> Result<()> {
             },
         )?;
         emit(&format!("full_{dtype}_b1"), "tiller_rust", 1, t, rounds);
+        if dtype == WeightDtype::F32 {
+            // The memory's read speed measured as the f32 encode was, right after it: as many
+            // bytes as its weights, read with the streams that read fastest above, each pass after
+            // the same rewrite of the caches (whose write-back shares the memory with the reads),
+            // the median round. The bandwidth target compares the two medians, taken moments
+            // apart under the same load from the machine's neighbours. (A pass before each encode
+            // call instead slowed the encode by 15%.)
+            let same_bytes = vec![1f32; D * F];
+            let (us, _) = time_cold(
+                &mut (),
+                rounds,
+                calls,
+                &mut evict,
+                |_| {},
+                |_| {
+                    machine::read_pass(&same_bytes, streams);
+                    Ok(())
+                },
+            )?;
+            limit(
+                "paired_read_gbps",
+                size_of_val(same_bytes.as_slice()) as f64 / (us * 1e-6) / 1e9,
+                &format!(
+                    "Rust, a {streams}-stream sum over {:.0} MB timed as the f32 full encode is, right after it, median",
+                    size_of_val(same_bytes.as_slice()) as f64 / 1e6
+                ),
+            );
+        }
     }
     eprintln!("full encode through ONNX Runtime (Rust API, f32 weights)");
     let dict = Dictionary::load(dict_path(WeightDtype::F32)?, &SessionOptions::default())?;
@@ -749,6 +783,11 @@ fn report(files: &[PathBuf], out_dir: &Path) -> Result<()> {
     for (name, label, unit) in [
         ("copy_gbps", "memory bandwidth, STREAM copy", "GB/s"),
         ("read_gbps", "memory bandwidth, read", "GB/s"),
+        (
+            "paired_read_gbps",
+            "memory bandwidth, read, timed as the f32 full encode",
+            "GB/s",
+        ),
         ("cache_read_gbps", "cache bandwidth, read (512 KiB)", "GB/s"),
         ("dense_gflops", "dense f32 matrix product", "GFLOP/s"),
     ] {
@@ -882,10 +921,14 @@ fn report(files: &[PathBuf], out_dir: &Path) -> Result<()> {
         .into_iter()
         .find(|w| w.key == "full_f32_b1")
         .map_or(0.0, |w| w.bytes);
+    // Against the read bandwidth timed as the encode is, right after it (both medians, both after
+    // the same rewrite of the caches), so that a neighbour's load long before the encode does not
+    // decide the result.
+    let paired = limits.best("paired_read_gbps").map_or(f64::NAN, |r| r.0);
     target(
         &mut md,
-        "full encode f32, batch 1: weights read at this % of the STREAM copy bandwidth",
-        get("full_f32_b1", "tiller_rust").map(|us| 100.0 * full / (us * 1e-6) / 1e9 / copy),
+        "full encode f32, batch 1: weights read at this % of the memory's read bandwidth, timed alike",
+        get("full_f32_b1", "tiller_rust").map(|us| 100.0 * full / (us * 1e-6) / 1e9 / paired),
         90.0,
         "%",
     );
@@ -1039,7 +1082,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut text = String::new();
         for (name, value) in [
-            ("copy_gbps", 30.0),
+            // The target uses the read in the encode's own rounds, not the best copy.
+            ("copy_gbps", 40.0),
+            ("paired_read_gbps", 30.0),
             ("cache_read_gbps", 140.0),
             ("dense_gflops", 100.0),
             ("dense_gflops", 150.0),
