@@ -1082,7 +1082,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut text = String::new();
         for (name, value) in [
-            // The target uses the read in the encode's own rounds, not the best copy.
+            // The target uses the read timed like the encode, not the best copy.
             ("copy_gbps", 40.0),
             ("paired_read_gbps", 30.0),
             ("cache_read_gbps", 140.0),
