@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -86,6 +86,15 @@ strength = -0.5
 normalize = true
 "#;
 
+/// Writes the test dictionary (with `activation`) and the `GOOD` config into `dir`; returns the
+/// config's path and the dictionary.
+fn write_good(dir: &Path, activation: Activation) -> (PathBuf, Meta, Weights) {
+    let (meta, w) = write_dict(dir, activation);
+    let cfg = dir.join("t.toml");
+    std::fs::write(&cfg, GOOD).unwrap();
+    (cfg, meta, w)
+}
+
 /// Runs `steps` continuous-batching steps for thread `tid` and returns every step's output.
 fn drive(rt: &Runtime, tid: u64, steps: usize) -> Vec<Vec<f32>> {
     let ids = [tid * 100 + 1, tid * 100 + 2, tid * 100 + 3];
@@ -127,9 +136,7 @@ fn drive(rt: &Runtime, tid: u64, steps: usize) -> Vec<Vec<f32>> {
 fn many_threads_match_one_thread() {
     for activation in [Activation::Relu, Activation::TopK] {
         let dir = tempfile::tempdir().unwrap();
-        write_dict(dir.path(), activation);
-        let cfg = dir.path().join("t.toml");
-        std::fs::write(&cfg, GOOD).unwrap();
+        let (cfg, _, _) = write_good(dir.path(), activation);
         let single = Runtime::from_config_file(&cfg).unwrap();
         let want: Vec<Vec<Vec<f32>>> = (0..8).map(|t| drive(&single, t, 30)).collect();
         let shared = Arc::new(Runtime::from_config_file(&cfg).unwrap());
@@ -160,9 +167,7 @@ fn many_threads_match_one_thread() {
 #[test]
 fn reloads_under_load_and_broken_configs_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    write_dict(dir.path(), Activation::Relu);
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(&cfg, GOOD).unwrap();
+    let (cfg, _, _) = write_good(dir.path(), Activation::Relu);
     let reference_rt = Runtime::from_config_file(&cfg).unwrap();
     let want: Vec<Vec<Vec<f32>>> = (0..4).map(|t| drive(&reference_rt, t, 40)).collect();
 
@@ -259,9 +264,7 @@ fn reloads_under_load_and_broken_configs_change_nothing() {
 #[test]
 fn overrides_and_bounded_labels() {
     let dir = tempfile::tempdir().unwrap();
-    let (meta, w) = write_dict(dir.path(), Activation::Relu);
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(&cfg, GOOD).unwrap();
+    let (cfg, meta, w) = write_good(dir.path(), Activation::Relu);
     let rt = Runtime::from_config_file(&cfg).unwrap();
     // Feature 50 is not named by the config: the full dictionary runs for this request.
     rt.begin_request(
@@ -389,9 +392,7 @@ fn overrides_and_bounded_labels() {
 #[test]
 fn every_scrape_counts_every_ended_step_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (meta, w) = write_dict(dir.path(), Activation::Relu);
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(&cfg, GOOD).unwrap();
+    let (cfg, meta, w) = write_good(dir.path(), Activation::Relu);
     let rt = Arc::new(Runtime::from_config_file(&cfg).unwrap());
     const THREADS: u64 = 4;
     const STEPS: u64 = 150;
@@ -510,9 +511,7 @@ fn assert_feature_counts(text: &str, want: &[(u64, f64); 3], tokens: u64) {
 #[test]
 fn a_scrape_counts_the_steps_left_in_a_buffer_in_use() {
     let dir = tempfile::tempdir().unwrap();
-    let (meta, w) = write_dict(dir.path(), Activation::Relu);
-    let cfg = dir.path().join("t.toml");
-    std::fs::write(&cfg, GOOD).unwrap();
+    let (cfg, meta, w) = write_good(dir.path(), Activation::Relu);
     let rt = Runtime::from_config_file(&cfg).unwrap();
     rt.begin_request(1, None, None).unwrap();
     let token = Token {
