@@ -40,7 +40,8 @@ pub const METRICS: &[(&str, &str)] = &[
 ];
 
 /// The longest a step buffer keeps its per-feature counts before adding them to the registry's
-/// (a scrape flushes the idle buffers at once; only a step still running at that moment is late).
+/// (a scrape first flushes every buffer, those of running steps included, so only what a step
+/// counts after the scrape waits for the next).
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Whether per-feature buffers last flushed at `flushed_at` are due again (never flushed, or
