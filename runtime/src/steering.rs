@@ -19,6 +19,10 @@ pub struct Rule {
     pub dictionary: Option<usize>,
     /// The feature (feature ops).
     pub feature: u32,
+    /// The feature's place among the features the dictionary's hook encodes (`None`: not among
+    /// them, so the hook encodes the whole dictionary for this rule), resolved when the rule is
+    /// compiled so that a hook call looks nothing up.
+    pub position: Option<usize>,
     /// The op's parameter: strength, value or factor.
     pub param: f32,
     /// The direction added (`d_i`, unit `d_i` for normalised `add`, or a raw `u`), `[d_out]`.
