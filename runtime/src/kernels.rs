@@ -378,6 +378,45 @@ fn axpy_impl(c: f32, d: &[f32], x: &mut [f32]) {
     }
 }
 
+/// The most edits [`axpy_many`] applies in one pass.
+pub const AXPY_MANY: usize = 8;
+
+/// `x += c[0]·d[0] + c[1]·d[1] + …` in one pass over `x`, with every element's additions in the
+/// order of the pairs, so that the result is the same, bit for bit, as one [`axpy`] per pair.
+pub fn axpy_many(c: &[f32], d: &[&[f32]], x: &mut [f32]) {
+    debug_assert!(c.len() == d.len() && c.len() <= AXPY_MANY);
+    debug_assert!(d.iter().all(|d| d.len() == x.len()));
+    axpy_many_impl(c, d, x);
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+avx",
+    "aarch64+neon"
+))]
+fn axpy_many_impl(c: &[f32], d: &[&[f32]], x: &mut [f32]) {
+    let mut chunks = x.chunks_exact_mut(RL);
+    for (i, chunk) in (&mut chunks).enumerate() {
+        let chunk: &mut [f32; RL] = chunk.try_into().expect("chunks of RL");
+        let mut a = *chunk;
+        for (&c, d) in c.iter().zip(d) {
+            let d: &[f32; RL] = d[i * RL..(i + 1) * RL].try_into().expect("RL values");
+            for k in 0..RL {
+                a[k] += c * d[k];
+            }
+        }
+        *chunk = a;
+    }
+    let rest = chunks.into_remainder();
+    let start = d.first().map_or(0, |d| d.len() - rest.len());
+    for (i, v) in rest.iter_mut().enumerate() {
+        for (&c, d) in c.iter().zip(d) {
+            *v += c * d[start + i];
+        }
+    }
+}
+
 /// `x · u`, accumulated in lanes.
 pub fn dot(x: &[f32], u: &[f32]) -> f32 {
     dot_impl(x, u)
@@ -485,6 +524,34 @@ mod tests {
             row_stats(&[-0.0, f32::MIN_POSITIVE / 2.0]).0,
             f32::MIN_POSITIVE / 2.0
         );
+    }
+
+    #[test]
+    fn axpy_many_is_one_axpy_per_pair_bit_for_bit() {
+        for len in [0usize, 1, 31, 32, 33, 95, 2304] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let dirs: Vec<Vec<f32>> = (0..AXPY_MANY)
+                .map(|k| {
+                    (0..len)
+                        .map(|i| ((i * 13 + k * 29) % 83) as f32 / 41.0 - 1.0)
+                        .collect()
+                })
+                .collect();
+            let cs: Vec<f32> = (0..AXPY_MANY).map(|k| 0.3 - 0.17 * k as f32).collect();
+            for pairs in 0..=AXPY_MANY {
+                let mut want = x.clone();
+                for k in 0..pairs {
+                    axpy(cs[k], &dirs[k], &mut want);
+                }
+                let ds: Vec<&[f32]> = dirs[..pairs].iter().map(Vec::as_slice).collect();
+                let mut got = x.clone();
+                axpy_many(&cs[..pairs], &ds, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "length {len}, {pairs} pairs");
+            }
+        }
     }
 
     #[test]

@@ -1560,6 +1560,9 @@ fn edit(sc: &mut Scratch, name: &str, width: usize, di: Option<usize>, x: &mut [
         let row = &mut x[t * width..(t + 1) * width];
         // The request's lock, taken at the first rule that applies and held for the token's rules.
         let mut held = None;
+        // Edits whose result is known finite wait here and go into `row` together, in one pass,
+        // in rule order (the same values as one pass per edit).
+        let mut waiting = Waiting::default();
         for (ri, rule) in rules.iter().enumerate() {
             if rule.dictionary != di || rule.hook != name || !covers(rule.apply_to, phase) {
                 continue;
@@ -1574,9 +1577,25 @@ fn edit(sc: &mut Scratch, name: &str, width: usize, di: Option<usize>, x: &mut [
                 Some(di) => sc.pending[di].get(t, rule),
                 None => 0.0,
             };
-            if let Some(c) = rule.coefficient(f, row)
-                && rule.apply(c, row, &mut sc.bound[t])
-            {
+            if rule.op == Op::ProjectCap {
+                // Its coefficient reads `row`, which must hold the edits before it.
+                waiting.apply(row);
+            }
+            let Some(c) = rule.coefficient(f, row) else {
+                continue;
+            };
+            let applied = match rule.fast_bound(c, sc.bound[t]) {
+                Some(bound) => {
+                    sc.bound[t] = bound;
+                    waiting.push(c, &rule.direction, row);
+                    true
+                }
+                None => {
+                    waiting.apply(row);
+                    rule.apply(c, row, &mut sc.bound[t])
+                }
+            };
+            if applied {
                 sc.edited[t] = true;
                 if rule.counts {
                     rule.counter.inc();
@@ -1585,6 +1604,33 @@ fn edit(sc: &mut Scratch, name: &str, width: usize, di: Option<usize>, x: &mut [
                     }
                 }
             }
+        }
+        waiting.apply(row);
+    }
+}
+
+/// Edits `x += c·d` of one token waiting to be applied in one pass.
+#[derive(Default)]
+struct Waiting<'a> {
+    c: [f32; crate::kernels::AXPY_MANY],
+    d: [&'a [f32]; crate::kernels::AXPY_MANY],
+    len: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn push(&mut self, c: f32, d: &'a [f32], row: &mut [f32]) {
+        if self.len == self.c.len() {
+            self.apply(row);
+        }
+        self.c[self.len] = c;
+        self.d[self.len] = d;
+        self.len += 1;
+    }
+
+    fn apply(&mut self, row: &mut [f32]) {
+        if self.len > 0 {
+            crate::kernels::axpy_many(&self.c[..self.len], &self.d[..self.len], row);
+            self.len = 0;
         }
     }
 }

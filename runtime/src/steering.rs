@@ -65,14 +65,22 @@ impl Rule {
         (c != 0.0 && c.is_finite()).then_some(c)
     }
 
+    /// The bound of `max|x|` after `x += c·d`, when it shows without looking at `x` that the result
+    /// is finite (`bound`, an upper bound of `max|x|` before, plus `|c|·max|d|` stays far from
+    /// `f32::MAX`): the common case, where the edit can be applied together with others in one
+    /// pass ([`crate::kernels::axpy_many`]). `None`: [`Rule::apply`] must look.
+    pub fn fast_bound(&self, c: f32, bound: f32) -> Option<f32> {
+        let grown = bound + c.abs() * self.direction_max;
+        (grown < f32::MAX / 4.0).then_some(grown)
+    }
+
     /// Applies `x += c·d` unless the result would not be finite; returns whether it did.
     ///
-    /// `bound` is an upper bound of `max|x|`, kept up to date: while `bound + |c|·max|d|` stays far
-    /// from `f32::MAX` the result is finite without looking (the common case, one pass over `x`).
+    /// `bound` is an upper bound of `max|x|`, kept up to date: see [`Rule::fast_bound`].
     pub fn apply(&self, c: f32, x: &mut [f32], bound: &mut f32) -> bool {
         let d = &self.direction;
         let grown = *bound + c.abs() * self.direction_max;
-        if grown.partial_cmp(&(f32::MAX / 4.0)) != Some(std::cmp::Ordering::Less)
+        if self.fast_bound(c, *bound).is_none()
             && x.iter()
                 .zip(d.iter())
                 .any(|(a, b)| !(a + c * b).is_finite())

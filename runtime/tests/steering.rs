@@ -795,6 +795,173 @@ value = 2.0
     );
 }
 
+/// A token's edits whose results are known finite are applied together in one pass; a rule that
+/// reads the activations (`project_cap`) or must check its result first still sees every edit
+/// before it, in rule order.
+#[test]
+fn edits_keep_rule_order_around_reads_and_checked_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), Activation::Relu);
+    let mut rng = StdRng::seed_from_u64(61);
+    let other = randn(&mut rng, (1, D), 1.0).row(0).to_vec();
+    // A unit direction with max|u| = 0.8 and u[0] = 0.
+    let mut u = vec![0f32; D];
+    u[1] = 0.6;
+    u[2] = 0.8;
+    {
+        use ndarray_npy::WriteNpyExt;
+        let a = Array2::from_shape_vec((2, D), other.iter().chain(u.iter()).copied().collect())
+            .unwrap();
+        a.write_npy(std::fs::File::create(dir.path().join("dirs.npy")).unwrap())
+            .unwrap();
+    }
+    let n = 8;
+    let x = randn(&mut rng, (n, D), 1.0);
+    let dot =
+        |a: &[f64], b: &[f32]| -> f64 { a.iter().zip(b).map(|(a, b)| a * f64::from(*b)).sum() };
+    let axpy = |a: &mut [f64], c: f64, d: &[f32]| {
+        for (a, d) in a.iter_mut().zip(d) {
+            *a += c * f64::from(*d);
+        }
+    };
+    // The first edit moves the projection on `u` by 2·other·u: a cap that read the activations
+    // before it would differ by that much.
+    assert!(dot(&other.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), &u).abs() > 0.1);
+    // The cap at the median projection after the first edit: about half the tokens are capped.
+    let mut after: Vec<f64> = (0..n)
+        .map(|t| {
+            let mut a = x.row(t).mapv(f64::from).to_vec();
+            axpy(&mut a, 2.0, &other);
+            dot(&a, &u)
+        })
+        .collect();
+    after.sort_by(f64::total_cmp);
+    let cap = ((after[n / 2 - 1] + after[n / 2]) / 2.0) as f32;
+    let rule = |op: &str, index: usize, key: &str, value: f32| {
+        format!(
+            "[[profile.steer]]\nop = \"{op}\"\nvector = \"dirs.npy\"\nindex = {index}\nhook = \"layer.3\"\n{key} = {value:e}\n"
+        )
+    };
+    let config = format!(
+        "[runtime]\nfvu_sample_rate = 0.0\n[[dictionary]]\nname = \"res\"\npath = \"sae.onnx\"\n\
+         [[profile]]\nname = \"chain\"\n{}{}{}\
+         [[profile]]\nname = \"near-max\"\n{}{}{}\
+         [[profile]]\nname = \"overflow\"\n{}{}{}",
+        rule("vector", 0, "strength", 2.0),
+        rule("project_cap", 1, "value", cap),
+        rule("vector", 1, "strength", 1.0),
+        // On an ordinary token the first two edits are known finite and wait; the third is past
+        // the bound that shows a result finite without looking: the two go in, then it is
+        // checked (finite) and applied. On token 3 (x[2] = 1e38) every edit is checked, and the
+        // third, which would take x[2] past f32::MAX, is refused.
+        rule("vector", 0, "strength", 2.0),
+        rule("vector", 1, "strength", 1e38),
+        rule("vector", 1, "strength", 2.5e38),
+        // The third edit alone would be finite (x[2] + 2.64e38), but not after the second
+        // (+ 0.8e38), which waits: it goes in first, and the third is refused on every token.
+        rule("vector", 0, "strength", 2.0),
+        rule("vector", 1, "strength", 1e38),
+        rule("vector", 1, "strength", 3.3e38),
+    );
+    std::fs::write(dir.path().join("tiller.toml"), config).unwrap();
+    let rt = Runtime::from_config_file(dir.path().join("tiller.toml")).unwrap();
+    let run = |id: u64, profile: &str, x: &Array2<f32>| -> Array2<f32> {
+        rt.begin_request(id, Some(profile), None).unwrap();
+        let mut y = x.clone();
+        let mut step = rt
+            .step(&vec![
+                Token {
+                    request: id,
+                    phase: Phase::Prompt
+                };
+                n
+            ])
+            .unwrap();
+        step.hook("layer.3", ActivationsMut::F32(y.as_slice_mut().unwrap()))
+            .unwrap();
+        step.finish();
+        y
+    };
+
+    let y = run(1, "chain", &x);
+    let mut capped = 0;
+    for t in 0..n {
+        let mut want = x.row(t).mapv(f64::from).to_vec();
+        axpy(&mut want, 2.0, &other);
+        // The cap reads the projection after the first edit.
+        let p = dot(&want, &u);
+        let c = -(p.max(f64::from(cap)) - f64::from(cap));
+        capped += u64::from(c != 0.0);
+        axpy(&mut want, c, &u);
+        axpy(&mut want, 1.0, &u);
+        assert!(
+            rel(y.row(t).as_slice().unwrap(), &want) < TOL,
+            "chain: token {t}"
+        );
+    }
+    assert!(
+        capped > 0,
+        "the test needs tokens whose projection is capped"
+    );
+    let s = rt.end_request(1).unwrap();
+    assert_eq!(s.steering["chain.0"], n as u64);
+    assert_eq!(s.steering["chain.1"], capped);
+    assert_eq!(s.steering["chain.2"], n as u64);
+
+    let mut big = x.clone();
+    big[[3, 2]] = 1e38;
+    let y = run(2, "near-max", &big);
+    for t in 0..n {
+        let mut want = big.row(t).mapv(f64::from).to_vec();
+        axpy(&mut want, 2.0, &other);
+        axpy(&mut want, 1e38, &u);
+        if t != 3 {
+            axpy(&mut want, 2.5e38, &u);
+        }
+        // Element by element: the first edit must be there beside values of 1e38.
+        for j in 0..D {
+            let tol = 1e-6 * want[j].abs().max(1.0);
+            assert!(
+                (f64::from(y[[t, j]]) - want[j]).abs() <= tol,
+                "near-max: token {t}, element {j}: {} against {}",
+                y[[t, j]],
+                want[j]
+            );
+        }
+    }
+    let s = rt.end_request(2).unwrap();
+    assert_eq!(s.steering["near-max.0"], n as u64);
+    assert_eq!(s.steering["near-max.1"], n as u64);
+    assert_eq!(
+        s.steering["near-max.2"],
+        n as u64 - 1,
+        "token 3's third edit is refused"
+    );
+
+    let y = run(3, "overflow", &x);
+    assert!(
+        y.iter().all(|v| v.is_finite()),
+        "no edit made a value infinite"
+    );
+    for t in 0..n {
+        let mut want = x.row(t).mapv(f64::from).to_vec();
+        axpy(&mut want, 2.0, &other);
+        axpy(&mut want, 1e38, &u);
+        for j in 0..D {
+            let tol = 1e-6 * want[j].abs().max(1.0);
+            assert!(
+                (f64::from(y[[t, j]]) - want[j]).abs() <= tol,
+                "overflow: token {t}, element {j}: {} against {}",
+                y[[t, j]],
+                want[j]
+            );
+        }
+    }
+    let s = rt.end_request(3).unwrap();
+    assert_eq!(s.steering["overflow.1"], n as u64);
+    assert_eq!(s.steering.get("overflow.2").copied().unwrap_or(0), 0);
+}
+
 #[test]
 fn non_finite_tokens_are_left_alone_and_counted() {
     let dir = tempfile::tempdir().unwrap();
