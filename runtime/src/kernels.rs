@@ -120,10 +120,13 @@ fn panel_imp<E: Widen>(x: &[f32], n: usize, d: usize, w: &[E], m: usize, out: &m
 const PREFETCH: usize = 16 << 10;
 
 /// Packed weights up to this size (a sliced encoder's few columns) are taken to stay in a core's
-/// L2 from one call to the next. They are read without software prefetch, and a lone token reads
-/// two panels at once: from L2, two streams without prefetch instructions (which take load slots)
-/// read about 1.3 times as fast as one stream with them (2304 × 64 f32 at batch 1: 2.6 against
-/// 3.4 µs, Zen 5). Larger weights stream from memory, where prefetching pays.
+/// L2 from one call to the next, and are read without software prefetch (its instructions take
+/// load slots); larger weights stream from memory, where prefetching pays.
+///
+/// A lone token (batch 1, or the odd one of a batch of cached weights) reads two panels at once:
+/// two streams read faster than one, from L2 (2304 × 64 f32: 2.6 against 3.4 µs, Zen 5) and from
+/// memory (2304 × 16384 f32, prefetching both streams: 3.48 to 3.69 ms against 3.53 to 4.19 ms
+/// over six alternating runs of `compare rust --quick`).
 const CACHED: usize = 2 << 20;
 
 /// The body of [`panel_matmul`] for one instruction set (`wide`: 32 vector registers; `fma`:
@@ -144,10 +147,10 @@ fn panel_body<E: Widen>(
     prefetch: &impl Fn(*const u8),
 ) {
     let panels = m.div_ceil(PANEL);
-    // Every block of tokens leaves at most one token; with cached weights it reads the panels in
-    // pairs after the blocks (below), otherwise each panel right after its blocks, while the
-    // panel is still in cache.
-    let lone = if cached { n % 2 } else { 0 };
+    // The blocks of tokens leave at most one token. It reads the panels in pairs after the blocks
+    // (below) when the weights are cached or there are no blocks; otherwise each panel right after
+    // its blocks, while the panel is still in cache.
+    let lone = if cached || n == 1 { n % 2 } else { 0 };
     for (p, panel) in w.chunks_exact(d * PANEL).take(panels).enumerate() {
         let col = p * PANEL;
         let width = PANEL.min(m - col);
@@ -185,9 +188,9 @@ fn panel_body<E: Widen>(
             let row = &mut out[t * m + col..t * m + m.min(col + 2 * PANEL)];
             let (a, b) = pair.split_at(d * PANEL);
             if wide {
-                pgemv_pair::<E, 2>(xt, a, b, row, fma);
+                pgemv_pair::<E, 2>(xt, a, b, row, fma, prefetch);
             } else {
-                pgemv_pair::<E, 1>(xt, a, b, row, fma);
+                pgemv_pair::<E, 1>(xt, a, b, row, fma, prefetch);
             }
         }
         if panels % 2 == 1 {
@@ -204,46 +207,65 @@ fn panel_body<E: Widen>(
 }
 
 /// One token against two panels `a` and `b` read side by side (two streams), `U` rows at a time:
-/// 2 with AVX-512's 32 registers (8 vectors of accumulators), 1 with 16.
+/// 2 with AVX-512's 32 registers (8 vectors of accumulators), 1 with 16. The rows are taken as
+/// arrays of fixed size: written over slices, the same loops kept the accumulators in memory for
+/// some element types and left bf16 scalar (2.5 times slower).
 #[inline(always)]
-fn pgemv_pair<E: Widen, const U: usize>(x: &[f32], a: &[E], b: &[E], out: &mut [f32], fma: bool) {
+fn pgemv_pair<E: Widen, const U: usize>(
+    x: &[f32],
+    a: &[E],
+    b: &[E],
+    out: &mut [f32],
+    fma: bool,
+    prefetch: &impl Fn(*const u8),
+) {
+    let d = x.len();
+    // Rows of `PANEL` weights in groups of `U`: every index below is fixed at compile time.
+    let (ga, ta) = a.as_chunks::<PANEL>().0[..d].as_chunks::<U>();
+    let (gb, tb) = b.as_chunks::<PANEL>().0[..d].as_chunks::<U>();
+    let (gx, tx) = x.as_chunks::<U>();
+    let lines = (U * PANEL * size_of::<E>()).div_ceil(64);
     let mut acc_a = [[0f32; PANEL]; U];
     let mut acc_b = [[0f32; PANEL]; U];
-    let (mut ra, mut rb) = (a.chunks_exact(U * PANEL), b.chunks_exact(U * PANEL));
-    let mut xs = x.chunks_exact(U);
-    for ((ra, rb), xv) in (&mut ra).zip(&mut rb).zip(&mut xs) {
+    for ((wa, wb), xv) in ga.iter().zip(gb).zip(gx) {
+        for r in [wa.as_ptr().cast::<u8>(), wb.as_ptr().cast::<u8>()] {
+            for l in 0..lines {
+                prefetch(r.wrapping_add(PREFETCH + 64 * l));
+            }
+        }
         for u in 0..U {
-            for (acc, r) in [(&mut acc_a[u], ra), (&mut acc_b[u], rb)] {
-                for i in 0..PANEL {
-                    let w = r[u * PANEL + i].widen();
-                    acc[i] = if fma {
-                        xv[u].mul_add(w, acc[i])
-                    } else {
-                        acc[i] + xv[u] * w
-                    };
-                }
+            for i in 0..PANEL {
+                let w = wa[u][i].widen();
+                acc_a[u][i] = if fma {
+                    xv[u].mul_add(w, acc_a[u][i])
+                } else {
+                    acc_a[u][i] + xv[u] * w
+                };
+            }
+            for i in 0..PANEL {
+                let w = wb[u][i].widen();
+                acc_b[u][i] = if fma {
+                    xv[u].mul_add(w, acc_b[u][i])
+                } else {
+                    acc_b[u][i] + xv[u] * w
+                };
             }
         }
     }
-    for ((ra, rb), &xv) in ra
-        .remainder()
-        .chunks_exact(PANEL)
-        .zip(rb.remainder().chunks_exact(PANEL))
-        .zip(xs.remainder())
-    {
+    for ((wa, wb), &xv) in ta.iter().zip(tb).zip(tx) {
         for i in 0..PANEL {
-            let (wa, wb) = (ra[i].widen(), rb[i].widen());
+            let (va, vb) = (wa[i].widen(), wb[i].widen());
             if fma {
-                acc_a[0][i] = xv.mul_add(wa, acc_a[0][i]);
-                acc_b[0][i] = xv.mul_add(wb, acc_b[0][i]);
+                acc_a[0][i] = xv.mul_add(va, acc_a[0][i]);
+                acc_b[0][i] = xv.mul_add(vb, acc_b[0][i]);
             } else {
-                acc_a[0][i] += xv * wa;
-                acc_b[0][i] += xv * wb;
+                acc_a[0][i] += xv * va;
+                acc_b[0][i] += xv * vb;
             }
         }
     }
     // Summed with constant indices (indexing the accumulators by a run-time column would keep
-    // them in memory through the loop above).
+    // them in memory through the loops above).
     let mut sum = [0f32; 2 * PANEL];
     for i in 0..PANEL {
         sum[i] = acc_a.iter().map(|a| a[i]).sum();
@@ -574,69 +596,54 @@ mod tests {
 
     #[test]
     fn panel_matmul_matches_a_float64_reference() {
+        panels_match_a_float64_reference(|v| v);
+        panels_match_a_float64_reference(half::f16::from_f32);
+        panels_match_a_float64_reference(half::bf16::from_f32);
+    }
+
+    /// The weights rounded to `E` and packed; the reference takes the rounded values.
+    fn panels_match_a_float64_reference<E: Widen>(to: impl Fn(f32) -> E) {
         // Depths with and without a remainder of the 4-row unroll, widths with a partial last
         // panel and with panel pairs (full, partial, an odd panel after), batches that use every
         // token block.
         for d in [1, 3, 37, 64] {
             for m in [1, 31, 32, 50, 64, 75] {
-                let w: Vec<f32> = (0..d * m)
-                    .map(|i| ((i * 53 % 89) as f32 - 44.0) / 23.0)
+                let w: Vec<E> = (0..d * m)
+                    .map(|i| to(((i * 53 % 89) as f32 - 44.0) / 23.0))
                     .collect();
                 let packed = pack_panels(d, m, |i| w[i]);
                 for n in [1, 2, 3, 4, 7, 8, 9, 19] {
                     let x: Vec<f32> = (0..n * d)
                         .map(|i| ((i * 31 % 97) as f32 - 48.0) / 17.0)
                         .collect();
+                    let mut outs = Vec::new();
                     let mut out = vec![f32::NAN; n * m];
                     panel_matmul(&x, n, d, &packed, m, &mut out);
-                    // Every blocking, whatever this machine dispatches to.
-                    let mut narrow = vec![f32::NAN; n * m];
-                    panel_body(
-                        &x,
-                        n,
-                        d,
-                        &packed,
-                        m,
-                        &mut narrow,
-                        false,
-                        false,
-                        false,
-                        &|_| {},
-                    );
-                    let mut wide = vec![f32::NAN; n * m];
-                    panel_body(&x, n, d, &packed, m, &mut wide, true, true, false, &|_| {});
-                    // The same with the weights taken as cached (a lone token reads panel pairs).
-                    let mut narrow_c = vec![f32::NAN; n * m];
-                    panel_body(
-                        &x,
-                        n,
-                        d,
-                        &packed,
-                        m,
-                        &mut narrow_c,
-                        false,
-                        false,
-                        true,
-                        &|_| {},
-                    );
-                    let mut wide_c = vec![f32::NAN; n * m];
-                    panel_body(&x, n, d, &packed, m, &mut wide_c, true, true, true, &|_| {});
+                    outs.push(("dispatched", out));
+                    // Every blocking, whatever this machine dispatches to, with the weights taken
+                    // as streamed and as cached (a lone token reads panel pairs either way when
+                    // it is alone, after the blocks only when cached).
+                    for (name, wide, fma, cached) in [
+                        ("narrow", false, false, false),
+                        ("wide", true, true, false),
+                        ("narrow, cached", false, false, true),
+                        ("wide, cached", true, true, true),
+                    ] {
+                        let mut out = vec![f32::NAN; n * m];
+                        panel_body(&x, n, d, &packed, m, &mut out, wide, fma, cached, &|_| {});
+                        outs.push((name, out));
+                    }
                     for t in 0..n {
                         for j in 0..m {
-                            let terms =
-                                (0..d).map(|k| f64::from(x[t * d + k]) * f64::from(w[k * m + j]));
+                            let terms = (0..d)
+                                .map(|k| f64::from(x[t * d + k]) * f64::from(w[k * m + j].widen()));
                             let r: f64 = terms.clone().sum();
                             let scale: f64 = terms.map(f64::abs).sum();
-                            for (name, o) in [
-                                ("dispatched", &out),
-                                ("narrow", &narrow),
-                                ("wide", &wide),
-                                ("narrow, cached", &narrow_c),
-                                ("wide, cached", &wide_c),
-                            ] {
+                            for (name, o) in &outs {
                                 assert!(
                                     (f64::from(o[t * m + j]) - r).abs() <= 1e-6 * scale,
-                                    "{name} d={d} m={m} n={n} t={t} j={j}"
+                                    "{} {name} d={d} m={m} n={n} t={t} j={j}",
+                                    std::any::type_name::<E>()
                                 );
                             }
                         }
