@@ -17,11 +17,18 @@ pub const PANEL: usize = 32;
 
 /// An element type a packed encoder stores its weights in, widened to f32 in registers.
 pub trait Widen: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// Whether a lone token reads panels streamed from memory two at a time (see [`CACHED`]):
+    /// faster for f32 and bf16 weights, slower for f16 (2.04 against 2.23 ms for 2304 × 16384 in
+    /// five alternating runs), whose widening takes three more instructions per vector.
+    const STREAM_PAIRS: bool;
+
     /// The value as f32, exactly.
     fn widen(self) -> f32;
 }
 
 impl Widen for f32 {
+    const STREAM_PAIRS: bool = true;
+
     #[inline(always)]
     fn widen(self) -> f32 {
         self
@@ -29,6 +36,8 @@ impl Widen for f32 {
 }
 
 impl Widen for half::bf16 {
+    const STREAM_PAIRS: bool = true;
+
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
@@ -39,6 +48,8 @@ impl Widen for half::bf16 {
 const F16_RESCALE: f32 = f32::from_bits((127 + 112) << 23);
 
 impl Widen for half::f16 {
+    const STREAM_PAIRS: bool = false;
+
     /// Integer shifts and one exact multiplication, which vectorise on every target (F16C would
     /// need intrinsics, and this is not the bottleneck: the loads are). Sign-extending puts the
     /// sign in bit 31; shifting by 13 puts the exponent and mantissa in float32's places (the
@@ -126,7 +137,8 @@ const PREFETCH: usize = 16 << 10;
 /// A lone token (batch 1, or the odd one of a batch of cached weights) reads two panels at once:
 /// two streams read faster than one, from L2 (2304 × 64 f32: 2.6 against 3.4 µs, Zen 5) and from
 /// memory (2304 × 16384 f32, prefetching both streams: 3.48 to 3.69 ms against 3.53 to 4.19 ms
-/// over six alternating runs of `compare rust --quick`).
+/// over six alternating runs of `compare rust --quick`; f16 from memory excepted, see
+/// [`Widen::STREAM_PAIRS`]).
 const CACHED: usize = 2 << 20;
 
 /// The body of [`panel_matmul`] for one instruction set (`wide`: 32 vector registers; `fma`:
@@ -148,9 +160,13 @@ fn panel_body<E: Widen>(
 ) {
     let panels = m.div_ceil(PANEL);
     // The blocks of tokens leave at most one token. It reads the panels in pairs after the blocks
-    // (below) when the weights are cached or there are no blocks; otherwise each panel right after
-    // its blocks, while the panel is still in cache.
-    let lone = if cached || n == 1 { n % 2 } else { 0 };
+    // (below) when the weights are cached, or when it is alone and its type reads streamed pairs
+    // faster; otherwise each panel right after its blocks, while the panel is still in cache.
+    let lone = if cached || (n == 1 && E::STREAM_PAIRS) {
+        n % 2
+    } else {
+        0
+    };
     for (p, panel) in w.chunks_exact(d * PANEL).take(panels).enumerate() {
         let col = p * PANEL;
         let width = PANEL.min(m - col);
