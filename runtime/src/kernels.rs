@@ -17,9 +17,10 @@ pub const PANEL: usize = 32;
 
 /// An element type a packed encoder stores its weights in, widened to f32 in registers.
 pub trait Widen: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
-    /// Whether a lone token reads panels streamed from memory two at a time (see [`CACHED`]):
-    /// faster for f32 and bf16 weights, slower for f16 (2.04 against 2.23 ms for 2304 × 16384 in
-    /// five alternating runs), whose widening takes three more instructions per vector.
+    /// Whether a lone token reads panels streamed from memory two at a time (see [`CACHED`]): f32
+    /// only. For 2304 × 16384 at batch 1, alternating runs: f16 one stream 2.04 ms, two 2.23 ms
+    /// (caches flushed before each call); bf16 one stream 2.07 ms, two 1.97 ms with the caches
+    /// flushed, but 1.49 to 1.58 ms against 1.65 to 1.74 ms warm (`--bench full_encode`).
     const STREAM_PAIRS: bool;
 
     /// The value as f32, exactly.
@@ -36,7 +37,7 @@ impl Widen for f32 {
 }
 
 impl Widen for half::bf16 {
-    const STREAM_PAIRS: bool = true;
+    const STREAM_PAIRS: bool = false;
 
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -137,7 +138,7 @@ const PREFETCH: usize = 16 << 10;
 /// A lone token (batch 1, or the odd one of a batch of cached weights) reads two panels at once:
 /// two streams read faster than one, from L2 (2304 × 64 f32: 2.6 against 3.4 µs, Zen 5) and from
 /// memory (2304 × 16384 f32, prefetching both streams: 3.48 to 3.69 ms against 3.53 to 4.19 ms
-/// over six alternating runs of `compare rust --quick`; f16 from memory excepted, see
+/// over six alternating runs of `compare rust --quick`; half widths from memory excepted, see
 /// [`Widen::STREAM_PAIRS`]).
 const CACHED: usize = 2 << 20;
 
