@@ -251,35 +251,13 @@ fn pgemv_pair<E: Widen, const U: usize>(
             }
         }
         for u in 0..U {
-            for i in 0..PANEL {
-                let w = wa[u][i].widen();
-                acc_a[u][i] = if fma {
-                    xv[u].mul_add(w, acc_a[u][i])
-                } else {
-                    acc_a[u][i] + xv[u] * w
-                };
-            }
-            for i in 0..PANEL {
-                let w = wb[u][i].widen();
-                acc_b[u][i] = if fma {
-                    xv[u].mul_add(w, acc_b[u][i])
-                } else {
-                    acc_b[u][i] + xv[u] * w
-                };
-            }
+            madd_row(&mut acc_a[u], xv[u], &wa[u], fma);
+            madd_row(&mut acc_b[u], xv[u], &wb[u], fma);
         }
     }
     for ((wa, wb), &xv) in ta.iter().zip(tb).zip(tx) {
-        for i in 0..PANEL {
-            let (va, vb) = (wa[i].widen(), wb[i].widen());
-            if fma {
-                acc_a[0][i] = xv.mul_add(va, acc_a[0][i]);
-                acc_b[0][i] = xv.mul_add(vb, acc_b[0][i]);
-            } else {
-                acc_a[0][i] += xv * va;
-                acc_b[0][i] += xv * vb;
-            }
-        }
+        madd_row(&mut acc_a[0], xv, wa, fma);
+        madd_row(&mut acc_b[0], xv, wb, fma);
     }
     // Summed with constant indices (indexing the accumulators by a run-time column would keep
     // them in memory through the loops above).
@@ -290,6 +268,19 @@ fn pgemv_pair<E: Widen, const U: usize>(
     }
     for (o, v) in out.iter_mut().zip(&sum) {
         *o = *v;
+    }
+}
+
+/// `acc += x·w` for one row of a panel, the weights widened in registers.
+#[inline(always)]
+fn madd_row<E: Widen>(acc: &mut [f32; PANEL], x: f32, w: &[E; PANEL], fma: bool) {
+    for i in 0..PANEL {
+        let w = w[i].widen();
+        acc[i] = if fma {
+            x.mul_add(w, acc[i])
+        } else {
+            acc[i] + x * w
+        };
     }
 }
 
