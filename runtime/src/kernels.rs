@@ -629,8 +629,8 @@ mod tests {
                     panel_matmul(&x, n, d, &packed, m, &mut out);
                     outs.push(("dispatched", out));
                     // Every blocking, whatever this machine dispatches to, with the weights taken
-                    // as streamed and as cached (a lone token reads panel pairs either way when
-                    // it is alone, after the blocks only when cached).
+                    // as streamed and as cached (a lone token reads panel pairs when they are
+                    // cached, or at batch 1 when they are streamed f32).
                     for (name, wide, fma, cached) in [
                         ("narrow", false, false, false),
                         ("wide", true, true, false),

@@ -1777,7 +1777,6 @@ fn measure_fvu(rt: &Runtime, d: &DictState, x: ArrayView2<'_, f32>, finite: &[bo
     }
 }
 
-/// Metrics, request statistics and monitors for dictionary `di`'s activations.
 /// The largest of `row[p]` for `p` in `positions` (NaN skipped; -inf when there is none), in
 /// four independent lanes: one chain of comparisons through 64 gathered values was 0.1 µs of a
 /// batch-1 hook.
@@ -1801,6 +1800,7 @@ fn max_at(row: &[f32], positions: &[usize]) -> f32 {
     lanes.into_iter().fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// Metrics, request statistics and monitors for dictionary `di`'s activations.
 fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) {
     let d = &state.dicts[di];
     // The step buffer's per-feature counts, for the state in force (rebuilt after a reload).
