@@ -296,34 +296,20 @@ fn pgemv<E: Widen, const U: usize>(
     prefetch: &impl Fn(*const u8),
 ) {
     let mut acc = [[0f32; PANEL]; U];
-    let mut rows = panel.chunks_exact(U * PANEL);
-    let mut xs = x.chunks_exact(U);
+    let (rows, rest) = panel.as_chunks::<PANEL>().0[..x.len()].as_chunks::<U>();
+    let (xs, xrest) = x.as_chunks::<U>();
     let lines = (U * PANEL * size_of::<E>()).div_ceil(64);
-    for (r, xv) in (&mut rows).zip(&mut xs) {
+    for (r, xv) in rows.iter().zip(xs) {
         let ahead = r.as_ptr().cast::<u8>().wrapping_add(PREFETCH);
         for l in 0..lines {
             prefetch(ahead.wrapping_add(64 * l));
         }
         for u in 0..U {
-            for i in 0..PANEL {
-                let w = r[u * PANEL + i].widen();
-                acc[u][i] = if fma {
-                    xv[u].mul_add(w, acc[u][i])
-                } else {
-                    acc[u][i] + xv[u] * w
-                };
-            }
+            madd_row(&mut acc[u], xv[u], &r[u], fma);
         }
     }
-    for (r, xv) in rows.remainder().chunks_exact(PANEL).zip(xs.remainder()) {
-        for i in 0..PANEL {
-            let w = r[i].widen();
-            acc[0][i] = if fma {
-                xv.mul_add(w, acc[0][i])
-            } else {
-                acc[0][i] + xv * w
-            };
-        }
+    for (r, &xv) in rest.iter().zip(xrest) {
+        madd_row(&mut acc[0], xv, r, fma);
     }
     for (i, o) in out.iter_mut().enumerate() {
         *o = acc.iter().map(|a| a[i]).sum();
@@ -360,26 +346,10 @@ fn pblock<E: Widen, const TB: usize>(
             prefetch(ahead.wrapping_add(64 * l));
         }
         for a in 0..TB.min(4) {
-            let xv = xs[a][k];
-            for i in 0..PANEL {
-                let w = r[i].widen();
-                lo[a][i] = if fma {
-                    xv.mul_add(w, lo[a][i])
-                } else {
-                    lo[a][i] + xv * w
-                };
-            }
+            madd_row(&mut lo[a], xs[a][k], r, fma);
         }
         for a in 4..TB {
-            let xv = xs[a][k];
-            for i in 0..PANEL {
-                let w = r[i].widen();
-                hi[a - 4][i] = if fma {
-                    xv.mul_add(w, hi[a - 4][i])
-                } else {
-                    hi[a - 4][i] + xv * w
-                };
-            }
+            madd_row(&mut hi[a - 4], xs[a][k], r, fma);
         }
     }
     let acc: [[f32; PANEL]; TB] = std::array::from_fn(|a| if a < 4 { lo[a] } else { hi[a - 4] });
