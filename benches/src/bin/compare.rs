@@ -535,12 +535,13 @@ fn rust(quick: bool) -> Result<()> {
                     Ok(())
                 },
             )?;
+            let bytes = size_of_val(same_bytes.as_slice()) as f64;
             limit(
                 "paired_read_gbps",
-                size_of_val(same_bytes.as_slice()) as f64 / (us * 1e-6) / 1e9,
+                bytes / (us * 1e-6) / 1e9,
                 &format!(
                     "Rust, a {streams}-stream sum over {:.0} MB timed as the f32 full encode is, right after it, median",
-                    size_of_val(same_bytes.as_slice()) as f64 / 1e6
+                    bytes / 1e6
                 ),
             );
         }
