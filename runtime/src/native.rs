@@ -258,16 +258,29 @@ impl SlicedEncoder {
         }))
     }
 
+    /// Whether [`Self::encode`] multiplies `x` as it is, with no normalised copy first (no input
+    /// normalisation; a `b_dec` subtracted from the input is folded into the bias).
+    pub fn reads_input_as_is(&self) -> bool {
+        self.norm == InputNorm::None && self.b_dec_in.is_none()
+    }
+
     /// Encodes `x` (`[n, d_in]` row-major) into `out` (`[n, width]`, row-major), using `scratch`.
-    /// Rows where `finite` is false give unspecified values: the caller skips them.
-    pub fn encode(&self, x: &[f32], finite: &[bool], scratch: &mut Vec<f32>, out: &mut [f32]) {
-        let n = finite.len();
+    /// Rows where `finite` is false, or that are not finite when it is `None`, give unspecified
+    /// values: the caller skips them.
+    pub fn encode(
+        &self,
+        x: &[f32],
+        n: usize,
+        finite: Option<&[bool]>,
+        scratch: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
         let x = &x[..n * self.d_in];
-        let xs: &[f32] = if self.norm == InputNorm::None && self.b_dec_in.is_none() {
+        let xs: &[f32] = if self.reads_input_as_is() {
             x
         } else {
             let b = self.b_dec_in.as_ref().and_then(|b| b.as_slice());
-            prepare(self.norm, b, self.d_in, x, Some(finite), scratch);
+            prepare(self.norm, b, self.d_in, x, finite, scratch);
             scratch
         };
         panel_matmul(xs, n, self.d_in, &self.w, self.m, out);

@@ -1480,25 +1480,25 @@ fn process(
     let n = sc.tokens.len();
     sc.finite.clear();
     sc.bound.clear();
-    for r in x.chunks_exact(width.max(1)) {
-        let (m, finite) = crate::kernels::row_stats(r);
-        sc.finite.push(finite);
-        sc.bound.push(m);
-    }
-    let bad = sc.finite.iter().filter(|f| !**f).count();
-    if bad > 0 {
-        plan.metrics.nonfinite.inc_by(bad as u64);
-    }
-    plan.metrics.tokens.inc_by(n as u64);
-
     sc.edited.clear();
     sc.edited.resize(n, false);
     for &(di, layer) in &plan.reads {
         let d = &state.dicts[di];
         let layers = d.hooks_in.len();
         if layers == 1 {
-            encode(rt, state, sc, di, width, x)?;
+            let sample = sample_now(rt, state, di, n);
+            // The sliced encoder reads the activations as they are, so their statistics can wait
+            // until after the encode: activations just copied from a GPU come from memory, and
+            // that first read then overlaps the encode's arithmetic instead of preceding it; the
+            // statistics then find them in cache.
+            if sample || !reads_input_as_is(state, sc, di) {
+                input_stats(plan, sc, width, x);
+            }
+            let r = encode(rt, state, sc, di, width, x, sample);
+            input_stats(plan, sc, width, x);
+            r?;
         } else {
+            input_stats(plan, sc, width, x);
             // A crosscoder: keep each layer's rows until the last layer arrives, then encode all.
             let p = &mut sc.pending[di];
             let row = layers * width;
@@ -1524,7 +1524,7 @@ fn process(
             for t in 0..n {
                 sc.finite[t] &= sc.pending[di].stash_finite[t];
             }
-            let r = encode(rt, state, sc, di, row, &stash);
+            let r = encode(rt, state, sc, di, row, &stash, sample_now(rt, state, di, n));
             sc.pending[di].stash = stash;
             sc.pending[di].stash.clear();
             r?;
@@ -1534,6 +1534,8 @@ fn process(
             run_policies(rt, state, sc, di, result);
         }
     }
+    // A hook whose rules only write.
+    input_stats(plan, sc, width, x);
     for &di in &plan.writes {
         if !sc.pending[di].valid {
             continue;
@@ -1544,6 +1546,54 @@ fn process(
         edit(sc, name, width, None, x);
     }
     Ok(())
+}
+
+/// Each token's largest magnitude and whether all its values are finite, with the hook's token
+/// counts: taken once per hook call, by the first call of this function in it.
+fn input_stats(plan: &HookPlan, sc: &mut Scratch, width: usize, x: &[f32]) {
+    let n = sc.tokens.len();
+    if sc.finite.len() == n {
+        return;
+    }
+    for r in x.chunks_exact(width.max(1)).take(n) {
+        let (m, finite) = crate::kernels::row_stats(r);
+        sc.finite.push(finite);
+        sc.bound.push(m);
+    }
+    let bad = sc.finite.iter().filter(|f| !**f).count();
+    if bad > 0 {
+        plan.metrics.nonfinite.inc_by(bad as u64);
+    }
+    plan.metrics.tokens.inc_by(n as u64);
+}
+
+/// Whether this call samples dictionary `di`'s reconstruction error: when it crosses a multiple
+/// of `sample_every` tokens.
+fn sample_now(rt: &Runtime, state: &State, di: usize, n: usize) -> bool {
+    state.sample_every > 0 && state.dicts[di].meta.has_decoder() && {
+        let c = rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
+        let every = state.sample_every;
+        c.checked_div(every) != (c + n as u64).checked_div(every)
+    }
+}
+
+/// Whether a request of this step has a rule on a feature of dictionary `di` outside its slice,
+/// which makes the full dictionary run.
+fn needs_full(sc: &Scratch, di: usize) -> bool {
+    sc.rules
+        .iter()
+        .flat_map(|rs| rs.iter())
+        .any(|r| r.dictionary == Some(di) && r.position.is_none())
+}
+
+/// Whether [`encode`] runs dictionary `di` on its sliced encoder reading the activations as they
+/// are (no normalised copy first), so that it needs no statistics of them.
+fn reads_input_as_is(state: &State, sc: &Scratch, di: usize) -> bool {
+    state.dicts[di]
+        .sliced
+        .as_ref()
+        .is_some_and(|s| s.reads_input_as_is())
+        && !needs_full(sc, di)
 }
 
 /// Applies the rules that write hook `name` through dictionary `di` (or, with `None`, the raw
@@ -1644,22 +1694,13 @@ fn encode(
     di: usize,
     width: usize,
     xs: &[f32],
+    sample: bool,
 ) -> Result<()> {
     let d = &state.dicts[di];
     let n = sc.tokens.len();
     let m = d.features.len();
     // A request's own rules may name features outside the slice: then the full dictionary runs.
-    let needs_full = sc
-        .rules
-        .iter()
-        .flat_map(|rs| rs.iter())
-        .any(|r| r.dictionary == Some(di) && r.position.is_none());
-    let sample = state.sample_every > 0 && d.meta.has_decoder() && {
-        // Sample when this call crosses a multiple of `sample_every` tokens.
-        let c = rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
-        let every = state.sample_every;
-        c.checked_div(every) != (c + n as u64).checked_div(every)
-    };
+    let needs_full = needs_full(sc, di);
     let native = d.sliced.as_ref().filter(|_| !needs_full);
     let full_native = d.dict.native();
     let ort = native.is_none() && (m > 0 || needs_full) && full_native.is_none();
@@ -1689,7 +1730,11 @@ fn encode(
         measure_fvu(rt, d, x()?, &sc.finite);
     }
     match (native, full_native) {
-        (Some(s), _) => s.encode(xs, &sc.finite, &mut sc.enc_scratch, &mut p.named),
+        (Some(s), _) => {
+            // No statistics yet when it reads the input as it is (see `process`).
+            let finite = (sc.finite.len() == n).then_some(&sc.finite[..]);
+            s.encode(xs, n, finite, &mut sc.enc_scratch, &mut p.named);
+        }
         (None, _) if m == 0 && !needs_full => {}
         (None, Some(fe)) => {
             // Every feature natively, into last time's storage (no allocation at a steady batch

@@ -1004,6 +1004,37 @@ fn non_finite_tokens_are_left_alone_and_counted() {
         x.iter().filter(|v| !v.is_finite()).count() == 2,
         "no edit created a non-finite value"
     );
+    // One token a step (its statistics are taken after the sliced encode has read it): the
+    // non-finite one left alone, the finite one steered as in the batch.
+    let mut lone = original.select(ndarray::Axis(0), &[2, 3]);
+    let copy = lone.clone();
+    for t in 0..2 {
+        let mut step = rt.step(&tokens[..1]).unwrap();
+        step.hook(
+            "layer.3",
+            ActivationsMut::F32(lone.row_mut(t).into_slice().unwrap()),
+        )
+        .unwrap();
+        step.finish();
+    }
+    for j in 0..D {
+        assert_eq!(lone[[0, j]].to_bits(), copy[[0, j]].to_bits());
+    }
+    let mut want = original.row(3).mapv(f64::from).to_vec();
+    edit(
+        &mut want,
+        fa[[1, 3]],
+        &sw.w_dec.row(3).to_vec(),
+        "clamp",
+        2.5,
+    );
+    assert!(rel(lone.row(1).as_slice().unwrap(), &want) < TOL);
+    let text = rt.metrics_text();
+    assert!(text.contains("tiller_nonfinite_tokens_total{hook=\"layer.3\"} 3"));
+    assert!(
+        text.contains("tiller_tokens_total{hook=\"layer.3\"} 6"),
+        "each token counted once"
+    );
 }
 
 #[test]
