@@ -11,7 +11,9 @@ It times, in this process and on the same dictionary:
   - ctypes:  the three C calls through ctypes with arguments (the address too) made ahead of
              time: the cost of crossing into C from Python, with no checks;
   - binding: `with rt.step([(1, "generated")]) as s: s.hook("h", x)`, the public API;
-  - binding (arrays): the same with `rt.step(ids, phases)` from NumPy arrays.
+  - binding (arrays): the same with `rt.step(ids, phases)` from NumPy arrays;
+  - binding, one call: `rt.run_step([(1, "generated")], "h", x)`, the whole step in one call
+             into the library (`tiller_step_run`).
 The overhead is binding − C. `--cargo-bench` also runs the criterion bench
 (`cargo bench -p tiller-benches --bench hook -- tiller/1`) and prints its figure.
 
@@ -240,6 +242,9 @@ def main() -> None:
         with rt.step(ids, phases) as s:
             s.hook("h", buf)
 
+    def binding_run(buf):
+        rt.run_step(tokens, "h", buf)
+
     lib = _lib.lib()
     h = rt._h
     c_ids, c_ph = (ctypes.c_uint64 * 1)(1), (ctypes.c_uint8 * 1)(1)
@@ -257,10 +262,10 @@ def main() -> None:
     def address(v):
         return v.ctypes.data
 
-    for fn, prep in ((binding, None), (binding_arrays, None), (raw, address)):  # warm up
+    for fn, prep in ((binding, None), (binding_arrays, None), (binding_run, None), (raw, address)):  # warm up
         rounds(fn, x, 200, 2, prep)
     # Interleave the rounds so that drifting load hits every variant alike.
-    per = {k: [] for k in ("c", "binding", "binding_arrays", "ctypes")}
+    per = {k: [] for k in ("c", "binding", "binding_arrays", "binding_run", "ctypes")}
     with tempfile.TemporaryDirectory() as work:
         c_round = c_host(cfg, x, a.calls, Path(work))
         for _ in range(a.repeats):
@@ -268,6 +273,7 @@ def main() -> None:
                 per["c"].append(c_round())
             per["binding"].append(rounds(binding, x, a.calls, 1))
             per["binding_arrays"].append(rounds(binding_arrays, x, a.calls, 1))
+            per["binding_run"].append(rounds(binding_run, x, a.calls, 1))
             per["ctypes"].append(rounds(raw, x, a.calls, 1, address))
     res = {k: statistics.median(v) if v else None for k, v in per.items()}
     c_us = res["c"]
@@ -279,13 +285,14 @@ def main() -> None:
         ("ctypes: the 3 calls, arguments prepared", res["ctypes"]),
         ('binding: rt.step([(1, "generated")]) + hook', res["binding"]),
         ("binding: rt.step(ids, phases) + hook", res["binding_arrays"]),
+        ('binding, one call: rt.run_step(tokens, "h", x)', res["binding_run"]),
     ]
     for label, us in rows:
         print(f"  {label:46s} {us:8.2f}" if us is not None else f"  {label:46s} (no C compiler)")
     if c_us is not None:
         print(f"\n  binding overhead over C: {res['binding'] - c_us:.2f} µs per call "
               f"(ctypes alone {res['ctypes'] - c_us:.2f}, the binding's checks and conversions "
-              f"{res['binding'] - res['ctypes']:.2f})")
+              f"{res['binding'] - res['ctypes']:.2f}); one call: {res['binding_run'] - c_us:.2f} µs")
     if a.cargo_bench:
         print(f"\n  criterion, Rust API (cargo bench -p tiller-benches --bench hook -- tiller/1): {cargo_bench()} per call")
     rt.end_request(1)

@@ -143,6 +143,9 @@ def main() -> None:
             with rt.step(ids, phases) as s:
                 s.hook("h", buf)
 
+        def binding_run(buf):
+            rt.run_step(ids, "h", buf, phases=phases)
+
         def ort_step(buf):
             acts = sliced.run(["acts"], {"x": buf})[0]
             mon_ort.update(acts)
@@ -157,7 +160,7 @@ def main() -> None:
 
         # The three agree (same edits, float32 rounding apart).
         outs = []
-        for fn in (binding, ort_step, numpy_step):
+        for fn in (binding, binding_run, ort_step, numpy_step):
             buf = x[:batch].copy()
             fn(buf)
             outs.append(buf)
@@ -166,7 +169,8 @@ def main() -> None:
         if not err <= 1e-4 * scale:
             sys.exit(f"batch {batch}: the implementations disagree (max abs difference {err:.3g})")
 
-        fns = {"tiller_python": binding, "ort_python": ort_step, "numpy": numpy_step}
+        fns = {"tiller_python": binding, "tiller_python_run": binding_run, "ort_python": ort_step,
+               "numpy": numpy_step}
         per = {k: [] for k in fns}
         log(f"sliced step at batch {batch}: {rounds} rounds of {calls} calls each, interleaved")
         for r in range(rounds + 1):

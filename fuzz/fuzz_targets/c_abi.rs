@@ -162,6 +162,33 @@ fuzz_target!(|data: &[u8]| {
         let s = unsafe { tiller_step_close(step, stops.as_mut_ptr(), cap, &mut n_stop) };
         assert_ne!(s, tiller_status::TILLER_PANIC);
     }
+    // The same tokens as one call (its token count is also the data's), the width and dtype from
+    // the knobs.
+    let width = (knobs[3] as usize).max(1);
+    let mut buf: Vec<f32> = (0..n * width)
+        .map(|i| f32::from(acts.get(i % acts.len().max(1)).copied().unwrap_or(0) as i8) / 8.0)
+        .collect();
+    let cap = usize::from(knobs[1] & 3);
+    let mut stops = vec![0u64; cap];
+    let mut n_stop = 0usize;
+    // SAFETY: `ids`, `phases` hold `n` elements and `buf` `n × width` f32s (twice that many 16-bit
+    // values); `stops` holds `cap`.
+    let s = unsafe {
+        tiller_step_run(
+            rt,
+            ids.as_ptr(),
+            phases.as_ptr(),
+            n,
+            c"model.layers.0".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            u32::from(knobs[2] >> 6),
+            width,
+            stops.as_mut_ptr(),
+            cap,
+            &mut n_stop,
+        )
+    };
+    assert_ne!(s, tiller_status::TILLER_PANIC);
     let len = usize::from(knobs[0]);
     let mut summary = vec![0 as c_char; len];
     let mut needed = 0usize;

@@ -241,6 +241,29 @@ tiller_status tiller_step_close(tiller_step *step,
                                 size_t stop_cap,
                                 size_t *n_stop);
 
+// One whole step with a single hook, in one call: [`tiller_step_open`], [`tiller_step_hook`] and
+// [`tiller_step_close`], for hosts with one hook per forward pass (from Python, one crossing
+// instead of three). The arguments are those of the three calls, with the same checks and the
+// same results. When any part fails, the step is dropped unclosed (as [`tiller_step_free`]
+// drops it) and nothing is written to `stop_ids` or `n_stop`. Thread-safe.
+//
+// # Safety
+// As for the three calls: `rt` is a live handle; `request_ids` and `phases` are valid for
+// `n_tokens` elements; `hook` is a NUL-terminated string; `data` is valid for reads and writes of
+// `n_tokens × width` elements of `dtype`, suitably aligned, and not accessed by others during the
+// call; `stop_ids` is NULL or valid for `stop_cap` elements; `n_stop` is NULL or writable.
+tiller_status tiller_step_run(const tiller_runtime *rt,
+                              const uint64_t *request_ids,
+                              const uint8_t *phases,
+                              size_t n_tokens,
+                              const char *hook,
+                              void *data,
+                              uint32_t dtype,
+                              size_t width,
+                              uint64_t *stop_ids,
+                              size_t stop_cap,
+                              size_t *n_stop);
+
 // Frees a step without closing it (its events are dropped). NULL is ignored.
 //
 // # Safety

@@ -69,6 +69,11 @@ def _declare(lib: ctypes.CDLL) -> None:
             [c_void_p, c_char_p, c_void_p, c_uint32, c_size_t, c_size_t, c_void_p],
         ),
         "tiller_step_close": (status, [c_void_p, c_void_p, c_size_t, c_void_p]),
+        "tiller_step_run": (
+            status,
+            [c_void_p, c_void_p, c_void_p, c_size_t, c_char_p, c_void_p, c_uint32, c_size_t,
+             c_void_p, c_size_t, c_void_p],
+        ),
         "tiller_step_free": (None, [c_void_p]),
         "tiller_metrics_text": (status, [c_void_p] + buf_args),
     }

@@ -700,6 +700,11 @@ static void test_requests(const tiller_runtime *rt) {
   uint8_t bad_phase[2] = {TILLER_PROMPT, 2};
   EXPECT(tiller_step_open(rt, ids, bad_phase, 2, &s), TILLER_INVALID_ARGUMENT);
   EXPECT_ERROR_HAS("phases[1] = 2");
+  /* A count no array can hold is refused before any slice is made over the arrays. */
+  EXPECT(tiller_step_open(rt, ids, ph, SIZE_MAX, &s), TILLER_INVALID_ARGUMENT);
+  EXPECT_ERROR_HAS("n_tokens");
+  EXPECT(tiller_step_run(rt, ids, ph, SIZE_MAX / 4, HOOK, ids, TILLER_F32, 0, NULL, 0, NULL),
+         TILLER_INVALID_ARGUMENT);
   /* An empty step: NULL arrays are fine with 0 tokens. */
   s = open_step(rt, NULL, NULL, 0, __LINE__);
   if (s) {
@@ -771,6 +776,140 @@ static void test_steering(const tiller_runtime *rt) {
     hook_f32(s, ids, ph, 1, x, __LINE__, &hook_tokens);
     tiller_step_free(s);
   }
+}
+
+/* tiller_step_run: open, hook and close in one call, checked as hook_f32 and close_step check
+ * the three calls. */
+static void run_f32(const tiller_runtime *rt, const uint64_t *ids, const uint8_t *ph, size_t n,
+                    float *x, int line) {
+  float before[MAX_TOKENS * 64];
+  double want[64], scale;
+  uint64_t stop[MAX_TOKENS];
+  size_t n_stop = 12345;
+  memcpy(before, x, n * D * sizeof(float));
+  n_want_stop = 0;
+  if (!expect_at(line, "tiller_step_run",
+                 tiller_step_run(rt, ids, ph, n, HOOK, x, TILLER_F32, D, stop, MAX_TOKENS, &n_stop),
+                 TILLER_OK))
+    return;
+  CHECK(last_error()[0] == 0, "last error after a success is \"%s\"", last_error());
+  hook_tokens += n;
+  for (size_t t = 0; t < n; t++) {
+    int applied = reference_row(before + t * D, ids[t], ph[t], want, 1);
+    double err = row_error(want, x + t * D, &scale);
+    CHECK(err <= TOL_F32, "run at line %d, token %zu (request %llu): relative error %.3g > %g",
+          line, t, (unsigned long long)ids[t], err, TOL_F32);
+    if (!applied)
+      CHECK(memcmp(before + t * D, x + t * D, D * sizeof(float)) == 0,
+            "run at line %d: token %zu has no rule but was changed", line, t);
+  }
+  CHECK(n_stop == n_want_stop, "run at line %d: %zu requests to stop, expected %zu", line, n_stop,
+        n_want_stop);
+  for (size_t i = 0; i < n_want_stop && i < n_stop; i++) {
+    int found = 0;
+    for (size_t k = 0; k < n_stop; k++) found |= stop[k] == want_stop[i];
+    CHECK(found, "run at line %d: request %llu not in the stop list", line,
+          (unsigned long long)want_stop[i]);
+  }
+}
+
+static void test_step_run(const tiller_runtime *rt) {
+  float x[MAX_TOKENS * 64], copy[MAX_TOKENS * 64];
+  {
+    /* Prompts and generated tokens of four requests, as one step of the three calls. */
+    uint64_t ids[6] = {1, 2, 3, 4, 1, 2};
+    uint8_t ph[6] = {0, 0, 1, 1, 1, 1};
+    fill(x, 6, ids, 0);
+    run_f32(rt, ids, ph, 6, x, __LINE__);
+  }
+  {
+    /* The monitor stops requests 2 and 4; the caller's array holds one id. */
+    uint64_t ids[3] = {2, 4, 1};
+    uint8_t ph[3] = {1, 1, 1};
+    fill(x, 3, ids, 2);
+    for (size_t i = 0; i < D; i++) x[1 * D + i] = x[0 * D + i];
+    uint64_t stop[2] = {0, 777};
+    size_t n_stop = 0;
+    float before[3 * 64];
+    double want[64], scale;
+    memcpy(before, x, 3 * D * sizeof(float));
+    n_want_stop = 0;
+    EXPECT(tiller_step_run(rt, ids, ph, 3, HOOK, x, TILLER_F32, D, stop, 1, &n_stop), TILLER_OK);
+    hook_tokens += 3;
+    for (size_t t = 0; t < 3; t++) {
+      reference_row(before + t * D, ids[t], ph[t], want, 1);
+      double err = row_error(want, x + t * D, &scale);
+      CHECK(err <= TOL_F32, "run, token %zu: relative error %.3g > %g", t, err, TOL_F32);
+    }
+    CHECK(n_want_stop == 2, "the crafted tokens should stop 2 requests, the reference says %zu",
+          n_want_stop);
+    CHECK(n_stop == 2, "tiller_step_run: %zu requests to stop, expected 2", n_stop);
+    CHECK(stop[0] == 2 || stop[0] == 4, "tiller_step_run: stop[0] = %llu",
+          (unsigned long long)stop[0]);
+    CHECK(stop[1] == 777, "tiller_step_run wrote past stop_cap");
+  }
+  /* Zero tokens with NULL arrays, and NULL stop outputs. */
+  {
+    float dummy = 0;
+    size_t n_stop = 12345;
+    EXPECT(tiller_step_run(rt, NULL, NULL, 0, HOOK, &dummy, TILLER_F32, D, NULL, 0, &n_stop),
+           TILLER_OK);
+    CHECK(n_stop == 0, "an empty step reported %zu requests to stop", n_stop);
+  }
+  /* Every refused call leaves the activations and the outputs alone. */
+  uint64_t ids[2] = {1, 3};
+  uint8_t ph[2] = {1, 1};
+  fill(x, 2, ids, 0);
+  memcpy(copy, x, 2 * D * sizeof(float));
+  uint64_t stop[2] = {777, 777};
+  size_t n_stop = 12345;
+  EXPECT(tiller_step_run(NULL, ids, ph, 2, HOOK, x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_NULL_ARGUMENT);
+  EXPECT_ERROR_HAS("`rt`");
+  EXPECT(tiller_step_run(rt, NULL, ph, 2, HOOK, x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_NULL_ARGUMENT);
+  EXPECT_ERROR_HAS("`request_ids`");
+  EXPECT(tiller_step_run(rt, ids, NULL, 2, HOOK, x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_NULL_ARGUMENT);
+  EXPECT_ERROR_HAS("`phases`");
+  EXPECT(tiller_step_run(rt, ids, ph, 2, NULL, x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_NULL_ARGUMENT);
+  EXPECT_ERROR_HAS("`hook`");
+  EXPECT(tiller_step_run(rt, ids, ph, 2, HOOK, NULL, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_NULL_ARGUMENT);
+  EXPECT_ERROR_HAS("`data`");
+  uint8_t bad_phase[2] = {1, 7};
+  EXPECT(tiller_step_run(rt, ids, bad_phase, 2, HOOK, x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_INVALID_ARGUMENT);
+  EXPECT_ERROR_HAS("phases[1] = 7");
+  uint64_t unknown[2] = {1, 99};
+  EXPECT(tiller_step_run(rt, unknown, ph, 2, HOOK, x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_NOT_FOUND);
+  EXPECT_ERROR_HAS("99");
+  EXPECT(tiller_step_run(rt, ids, ph, 2, "layer.1", x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_NOT_FOUND);
+  EXPECT_ERROR_HAS("layer.1");
+  EXPECT(tiller_step_run(rt, ids, ph, 2, HOOK, x, TILLER_F32, D - 1, stop, 2, &n_stop),
+         TILLER_INVALID_ARGUMENT);
+  EXPECT(tiller_step_run(rt, ids, ph, SIZE_MAX, HOOK, x, TILLER_F32, 2, stop, 2, &n_stop),
+         TILLER_INVALID_ARGUMENT);
+  EXPECT(tiller_step_run(rt, ids, ph, 2, HOOK, x, 3, D, stop, 2, &n_stop),
+         TILLER_INVALID_ARGUMENT);
+  EXPECT_ERROR_HAS("dtype 3");
+  EXPECT(tiller_step_run(rt, ids, ph, 2, HOOK, (char *)x + 1, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_INVALID_ARGUMENT);
+  EXPECT_ERROR_HAS("aligned");
+  EXPECT(tiller_step_run(rt, ids, ph, 2, "\xff\xfe", x, TILLER_F32, D, stop, 2, &n_stop),
+         TILLER_INVALID_ARGUMENT);
+  setenv("TILLER_TEST_PANIC_AT_HOOK", HOOK, 1);
+  EXPECT(tiller_step_run(rt, ids, ph, 2, HOOK, x, TILLER_F32, D, stop, 2, &n_stop), TILLER_PANIC);
+  EXPECT_ERROR_HAS("injected panic");
+  unsetenv("TILLER_TEST_PANIC_AT_HOOK");
+  CHECK(memcmp(x, copy, 2 * D * sizeof(float)) == 0, "a refused tiller_step_run changed the data");
+  CHECK(n_stop == 12345 && stop[0] == 777 && stop[1] == 777,
+        "a refused tiller_step_run wrote its outputs");
+  /* And the same tokens then run. */
+  run_f32(rt, ids, ph, 2, x, __LINE__);
 }
 
 static void test_panic(const tiller_runtime *rt) {
@@ -976,6 +1115,7 @@ int main(int argc, char **argv) {
   test_null_arguments(rt);
   test_hook_errors(rt);
   test_steering(rt);
+  test_step_run(rt);
   test_panic(rt);
   test_reload(rt);
   test_end(rt);
