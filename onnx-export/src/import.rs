@@ -233,7 +233,7 @@ pub fn write(meta: &Meta, weights: &Weights, out: &Path) -> Result<()> {
     Ok(tiller::dictionary::write_dictionary(meta, weights, out)?)
 }
 
-/// [`write`] with `W_enc` and `W_dec` stored as `dtype` (f16, bf16: rounded to nearest).
+/// [`write()`] with `W_enc` and `W_dec` stored as `dtype` (f16, bf16: rounded to nearest).
 pub fn write_as(
     meta: &Meta,
     weights: &Weights,

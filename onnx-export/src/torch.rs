@@ -107,7 +107,7 @@ impl Dtype {
         }
     }
 
-    /// Whether it is a floating-point type (read into [`Checkpoint::tensors`]).
+    /// Whether it is a floating-point type (read into the checkpoint's tensors).
     pub fn is_float(self) -> bool {
         matches!(self, Self::F64 | Self::F32 | Self::F16 | Self::BF16)
     }

@@ -68,7 +68,7 @@ impl Rule {
     /// The bound of `max|x|` after `x += c·d`, when it shows without looking at `x` that the result
     /// is finite (`bound`, an upper bound of `max|x|` before, plus `|c|·max|d|` stays far from
     /// `f32::MAX`): the common case, where the edit can be applied together with others in one
-    /// pass ([`crate::kernels::axpy_many`]). `None`: [`Rule::apply`] must look.
+    /// pass (the runtime's `kernels::axpy_many`). `None`: [`Rule::apply`] must look.
     pub fn fast_bound(&self, c: f32, bound: f32) -> Option<f32> {
         let grown = bound + c.abs() * self.direction_max;
         (grown < f32::MAX / 4.0).then_some(grown)

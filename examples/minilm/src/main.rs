@@ -51,7 +51,7 @@ enum Cmd {
         /// Characters of text per kind (legal, prose, code) to read.
         #[arg(long, default_value_t = 2_000_000)]
         chars_per_kind: usize,
-        /// Tokens per model input, [CLS] and [SEP] included.
+        /// Tokens per model input, the CLS and SEP tokens included.
         #[arg(long, default_value_t = 128)]
         seq_tokens: usize,
         /// ONNX Runtime threads.
