@@ -1487,14 +1487,16 @@ fn process(
         let layers = d.hooks_in.len();
         if layers == 1 {
             let sample = sample_now(rt, state, di, n);
+            let full = needs_full(sc, di);
             // The sliced encoder reads the activations as they are, so their statistics can wait
             // until after the encode: activations just copied from a GPU come from memory, and
             // that first read then overlaps the encode's arithmetic instead of preceding it; the
             // statistics then find them in cache.
-            if sample || !reads_input_as_is(state, sc, di) {
+            let as_is = !full && d.sliced.as_ref().is_some_and(|s| s.reads_input_as_is());
+            if sample || !as_is {
                 input_stats(plan, sc, width, x);
             }
-            let r = encode(rt, state, sc, di, width, x, sample);
+            let r = encode(rt, state, sc, di, width, x, sample, full);
             input_stats(plan, sc, width, x);
             r?;
         } else {
@@ -1524,7 +1526,8 @@ fn process(
             for t in 0..n {
                 sc.finite[t] &= sc.pending[di].stash_finite[t];
             }
-            let r = encode(rt, state, sc, di, row, &stash, sample_now(rt, state, di, n));
+            let (sample, full) = (sample_now(rt, state, di, n), needs_full(sc, di));
+            let r = encode(rt, state, sc, di, row, &stash, sample, full);
             sc.pending[di].stash = stash;
             sc.pending[di].stash.clear();
             r?;
@@ -1584,16 +1587,6 @@ fn needs_full(sc: &Scratch, di: usize) -> bool {
         .iter()
         .flat_map(|rs| rs.iter())
         .any(|r| r.dictionary == Some(di) && r.position.is_none())
-}
-
-/// Whether [`encode`] runs dictionary `di` on its sliced encoder reading the activations as they
-/// are (no normalised copy first), so that it needs no statistics of them.
-fn reads_input_as_is(state: &State, sc: &Scratch, di: usize) -> bool {
-    state.dicts[di]
-        .sliced
-        .as_ref()
-        .is_some_and(|s| s.reads_input_as_is())
-        && !needs_full(sc, di)
 }
 
 /// Applies the rules that write hook `name` through dictionary `di` (or, with `None`, the raw
@@ -1685,8 +1678,10 @@ impl<'a> Waiting<'a> {
     }
 }
 
-/// Computes dictionary `di`'s features for every token into `sc.pending[di]` (zeros for non-finite
-/// tokens).
+/// Computes dictionary `di`'s features for every token into `sc.pending[di]` (unspecified for
+/// non-finite tokens, which every reader skips); `sample` from [`sample_now`], `needs_full` from [`needs_full`] (a request's own rules
+/// name features outside the slice: then the full dictionary runs).
+#[allow(clippy::too_many_arguments)]
 fn encode(
     rt: &Runtime,
     state: &State,
@@ -1695,12 +1690,11 @@ fn encode(
     width: usize,
     xs: &[f32],
     sample: bool,
+    needs_full: bool,
 ) -> Result<()> {
     let d = &state.dicts[di];
     let n = sc.tokens.len();
     let m = d.features.len();
-    // A request's own rules may name features outside the slice: then the full dictionary runs.
-    let needs_full = needs_full(sc, di);
     let native = d.sliced.as_ref().filter(|_| !needs_full);
     let full_native = d.dict.native();
     let ort = native.is_none() && (m > 0 || needs_full) && full_native.is_none();
