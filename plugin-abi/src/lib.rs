@@ -680,7 +680,7 @@ unsafe fn tokens_arg(
 }
 
 /// The hook name and host activations of [`tiller_step_hook`], checked: the name's UTF-8, the
-/// token count against the step's (`step_tokens`), the size, the dtype and the alignment.
+/// dtype, the size, the token count against the step's (`step_tokens`) and the alignment.
 ///
 /// # Safety
 /// `hook` and `data` are non-NULL and as [`tiller_step_hook`] requires.
@@ -697,7 +697,16 @@ unsafe fn host_activations<'a>(
         Some(h) => h,
         None => return Err(tiller_status::TILLER_NULL_ARGUMENT),
     };
-    let size = if dtype == 0 { 4 } else { 2 };
+    // The element's size, which is also the alignment `data` needs.
+    let size = match dtype {
+        0 => 4,
+        1 | 2 => 2,
+        other => {
+            return Err(invalid(format!(
+                "dtype {other} is not TILLER_F32, TILLER_F16 or TILLER_BF16"
+            )));
+        }
+    };
     let Some(len) = n_tokens.checked_mul(width).filter(|len| {
         len.checked_mul(size)
             .is_some_and(|b| b <= isize::MAX as usize)
@@ -712,17 +721,8 @@ unsafe fn host_activations<'a>(
         )));
     }
     // Alignment is checked before any slice is made over `data`.
-    let align = match dtype {
-        0 => 4,
-        1 | 2 => 2,
-        other => {
-            return Err(invalid(format!(
-                "dtype {other} is not TILLER_F32, TILLER_F16 or TILLER_BF16"
-            )));
-        }
-    };
-    if !(data as usize).is_multiple_of(align) {
-        return Err(invalid(format!("`data` is not aligned to {align} bytes")));
+    if !(data as usize).is_multiple_of(size) {
+        return Err(invalid(format!("`data` is not aligned to {size} bytes")));
     }
     Ok((
         hook,
