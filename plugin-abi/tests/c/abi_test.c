@@ -324,14 +324,8 @@ static tiller_step *open_step(const tiller_runtime *rt, const uint64_t *ids, con
   return step;
 }
 
-/* Closes a step and checks the requests it says to stop against the reference. */
-static void close_step(tiller_step *step, int line) {
-  uint64_t stop[MAX_TOKENS];
-  size_t n_stop = 12345;
-  if (!step) return;
-  if (!expect_at(line, "tiller_step_close", tiller_step_close(step, stop, MAX_TOKENS, &n_stop),
-                 TILLER_OK))
-    return;
+/* The requests a step says to stop against the reference's. */
+static void check_stops(const uint64_t *stop, size_t n_stop, int line) {
   CHECK(n_stop == n_want_stop, "step closed at line %d: %zu requests to stop, expected %zu", line,
         n_stop, n_want_stop);
   for (size_t i = 0; i < n_want_stop && i < n_stop; i++) {
@@ -340,6 +334,17 @@ static void close_step(tiller_step *step, int line) {
     CHECK(found, "step closed at line %d: request %llu not in the stop list", line,
           (unsigned long long)want_stop[i]);
   }
+}
+
+/* Closes a step and checks the requests it says to stop against the reference. */
+static void close_step(tiller_step *step, int line) {
+  uint64_t stop[MAX_TOKENS];
+  size_t n_stop = 12345;
+  if (!step) return;
+  if (!expect_at(line, "tiller_step_close", tiller_step_close(step, stop, MAX_TOKENS, &n_stop),
+                 TILLER_OK))
+    return;
+  check_stops(stop, n_stop, line);
 }
 
 static double row_error(const double *want, const float *got, double *scale) {
@@ -352,18 +357,11 @@ static double row_error(const double *want, const float *got, double *scale) {
   return s > 0 ? err / s : err;
 }
 
-/* Runs the hook on f32 rows `x` (edited in place) and compares every row with the reference. */
-static void hook_f32(tiller_step *step, const uint64_t *ids, const uint8_t *ph, size_t n, float *x,
-                     int line, uint64_t *tokens_counter) {
-  float before[MAX_TOKENS * 64];
+/* Compares every f32 row `x` a hook edited from `before` with the reference (which tallies the
+ * edits); a row no rule applies to must be unchanged. */
+static void check_rows(const float *before, const float *x, const uint64_t *ids, const uint8_t *ph,
+                       size_t n, int line) {
   double want[64], scale;
-  if (!step) return;
-  memcpy(before, x, n * D * sizeof(float));
-  if (!expect_at(line, "tiller_step_hook(f32)",
-                 tiller_step_hook(step, HOOK, x, TILLER_F32, n, D), TILLER_OK))
-    return;
-  CHECK(last_error()[0] == 0, "last error after a success is \"%s\"", last_error());
-  if (tokens_counter) *tokens_counter += n;
   for (size_t t = 0; t < n; t++) {
     int applied = reference_row(before + t * D, ids[t], ph[t], want, 1);
     double err = row_error(want, x + t * D, &scale);
@@ -373,6 +371,20 @@ static void hook_f32(tiller_step *step, const uint64_t *ids, const uint8_t *ph, 
       CHECK(memcmp(before + t * D, x + t * D, D * sizeof(float)) == 0,
             "hook at line %d: token %zu has no rule but was changed", line, t);
   }
+}
+
+/* Runs the hook on f32 rows `x` (edited in place) and compares every row with the reference. */
+static void hook_f32(tiller_step *step, const uint64_t *ids, const uint8_t *ph, size_t n, float *x,
+                     int line, uint64_t *tokens_counter) {
+  float before[MAX_TOKENS * 64];
+  if (!step) return;
+  memcpy(before, x, n * D * sizeof(float));
+  if (!expect_at(line, "tiller_step_hook(f32)",
+                 tiller_step_hook(step, HOOK, x, TILLER_F32, n, D), TILLER_OK))
+    return;
+  CHECK(last_error()[0] == 0, "last error after a success is \"%s\"", last_error());
+  if (tokens_counter) *tokens_counter += n;
+  check_rows(before, x, ids, ph, n, line);
 }
 
 /* The same through a 16-bit buffer (TILLER_F16 or TILLER_BF16). */
@@ -783,7 +795,6 @@ static void test_steering(const tiller_runtime *rt) {
 static void run_f32(const tiller_runtime *rt, const uint64_t *ids, const uint8_t *ph, size_t n,
                     float *x, int line) {
   float before[MAX_TOKENS * 64];
-  double want[64], scale;
   uint64_t stop[MAX_TOKENS];
   size_t n_stop = 12345;
   memcpy(before, x, n * D * sizeof(float));
@@ -794,23 +805,8 @@ static void run_f32(const tiller_runtime *rt, const uint64_t *ids, const uint8_t
     return;
   CHECK(last_error()[0] == 0, "last error after a success is \"%s\"", last_error());
   hook_tokens += n;
-  for (size_t t = 0; t < n; t++) {
-    int applied = reference_row(before + t * D, ids[t], ph[t], want, 1);
-    double err = row_error(want, x + t * D, &scale);
-    CHECK(err <= TOL_F32, "run at line %d, token %zu (request %llu): relative error %.3g > %g",
-          line, t, (unsigned long long)ids[t], err, TOL_F32);
-    if (!applied)
-      CHECK(memcmp(before + t * D, x + t * D, D * sizeof(float)) == 0,
-            "run at line %d: token %zu has no rule but was changed", line, t);
-  }
-  CHECK(n_stop == n_want_stop, "run at line %d: %zu requests to stop, expected %zu", line, n_stop,
-        n_want_stop);
-  for (size_t i = 0; i < n_want_stop && i < n_stop; i++) {
-    int found = 0;
-    for (size_t k = 0; k < n_stop; k++) found |= stop[k] == want_stop[i];
-    CHECK(found, "run at line %d: request %llu not in the stop list", line,
-          (unsigned long long)want_stop[i]);
-  }
+  check_rows(before, x, ids, ph, n, line);
+  check_stops(stop, n_stop, line);
 }
 
 static void test_step_run(const tiller_runtime *rt) {
@@ -831,16 +827,11 @@ static void test_step_run(const tiller_runtime *rt) {
     uint64_t stop[2] = {0, 777};
     size_t n_stop = 0;
     float before[3 * 64];
-    double want[64], scale;
     memcpy(before, x, 3 * D * sizeof(float));
     n_want_stop = 0;
     EXPECT(tiller_step_run(rt, ids, ph, 3, HOOK, x, TILLER_F32, D, stop, 1, &n_stop), TILLER_OK);
     hook_tokens += 3;
-    for (size_t t = 0; t < 3; t++) {
-      reference_row(before + t * D, ids[t], ph[t], want, 1);
-      double err = row_error(want, x + t * D, &scale);
-      CHECK(err <= TOL_F32, "run, token %zu: relative error %.3g > %g", t, err, TOL_F32);
-    }
+    check_rows(before, x, ids, ph, 3, __LINE__);
     CHECK(n_want_stop == 2, "the crafted tokens should stop 2 requests, the reference says %zu",
           n_want_stop);
     CHECK(n_stop == 2, "tiller_step_run: %zu requests to stop, expected 2", n_stop);
