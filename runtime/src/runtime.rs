@@ -762,6 +762,9 @@ struct MonitorRun {
     sum: f64,
     n: u64,
     fired: bool,
+    /// The request's token index at which it first fired: a `when` rule edits from there on,
+    /// not the earlier tokens of the same step.
+    fired_at: u64,
 }
 
 /// Names of the state's tables, so a request can file its tallies by name when the state changes.
@@ -1612,7 +1615,10 @@ fn edit(sc: &mut Scratch, name: &str, width: usize, di: Option<usize>, x: &mut [
             }
             let req = held.get_or_insert_with(|| lock(&sc.reqs[slot]));
             if let Some(mi) = rule.when
-                && !req.monitors.get(mi).is_some_and(|r| r.fired)
+                && !req
+                    .monitors
+                    .get(mi)
+                    .is_some_and(|r| r.fired && sc.token_index[t] >= r.fired_at)
             {
                 continue;
             }
@@ -1919,6 +1925,9 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
             };
             if !fire {
                 continue;
+            }
+            if !run.fired {
+                run.fired_at = token_index;
             }
             run.fired = true;
             let reported = match (mon.window, mon.aggregate) {
