@@ -27,6 +27,7 @@ struct tiller_llama {
     uint64_t *seq_request;
     uint8_t *seq_bound;
     uint8_t *seq_prompted; /* its prompt has been decoded */
+    uint8_t *seq_stopped;  /* a monitor stopped its request: its tokens are refused */
     size_t seq_cap;
 
     /* The decode in progress. */
@@ -137,6 +138,7 @@ void tiller_llama_free(tiller_llama *a) {
     free(a->seq_request);
     free(a->seq_bound);
     free(a->seq_prompted);
+    free(a->seq_stopped);
     free(a->ids);
     free(a->seqs);
     free(a->phases);
@@ -178,9 +180,15 @@ static int grow_seqs(tiller_llama *a, size_t need) {
         return -1;
     }
     a->seq_prompted = p;
+    uint8_t *st = realloc(a->seq_stopped, cap);
+    if (st == NULL) {
+        return -1;
+    }
+    a->seq_stopped = st;
     memset(a->seq_request + a->seq_cap, 0, (cap - a->seq_cap) * sizeof *r);
     memset(a->seq_bound + a->seq_cap, 0, cap - a->seq_cap);
     memset(a->seq_prompted + a->seq_cap, 0, cap - a->seq_cap);
+    memset(a->seq_stopped + a->seq_cap, 0, cap - a->seq_cap);
     a->seq_cap = cap;
     return 0;
 }
@@ -201,6 +209,7 @@ int tiller_llama_seq_begin(tiller_llama *a, llama_seq_id seq, uint64_t request_i
     a->seq_request[seq] = request_id;
     a->seq_bound[seq] = 1;
     a->seq_prompted[seq] = 0;
+    a->seq_stopped[seq] = 0;
     return 0;
 }
 
@@ -215,7 +224,20 @@ int tiller_llama_seq_end(tiller_llama *a, llama_seq_id seq) {
     }
     a->seq_bound[seq] = 0;
     a->seq_prompted[seq] = 0;
+    a->seq_stopped[seq] = 0;
     return 0;
+}
+
+int tiller_llama_seq_stopped(const tiller_llama *a, llama_seq_id seq) {
+    if (a == NULL) {
+        set_error("tiller_llama_seq_stopped: NULL adapter");
+        return -1;
+    }
+    if (seq < 0 || (size_t)seq >= a->seq_cap || !a->seq_bound[seq]) {
+        set_error("tiller_llama_seq_stopped: sequence %d carries no request", seq);
+        return -1;
+    }
+    return a->seq_stopped[seq] ? 1 : 0;
 }
 
 /* The index of the hooked layer whose output `t` is, or -1. */
@@ -404,6 +426,14 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
                       i, s);
             return -1;
         }
+        if (a->seq_stopped[s]) {
+            /* A stop is a stop: a host that missed it must not decode the sequence further. */
+            set_error("tiller_llama_begin: token %zu belongs to sequence %d, whose request %llu a "
+                      "monitor stopped: drop the sequence from the batch (tiller_llama_seq_stopped) "
+                      "and end it (tiller_llama_seq_end)",
+                      i, s, (unsigned long long)a->seq_request[s]);
+            return -1;
+        }
         a->ids[i] = a->seq_request[s];
         a->phases[i] = a->seq_prompted[s] ? TILLER_GENERATED : TILLER_PROMPT;
         a->seqs[i] = s;
@@ -468,6 +498,14 @@ int tiller_llama_end(tiller_llama *a, int32_t decode_result) {
         return -1;
     }
     a->n_stops = n_stop;
+    size_t listed = n_stop < a->stops_cap ? n_stop : a->stops_cap;
+    for (size_t k = 0; k < listed; k++) {
+        for (size_t s = 0; s < a->seq_cap; s++) {
+            if (a->seq_bound[s] && a->seq_request[s] == a->stops[k]) {
+                a->seq_stopped[s] = 1;
+            }
+        }
+    }
     return 0;
 }
 

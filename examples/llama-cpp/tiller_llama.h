@@ -15,6 +15,7 @@
  *   tiller_request_begin(rt, 7, "careful", NULL); // the host's request, with its profile
  *   tiller_llama_seq_begin(a, 0, 7);              // sequence 0 of the batch is request 7
  *   tiller_llama_decode(a, ctx, batch);           // instead of llama_decode
+ *   if (tiller_llama_seq_stopped(a, 0) == 1) ...  // a monitor stopped request 7: generate no more
  *   ...
  *   tiller_llama_seq_end(a, 0);
  *   tiller_request_end(rt, 7, buf, len, &needed);
@@ -89,8 +90,15 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
 int tiller_llama_end(tiller_llama *a, int32_t decode_result);
 
 /* Ids of requests a monitor asked to stop during the last decode: up to `cap` written to `ids`;
- * returns their number (which may exceed `cap`). */
+ * returns their number (which may exceed `cap`). Every sequence carrying such a request is then
+ * stopped (tiller_llama_seq_stopped): the host samples nothing more from its logits, drops it
+ * from later batches (a batch with one of its tokens is refused) and ends it with
+ * tiller_llama_seq_end; the other sequences of the batch go on. */
 size_t tiller_llama_stopped(const tiller_llama *a, uint64_t *ids, size_t cap);
+
+/* 1 when a monitor stopped the request sequence `seq` carries (during any decode since
+ * tiller_llama_seq_begin), 0 when not, -1 when the sequence carries no request. */
+int tiller_llama_seq_stopped(const tiller_llama *a, llama_seq_id seq);
 
 /* Nodes hooked during the last decode (one per hooked layer when all went well). */
 size_t tiller_llama_hooked_nodes(const tiller_llama *a);

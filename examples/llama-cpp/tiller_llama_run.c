@@ -13,6 +13,9 @@
  *     the prompts (comma-separated token ids) are sequences 0, 1, ... of one batch, then S greedy
  *     steps decode one token per sequence in one batch. Prints each sequence's tokens and the
  *     logits of every step (the prompt's last position first), the summaries and the metrics.
+ *     A sequence whose request a monitor stops ends there: nothing is sampled from the logits of
+ *     the decode that stopped it, it leaves the batch (and the KV cache), and the others go on;
+ *     its `stopped_at` is that decode's index (0: the prompt's), so it generated that many tokens.
  *
  * Without --config, llama.cpp runs without Tiller (no callback): the baseline.
  */
@@ -373,6 +376,13 @@ static int run_generate(const struct args *a) {
     struct llama_batch b = llama_batch_init((int32_t)n_batch, 0, 1);
     /* The prompts: every position an output, so that a hook on any layer sees every row. */
     int last[MAX_LIST];
+    /* Per sequence: the decode that stopped it (-1: running), and the steps whose logits it has. */
+    int stopped_at[MAX_LIST];
+    size_t n_out[MAX_LIST];
+    for (size_t s = 0; s < n_seq; s++) {
+        stopped_at[s] = -1;
+        n_out[s] = 0;
+    }
     b.n_tokens = 0;
     for (size_t s = 0; s < n_seq; s++) {
         for (size_t j = 0; j < n_prompt[s]; j++) {
@@ -390,15 +400,26 @@ static int run_generate(const struct args *a) {
     decode(&h, b);
     decoded += (uint64_t)b.n_tokens;
     for (size_t step = 0; step < n_steps; step++) {
+        size_t running = 0;
         for (size_t s = 0; s < n_seq; s++) {
+            if (stopped_at[s] < 0 && h.adapter != NULL &&
+                tiller_llama_seq_stopped(h.adapter, (llama_seq_id)s) == 1) {
+                /* Stopped by this step's decode: its logits are not sampled, its cache is freed. */
+                stopped_at[s] = (int)step;
+                llama_memory_seq_rm(llama_get_memory(h.ctx), (llama_seq_id)s, -1, -1);
+            }
+            if (stopped_at[s] >= 0) continue;
             const float *l = llama_get_logits_ith(h.ctx, last[s]);
             if (l == NULL) die("logits", "llama.cpp gave none");
             memcpy(logits + (step * n_seq + s) * n_vocab, l, sizeof(float) * n_vocab);
             tokens[step * n_seq + s] = argmax(l, n_vocab);
+            n_out[s]++;
+            running++;
         }
-        if (step + 1 == n_steps) break;
+        if (step + 1 == n_steps || running == 0) break;
         b.n_tokens = 0;
         for (size_t s = 0; s < n_seq; s++) {
+            if (stopped_at[s] >= 0) continue;
             int k = b.n_tokens++;
             b.token[k] = tokens[step * n_seq + s];
             b.pos[k] = (llama_pos)(n_prompt[s] + step);
@@ -413,10 +434,18 @@ static int run_generate(const struct args *a) {
     double seconds = now_seconds() - t0;
     printf("{\"seconds\":%.6f,\"tokens\":%llu,\"sequences\":[", seconds, (unsigned long long)decoded);
     for (size_t s = 0; s < n_seq; s++) {
+        /* The tokens fed back: one per decode after the prompt's, up to the one that stopped it. */
+        size_t n_gen = stopped_at[s] >= 0 ? (size_t)stopped_at[s] : n_steps - 1;
         printf(s ? ",{\"generated\":[" : "{\"generated\":[");
-        for (size_t step = 0; step + 1 < n_steps; step++) printf(step ? ",%d" : "%d", tokens[step * n_seq + s]);
-        printf("],\"logits\":[");
-        for (size_t step = 0; step < n_steps; step++) {
+        for (size_t step = 0; step < n_gen; step++) printf(step ? ",%d" : "%d", tokens[step * n_seq + s]);
+        printf("],\"stopped_at\":");
+        if (stopped_at[s] >= 0) {
+            printf("%d", stopped_at[s]);
+        } else {
+            fputs("null", stdout);
+        }
+        printf(",\"logits\":[");
+        for (size_t step = 0; step < n_out[s]; step++) {
             if (step) putchar(',');
             print_floats(logits + (step * n_seq + s) * n_vocab, (size_t)n_vocab);
         }

@@ -20,7 +20,10 @@ closes the Tiller step around each `llama_decode`, on top of the Tiller Python b
     adapter.seq_end(0)
     summary = rt.end_request(7)
 
-`adapter.stopped` lists the requests a monitor asked to stop during the last decode. Errors raise
+`adapter.stopped` lists the requests a monitor asked to stop during the last decode, and
+`adapter.seq_stopped(seq)` says whether sequence `seq`'s request was stopped. A stopped sequence ends
+there: sample nothing from that decode's logits for it, leave it out of later batches (a batch with
+one of its tokens raises `AdapterError`) and `seq_end` it; the other sequences go on. Errors raise
 `AdapterError` with the adapter's message; a hook that fails leaves that decode's outputs as the
 unedited model computed them.
 """
@@ -103,6 +106,8 @@ def _lib() -> ctypes.CDLL:
     lib.tiller_llama_end.restype = ctypes.c_int
     lib.tiller_llama_stopped.argtypes = [vp, ctypes.POINTER(u64), sz]
     lib.tiller_llama_stopped.restype = sz
+    lib.tiller_llama_seq_stopped.argtypes = [vp, i32]
+    lib.tiller_llama_seq_stopped.restype = ctypes.c_int
     lib.tiller_llama_last_error.argtypes = []
     lib.tiller_llama_last_error.restype = ctypes.c_char_p
     _adapter_lib = lib
@@ -167,8 +172,17 @@ class Adapter:
             raise _error(self._lib)
 
     def seq_end(self, seq: int) -> None:
+        """Sequence `seq` no longer carries a request (end the request with `Runtime.end_request`)."""
         if self._lib.tiller_llama_seq_end(self._handle(), seq) != 0:
             raise _error(self._lib)
+
+    def seq_stopped(self, seq: int) -> bool:
+        """Whether a monitor stopped the request sequence `seq` carries: then generate nothing more
+        for it (its later tokens are refused) and `seq_end` it."""
+        r = self._lib.tiller_llama_seq_stopped(self._handle(), seq)
+        if r < 0:
+            raise _error(self._lib)
+        return r == 1
 
     def decode(self, ctx: object, batch: Union[llama_cpp.llama_batch, object]) -> int:
         """`llama_cpp.llama_decode(ctx, batch)` inside a Tiller step; returns llama_decode's result
