@@ -10,6 +10,11 @@
     print(step.stop)          # request ids a monitor asked to stop
     adapter.remove()
 
+A stop is a stop: the requests a monitor stopped are kept in `adapter.stopped` (`is_stopped(id)`,
+`running(ids)`); the host generates nothing more for them, and a later `adapter.step` with one of
+their tokens raises `StoppedError` before the model runs. `adapter.end_request(id)` ends the request
+and forgets its stop.
+
 Each hooked module's output (a tensor, or element 0 of the `(hidden, residual)` / `(hidden, ...)`
 tuples decoder layers return) is edited in place: CPU tensors through their data pointer, CUDA
 tensors through `tiller_step_hook_cuda` with the current stream (this needs a CUDA build of
@@ -24,7 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    FrozenSet,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Union,
+)
+
+import numpy as np
 
 from ._errors import InvalidArgumentError, NotFoundError, TillerError, UnsupportedError
 from .runtime import BF16, F16, F32, Runtime, Step
@@ -32,7 +51,11 @@ from .runtime import BF16, F16, F32, Runtime, Step
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
 
-__all__ = ["Adapter", "attach", "steer_tensor"]
+__all__ = ["Adapter", "StoppedError", "attach", "steer_tensor"]
+
+
+class StoppedError(TillerError):
+    """A step was opened with tokens of a request a monitor had stopped."""
 
 
 def _import_torch() -> Any:
@@ -129,6 +152,33 @@ class Adapter:
         self.require_step = require_step
         self._handles = handles
         self._local = threading.local()
+        # Requests a monitor stopped in a step of this adapter, until `end_request` forgets them.
+        self._stopped: Set[int] = set()
+        self._stopped_lock = threading.Lock()
+
+    @property
+    def stopped(self) -> FrozenSet[int]:
+        """Ids of the requests a monitor stopped in this adapter's steps (not yet ended)."""
+        with self._stopped_lock:
+            return frozenset(self._stopped)
+
+    def is_stopped(self, request_id: int) -> bool:
+        """Whether a monitor stopped request `request_id`: generate nothing more for it."""
+        with self._stopped_lock:
+            return int(request_id) in self._stopped
+
+    def running(self, request_ids: Iterable[int]) -> List[int]:
+        """`request_ids` without the stopped ones, in order: the next step's requests."""
+        with self._stopped_lock:
+            return [r for r in request_ids if int(r) not in self._stopped]
+
+    def end_request(self, request_id: int) -> Dict[str, Any]:
+        """Ends request `request_id` (`Runtime.end_request`, whose summary it returns) and
+        forgets its stop, so that the id may carry a new request."""
+        summary = self.runtime.end_request(request_id)
+        with self._stopped_lock:
+            self._stopped.discard(int(request_id))
+        return summary
 
     @property
     def current(self) -> Optional[Step]:
@@ -139,9 +189,11 @@ class Adapter:
     def step(self, tokens: Any, phases: Any = None) -> Iterator[Step]:
         """Opens a step over the batch's tokens (as `Runtime.step` takes them) for the forward
         passes run inside the block; closes it on exit (its `stop` then holds the requests to
-        stop) or frees it when the block raises."""
+        stop, which the adapter keeps in `stopped`) or frees it when the block raises. Tokens of
+        a stopped request raise `StoppedError`: the host must leave the request out."""
         if self.current is not None:
             raise TillerError("a step is already open on this thread for this adapter")
+        self._refuse_stopped(tokens, phases)
         s = self.runtime.step(tokens, phases)
         self._local.step = s
         try:
@@ -149,6 +201,27 @@ class Adapter:
                 yield s
         finally:
             self._local.step = None
+        if s.stop:
+            with self._stopped_lock:
+                self._stopped.update(int(r) for r in s.stop)
+
+    def _refuse_stopped(self, tokens: Any, phases: Any) -> None:
+        with self._stopped_lock:
+            if not self._stopped:
+                return
+            stopped = set(self._stopped)
+        if phases is None:
+            hit = next(((i, int(t[0])) for i, t in enumerate(tokens) if int(t[0]) in stopped), None)
+        else:
+            # An id array (a large batch): one vectorised membership test.
+            ids = np.asarray(tokens).reshape(-1)
+            where = np.flatnonzero(np.isin(ids, np.fromiter(stopped, np.uint64, len(stopped))))
+            hit = (int(where[0]), int(ids[where[0]])) if where.size else None
+        if hit is not None:
+            raise StoppedError(
+                f"token {hit[0]} belongs to request {hit[1]}, which a monitor stopped: leave it "
+                "out of the batch (adapter.running(ids)) and end it (adapter.end_request)"
+            )
 
     def _forward_hook(self, module_name: str, hook: str) -> Any:
         def fn(module: Any, args: Any, output: Any) -> None:
