@@ -2,10 +2,15 @@
 //! stream after a chosen layer.
 //!
 //! - `POST /v1/embeddings`: `{"input": "text" | ["text", ...], "model": "...",
-//!   "encoding_format": "float", "tiller_profile": "name", "tiller_overrides": {...}}`; the
-//!   profile may also come from the `X-Tiller-Profile` header (the body field wins). The answer is
-//!   OpenAI's shape plus a `tiller` object per input: its profile, monitor events and steering
-//!   counts.
+//!   "encoding_format": "float" | "base64", "tiller_profile": "name", "tiller_overrides": {...}}`;
+//!   the profile may also come from the `X-Tiller-Profile` header (the body field wins). The answer
+//!   is OpenAI's shape plus a `tiller` object per input: its profile, monitor events and steering
+//!   counts. `base64` is what OpenAI's API returns: the little-endian float32 bytes of the vector,
+//!   base64-encoded (the official Python client asks for it by default).
+//! - A stop is a stop: an input whose Tiller request a monitor or policy asked to stop is answered
+//!   with `"embedding": null` and `tiller.stopped: true`, `tiller.stop: {"monitor", "token"}`,
+//!   never with the embedding computed under it; the other inputs of the call are answered as
+//!   usual. Counted in `embedding_server_stopped_inputs_total{monitor}`.
 //! - `GET /metrics`: Tiller's Prometheus metrics and the server's own.
 //! - `GET /healthz`: `{"status": "ok", ...}` once the model and runtime are loaded.
 //!
@@ -47,6 +52,7 @@ pub struct AppState {
     http_requests: AtomicU64,
     http_errors: AtomicU64,
     inputs_by_profile: Mutex<BTreeMap<String, u64>>,
+    stopped_by_monitor: Mutex<BTreeMap<String, u64>>,
 }
 
 impl AppState {
@@ -60,6 +66,7 @@ impl AppState {
             http_requests: AtomicU64::new(0),
             http_errors: AtomicU64::new(0),
             inputs_by_profile: Mutex::new(BTreeMap::new()),
+            stopped_by_monitor: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -139,6 +146,7 @@ struct Job {
     texts: Vec<String>,
     profile: Option<String>,
     overrides: Option<String>,
+    base64: bool,
 }
 
 fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, String> {
@@ -169,13 +177,15 @@ fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, Stri
             state.model_name
         ));
     }
-    if let Some(f) = &req.encoding_format
-        && f != "float"
-    {
-        return Err(format!(
-            "encoding_format {f:?} is not supported (only \"float\")"
-        ));
-    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
+            return Err(format!(
+                "`encoding_format` {f:?} is not supported (\"float\" or \"base64\")"
+            ));
+        }
+    };
     if let Some(d) = req.dimensions
         && d != state.model.d()
     {
@@ -201,6 +211,7 @@ fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, Stri
         texts,
         profile,
         overrides,
+        base64,
     })
 }
 
@@ -213,7 +224,8 @@ pub struct Embedded {
     pub embeddings: ndarray::Array2<f32>,
     /// Tokens per input, `[CLS]` and `[SEP]` included.
     pub tokens: Vec<usize>,
-    /// Each input's Tiller request summary.
+    /// Each input's Tiller request summary. Where `stopped` is set, the row of `embeddings` was
+    /// computed under a stopped request: the server withholds it.
     pub summaries: Vec<RequestSummary>,
 }
 
@@ -300,6 +312,13 @@ pub fn embed(
     })
 }
 
+/// OpenAI's `base64` encoding of a vector: its little-endian float32 bytes in standard base64.
+fn encode_base64(row: ndarray::ArrayView1<'_, f32>) -> Value {
+    use base64::Engine;
+    let bytes: Vec<u8> = row.iter().flat_map(|x| x.to_le_bytes()).collect();
+    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
 fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
     let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
     let out = embed(
@@ -318,18 +337,39 @@ fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
     })?;
     let mut data = Vec::with_capacity(refs.len());
     for (i, s) in out.summaries.iter().enumerate() {
+        let mut tiller = json!({
+            "request": s.request,
+            "profile": s.profile,
+            "tokens": s.tokens,
+            "flagged": s.flagged,
+            "stopped": s.stopped,
+            "events": s.events,
+            "steering": s.steering,
+        });
+        let embedding = if s.stopped {
+            // Null rather than an error entry: OpenAI's clients pass it through per input (the
+            // Python client's base64 decoding skips what is not a string), and code that uses it
+            // as a vector fails at once instead of computing with a vector it must not have.
+            let first = s.events.iter().find(|e| e.action == "stop");
+            let monitor = first.map_or("unknown", |e| e.monitor.as_str());
+            tiller["stop"] = json!({"monitor": monitor, "token": first.map(|e| e.token)});
+            *state
+                .stopped_by_monitor
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(monitor.to_string())
+                .or_default() += 1;
+            Value::Null
+        } else if job.base64 {
+            encode_base64(out.embeddings.row(i))
+        } else {
+            json!(out.embeddings.row(i).to_vec())
+        };
         data.push(json!({
             "object": "embedding",
             "index": i,
-            "embedding": out.embeddings.row(i).to_vec(),
-            "tiller": {
-                "request": s.request,
-                "profile": s.profile,
-                "tokens": s.tokens,
-                "flagged": s.flagged,
-                "events": s.events,
-                "steering": s.steering,
-            },
+            "embedding": embedding,
+            "tiller": tiller,
         }));
     }
     let total: usize = out.tokens.iter().sum();
@@ -365,13 +405,32 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     {
         text.push_str(&format!(
             "embedding_server_inputs_total{{profile=\"{}\"}} {n}\n",
-            profile
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
+            label(profile)
+        ));
+    }
+    text.push_str(
+        "# HELP embedding_server_stopped_inputs_total Inputs answered without an embedding because a monitor or policy stopped them, by who stopped them.\n\
+         # TYPE embedding_server_stopped_inputs_total counter\n",
+    );
+    for (monitor, n) in state
+        .stopped_by_monitor
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        text.push_str(&format!(
+            "embedding_server_stopped_inputs_total{{monitor=\"{}\"}} {n}\n",
+            label(monitor)
         ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {

@@ -328,7 +328,7 @@ fn serves_embeddings_with_monitoring_and_steering() {
         json!({"input": "x", "tiller_profile": "nope"}).to_string(),
         "{not json".to_string(),
         json!({"input": []}).to_string(),
-        json!({"input": "x", "encoding_format": "base64"}).to_string(),
+        json!({"input": "x", "encoding_format": "int8"}).to_string(),
         json!({"input": "x", "model": "gpt-4"}).to_string(),
     ];
     for b in &bad {
