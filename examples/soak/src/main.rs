@@ -5,13 +5,17 @@
 //!
 //! Every step is checked against a single-threaded reference: each worker replays the same step
 //! on its own runtime (built from the same good config, never reloaded, used by that worker alone)
-//! and compares the edited activations and the monitor events. Resident memory is sampled every
-//! second. At the end it prints a table and exits non-zero on a mismatch, a failed step, or (for
-//! runs of a minute or more) resident memory growth over 5%.
+//! and compares the edited activations and the monitor events. Resident memory is sampled four
+//! times a second. At the end it prints a table and exits non-zero on a mismatch, a failed step, or
+//! resident memory that still grows with the work after warm-up (see [`rss`]: the slope of a line
+//! fitted over the second half of the run, over `--rss-limit` bytes per step); a run too short to
+//! tell says so and is not judged. `--leak-bytes-per-step` makes every step leak that much, to
+//! show that the check catches a leak.
 //!
 //! ```text
 //! cargo run --release -p soak -- --seconds 1800          # the long run
 //! cargo run -p soak -- --seconds 10                      # what CI runs
+//! cargo run -p soak -- --seconds 10 --leak-bytes-per-step 2048   # must fail
 //! ```
 
 use std::collections::BTreeSet;
@@ -27,6 +31,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+
+mod rss;
 
 const HOOK: &str = "model.layers.12";
 const PROFILES: [Option<&str>; 4] = [None, Some("ablate"), Some("clamp"), Some("boost")];
@@ -52,6 +58,18 @@ struct Cli {
     /// Where the dictionary and configs are written.
     #[arg(long, default_value = "target/soak")]
     dir: PathBuf,
+    /// Most resident bytes per step that memory may grow by after warm-up.
+    #[arg(long, default_value_t = 256.0)]
+    rss_limit: f64,
+    /// Fitted growth after warm-up, in MiB, that the allocator's swings alone may draw.
+    #[arg(long, default_value_t = rss::ALLOWANCE / 1048576.0)]
+    rss_allowance_mib: f64,
+    /// Leak this many bytes on every step (a check of the memory check: the run must fail).
+    #[arg(long, default_value_t = 0)]
+    leak_bytes_per_step: usize,
+    /// Write the resident-memory samples here (CSV: seconds, steps, KiB).
+    #[arg(long)]
+    rss_csv: Option<PathBuf>,
 }
 
 fn write_dictionary(path: &Path, d: usize, f: usize) -> Result<()> {
@@ -162,18 +180,6 @@ fn token_row(request: u64, index: u64, d: usize, out: &mut [f32]) {
     }
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|pages| pages * 4)
-        .unwrap_or(0)
-}
-
 #[derive(Default)]
 struct Counts {
     steps: AtomicU64,
@@ -203,6 +209,7 @@ fn worker(
     shared: &Runtime,
     reference: &Runtime,
     d: usize,
+    leak: usize,
     stop: &AtomicBool,
     counts: &Counts,
 ) -> Result<()> {
@@ -277,6 +284,10 @@ fn worker(
                 counts.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if leak > 0 {
+            // Filled with a non-zero byte so that every page is touched and counts as resident.
+            std::hint::black_box(Box::leak(vec![0xA5u8; leak].into_boxed_slice()));
+        }
         counts.steps.fetch_add(1, Ordering::Relaxed);
         counts
             .tokens
@@ -307,6 +318,13 @@ fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
 }
 
 fn main() -> Result<()> {
+    // Logs on stderr, filtered by RUST_LOG (default info).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.dir).with_context(|| format!("creating {}", cli.dir.display()))?;
     write_dictionary(&cli.dir.join("res12.onnx"), cli.d, cli.features)?;
@@ -325,14 +343,22 @@ fn main() -> Result<()> {
     let (mut accepted, mut rejected) = (0u64, 0u64);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(cli.seconds);
-    let warmup = Duration::from_secs((cli.seconds / 10).clamp(1, 60));
-    let (mut rss_start, mut rss_peak) = (0u64, 0u64);
+    let mut samples: Vec<rss::Sample> = Vec::new();
+    let mut sample = |counts: &Counts| -> Result<()> {
+        let kib = rss::rss_kib().context("reading resident memory from /proc/self/statm")?;
+        samples.push(rss::Sample {
+            secs: start.elapsed().as_secs_f64(),
+            steps: counts.steps.load(Ordering::Relaxed),
+            kib,
+        });
+        Ok(())
+    };
     std::thread::scope(|s| -> Result<()> {
         let mut handles = Vec::new();
         for (t, reference) in references.iter().enumerate() {
             let (shared, stop, counts) = (&shared, &stop, &counts);
-            let d = cli.d;
-            handles.push(s.spawn(move || worker(t, shared, reference, d, stop, counts)));
+            let (d, leak) = (cli.d, cli.leak_bytes_per_step);
+            handles.push(s.spawn(move || worker(t, shared, reference, d, leak, stop, counts)));
         }
         let mut broken_next = true;
         let mut last_reload = Instant::now();
@@ -348,15 +374,13 @@ fn main() -> Result<()> {
                 }
                 broken_next = !broken_next;
             }
-            if last_sample.elapsed() >= Duration::from_secs(1) {
+            if last_sample.elapsed() >= Duration::from_millis(250) {
                 last_sample = Instant::now();
-                let rss = rss_kib();
-                if rss_start == 0 && start.elapsed() >= warmup {
-                    rss_start = rss;
-                }
-                rss_peak = rss_peak.max(rss);
+                sample(&counts)?;
             }
         }
+        // The last sample while the workers still run, so that the judged window is all work.
+        sample(&counts)?;
         stop.store(true, Ordering::Relaxed);
         for h in handles {
             h.join()
@@ -364,33 +388,63 @@ fn main() -> Result<()> {
         }
         Ok(())
     })?;
-    let rss_end = rss_kib();
-    if rss_start == 0 {
-        rss_start = rss_end;
+    if let Some(path) = &cli.rss_csv {
+        let mut csv = String::from("seconds,steps,rss_kib\n");
+        for s in &samples {
+            csv.push_str(&format!("{:.3},{},{}\n", s.secs, s.steps, s.kib));
+        }
+        std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))?;
     }
+    let judgement = rss::judge(&samples, cli.rss_limit, cli.rss_allowance_mib * 1048576.0);
+    let kib_at = |secs: f64| samples.iter().find(|s| s.secs >= secs).map_or(0, |s| s.kib);
+    let rss_first = samples.first().map_or(0, |s| s.kib);
+    let rss_warm = kib_at(judgement.from_secs);
+    let rss_end = samples.last().map_or(0, |s| s.kib);
+    let rss_peak = samples.iter().map(|s| s.kib).max().unwrap_or(0);
     let metrics = shared.metrics_text();
     let traps = metric_sum(&metrics, "tiller_policy_traps_total", "policy=\"hostile\"");
-    let growth = (rss_end as f64 / rss_start.max(1) as f64 - 1.0) * 100.0;
     let secs = start.elapsed().as_secs_f64();
     let c = &counts;
     println!(
-        "| seconds | threads | steps | tokens | requests | reloads accepted | reloads rejected | policy traps | mismatches | failed steps | RSS start | RSS end | RSS peak | growth |"
+        "| seconds | threads | steps | tokens | requests | reloads accepted | reloads rejected | policy traps | mismatches | failed steps | RSS first | RSS at half | RSS end | RSS peak | growth after half |"
     );
     println!(
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     println!(
-        "| {secs:.0} | {} | {} | {} | {} | {accepted} | {rejected} | {traps} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {growth:+.2}% |",
+        "| {secs:.0} | {} | {} | {} | {} | {accepted} | {rejected} | {traps} | {} | {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:+.1} B/step |",
         cli.threads,
         c.steps.load(Ordering::Relaxed),
         c.tokens.load(Ordering::Relaxed),
         c.requests.load(Ordering::Relaxed),
         c.mismatches.load(Ordering::Relaxed),
         c.failed.load(Ordering::Relaxed),
-        rss_start as f64 / 1024.0,
+        rss_first as f64 / 1024.0,
+        rss_warm as f64 / 1024.0,
         rss_end as f64 / 1024.0,
-        rss_peak.max(rss_end) as f64 / 1024.0,
+        rss_peak as f64 / 1024.0,
+        judgement.bytes_per_step,
     );
+    let j = &judgement;
+    match &j.verdict {
+        rss::Verdict::TooShort(why) => {
+            println!("resident memory NOT JUDGED: {why}; a longer run is judged")
+        }
+        v => println!(
+            "resident memory after warm-up ({:.1} s on, {} samples, {} steps): {:+.1} bytes per step fitted; \
+             this run catches leaks of {:.0} bytes per step or more: {}",
+            j.from_secs,
+            j.samples,
+            j.steps,
+            j.bytes_per_step,
+            j.smallest_caught,
+            if *v == rss::Verdict::Grows {
+                "GROWS"
+            } else {
+                "holds"
+            }
+        ),
+    }
     if c.mismatches.load(Ordering::Relaxed) > 0 || c.failed.load(Ordering::Relaxed) > 0 {
         bail!("mismatches or failed steps");
     }
@@ -399,8 +453,13 @@ fn main() -> Result<()> {
             "the run did not exercise reloads and traps (accepted {accepted}, rejected {rejected}, traps {traps})"
         );
     }
-    if cli.seconds >= 60 && growth > 5.0 {
-        bail!("resident memory grew by {growth:.2}%");
+    if judgement.verdict == rss::Verdict::Grows {
+        bail!(
+            "resident memory grows with the work after warm-up: {:+.1} bytes per step (limit {:.0}, allowance {} MiB)",
+            judgement.bytes_per_step,
+            cli.rss_limit,
+            cli.rss_allowance_mib
+        );
     }
     Ok(())
 }
