@@ -97,7 +97,9 @@ fn status_of(e: &Error) -> tiller_status {
         Error::OnnxRuntime(_) | Error::Ort { .. } => tiller_status::TILLER_ONNXRUNTIME,
         Error::Io { .. } => tiller_status::TILLER_IO,
         Error::Unknown { .. } => tiller_status::TILLER_NOT_FOUND,
-        Error::Tensor { .. } | Error::Invalid { .. } => tiller_status::TILLER_INVALID_ARGUMENT,
+        Error::Tensor { .. } | Error::Invalid { .. } | Error::Override { .. } => {
+            tiller_status::TILLER_INVALID_ARGUMENT
+        }
     }
 }
 

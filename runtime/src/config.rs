@@ -27,6 +27,12 @@ pub struct Config {
     /// `[[policy]]`.
     #[serde(default, rename = "policy")]
     pub policies: Vec<PolicyConfig>,
+    /// `[[vector]]`: directions named for rules, so that a request names a direction, never a file.
+    #[serde(default, rename = "vector")]
+    pub vectors: Vec<VectorConfig>,
+    /// `[requests]`: what a request's overrides may change.
+    #[serde(default)]
+    pub requests: RequestsConfig,
     /// The file it was read from; relative paths in it resolve against its folder.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -335,27 +341,202 @@ pub struct SteerConfig {
     pub hook: Option<String>,
 }
 
-/// Per-request overrides, given as JSON at request begin.
+/// Per-request overrides, given as JSON at request begin. They come from end users: what they
+/// may change is the operator's `[requests]` ([`RequestsConfig`]), enforced when the request begins.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     /// Extra rules for this request.
     #[serde(default)]
     pub steer: Vec<SteerConfig>,
-    /// Drop the profile's own rules (only the extra ones apply).
+    /// Drop the profile's own rules (only the extra ones apply); refused unless
+    /// `requests.allow_replace`, and undone by a monitor's or policy's `switch_profile`.
     #[serde(default)]
     pub replace: bool,
 }
 
 impl Overrides {
-    /// Parses the JSON overrides of a request.
+    /// Parses the JSON overrides of a request, without the operator's bounds (see
+    /// `RequestsConfig`); an error names the field (`steer[3].op`) as an [`Error::Override`].
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| {
-            Error::invalid(
-                "request overrides",
-                format!("line {} column {}: {e}", e.line(), e.column()),
-            )
-        })
+        // serde_json stops at 128 levels of nesting with an error, so no input overflows the stack.
+        let mut de = serde_json::Deserializer::from_str(text);
+        let parsed: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            // serde_json's message ends with the line and column.
+            Error::Override {
+                // `.` is the whole text, `?` a place the parser could not name (a key not a string).
+                field: if field == "." || field == "?" {
+                    String::new()
+                } else {
+                    field
+                },
+                message: inner.to_string(),
+            }
+        })?;
+        de.end().map_err(|e| Error::Override {
+            field: String::new(),
+            message: e.to_string(),
+        })?;
+        Ok(parsed)
+    }
+}
+
+/// `[[vector]]`: a direction read once at load time and named for steering rules, so that a rule
+/// (and a request above all) names a direction, never a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VectorConfig {
+    /// The name rules give as `vector`.
+    pub name: String,
+    /// The file (`.npy`, or a GGUF control vector), relative to the config's folder.
+    pub path: PathBuf,
+    /// Which row of a `.npy`, or which layer of a GGUF file.
+    #[serde(default)]
+    pub index: usize,
+    /// The hook its rules edit when they name none; needed for a vector that requests may use.
+    pub hook: Option<String>,
+}
+
+/// `[requests]`: what a request's overrides may change. The default lets a request steer within
+/// bounds that cannot reach beyond its own tokens or undo the operator's steering: the feature
+/// ops but `vector`/`project_cap`, at most 8 rules, on the features the config already names
+/// (so the hooks' sliced encode serves them) less those a profile steers, never dropping the
+/// profile, never a direction the operator has not listed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestsConfig {
+    /// Whether requests may carry overrides at all (`false`: any rule or `replace` is refused).
+    #[serde(default = "yes")]
+    pub allow: bool,
+    /// The ops a request's rules may use.
+    #[serde(default = "default_request_ops")]
+    pub ops: Vec<Op>,
+    /// The most rules one request may carry.
+    #[serde(default = "default_max_rules")]
+    pub max_rules: usize,
+    /// The longest overrides text, in bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// The bound of `|strength|` (add, vector).
+    #[serde(default = "default_max_abs_strength")]
+    pub max_abs_strength: f32,
+    /// The bound of `|value|` (clamp, cap, project_cap).
+    #[serde(default = "default_max_abs_value")]
+    pub max_abs_value: f32,
+    /// The bound of `|factor|` (scale).
+    #[serde(default = "default_max_abs_factor")]
+    pub max_abs_factor: f32,
+    /// Whether a request may drop its profile's rules (`replace: true`). A monitor's or policy's
+    /// `switch_profile` brings the switched-to profile's rules back whatever this says.
+    #[serde(default)]
+    pub allow_replace: bool,
+    /// The `[[vector]]` entries a request may name (each must set `hook`).
+    #[serde(default)]
+    pub vectors: Vec<String>,
+    /// `[[requests.dictionary]]`: the dictionaries whose features requests may steer; when none
+    /// is listed, every dictionary with its default features.
+    #[serde(default, rename = "dictionary")]
+    pub dictionaries: Vec<RequestDictionary>,
+}
+
+/// `[[requests.dictionary]]`: one dictionary whose features requests may steer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestDictionary {
+    /// The dictionary.
+    pub name: String,
+    /// The features (original ids) requests may steer; they join the hook's sliced encode. When
+    /// absent: the features the config names for the dictionary (monitors, policies, profile
+    /// rules) less those a profile steers, whose edits a request's would add to and could undo.
+    pub features: Option<Vec<u32>>,
+    /// Any feature: a rule on one outside the sliced encode makes its hook encode the whole
+    /// dictionary for every token of the batch.
+    #[serde(default)]
+    pub any_feature: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_request_ops() -> Vec<Op> {
+    vec![Op::Add, Op::Clamp, Op::Ablate, Op::Scale, Op::Cap]
+}
+fn default_max_rules() -> usize {
+    8
+}
+fn default_max_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_abs_strength() -> f32 {
+    100.0
+}
+fn default_max_abs_value() -> f32 {
+    100.0
+}
+fn default_max_abs_factor() -> f32 {
+    10.0
+}
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        Self {
+            allow: true,
+            ops: default_request_ops(),
+            max_rules: default_max_rules(),
+            max_bytes: default_max_bytes(),
+            max_abs_strength: default_max_abs_strength(),
+            max_abs_value: default_max_abs_value(),
+            max_abs_factor: default_max_abs_factor(),
+            allow_replace: false,
+            vectors: Vec::new(),
+            dictionaries: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// The features (original ids) requests may steer in dictionary `name`: `None` for any, an
+    /// empty set for none (see [`RequestDictionary::features`]).
+    pub fn request_features(&self, name: &str) -> Option<std::collections::BTreeSet<u32>> {
+        let listed = self.requests.dictionaries.iter().find(|d| d.name == name);
+        if self.requests.dictionaries.is_empty() || listed.is_some_and(|d| d.features.is_none()) {
+            if listed.is_some_and(|d| d.any_feature) {
+                return None;
+            }
+            let steered: std::collections::BTreeSet<u32> = self
+                .profiles
+                .iter()
+                .flat_map(|p| &p.steer)
+                .filter(|s| s.dictionary.as_deref() == Some(name))
+                .filter_map(|s| s.feature)
+                .collect();
+            let named = self
+                .monitors
+                .iter()
+                .filter(|m| m.dictionary == name)
+                .flat_map(|m| m.features.iter().copied())
+                .chain(
+                    self.policies
+                        .iter()
+                        .filter(|p| p.dictionary == name)
+                        .flat_map(|p| p.features.iter().copied()),
+                );
+            return Some(named.filter(|f| !steered.contains(f)).collect());
+        }
+        match listed {
+            Some(d) if d.any_feature => None,
+            Some(d) => Some(d.features.iter().flatten().copied().collect()),
+            None => Some(std::collections::BTreeSet::new()),
+        }
+    }
+
+    /// The named direction `vector` of a rule names, if it names one (else it is a file path,
+    /// which only profile rules may give).
+    pub fn named_vector(&self, vector: Option<&Path>) -> Option<&VectorConfig> {
+        let v = vector?.to_str()?;
+        self.vectors.iter().find(|e| e.name == v)
     }
 }
 
@@ -472,7 +653,9 @@ impl Config {
             }
         })?;
         cfg.source = path.map(Path::to_path_buf);
+        cfg.name_vectors(text, &name)?;
         cfg.check(text, &name)?;
+        cfg.check_requests(text, &name)?;
         Ok(cfg)
     }
 
@@ -491,6 +674,121 @@ impl Config {
         } else {
             self.base_dir().join(p)
         }
+    }
+
+    /// Checks `[[vector]]` and gives each profile rule that names one its hook (when the rule
+    /// names none), so that rules are checked and compiled as if they had written it.
+    fn name_vectors(&mut self, text: &str, file: &str) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, v) in self.vectors.iter().enumerate() {
+            if !seen.insert(v.name.as_str()) {
+                return Err(Error::Config {
+                    file: file.to_string(),
+                    line: locate(text, "vector", i, "name"),
+                    message: format!("`name`: `{}` is used twice", v.name),
+                });
+            }
+        }
+        let vectors = self.vectors.clone();
+        for (pi, p) in self.profiles.iter_mut().enumerate() {
+            for (ri, s) in p.steer.iter_mut().enumerate() {
+                let Some(v) = s
+                    .vector
+                    .as_deref()
+                    .and_then(Path::to_str)
+                    .and_then(|n| vectors.iter().find(|v| v.name == n))
+                else {
+                    continue;
+                };
+                let err = |key: &str, message: String| Error::Config {
+                    file: file.to_string(),
+                    line: locate_key(text, "profile", pi, Some(ri), key),
+                    message: format!("`{key}`: in profile `{}`: {message}", p.name),
+                };
+                if s.index.is_some() {
+                    return Err(err(
+                        "index",
+                        format!("is set by the `[[vector]]` entry `{}`", v.name),
+                    ));
+                }
+                match (&s.hook, &v.hook) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(err(
+                            "hook",
+                            format!("`{a}` is not the hook of vector `{}` (`{b}`)", v.name),
+                        ));
+                    }
+                    (None, Some(b)) => s.hook = Some(b.clone()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `[requests]`.
+    fn check_requests(&self, text: &str, file: &str) -> Result<()> {
+        let r = &self.requests;
+        // The line of `key` in `[requests]` (0 when it is not written there).
+        let line = |key: &str| {
+            let mut inside = false;
+            for (i, l) in text.lines().enumerate() {
+                let t = l.trim();
+                if t.starts_with('[') {
+                    inside = t == "[requests]";
+                } else if inside && t.split('=').next().unwrap_or("").trim() == key {
+                    return i + 1;
+                }
+            }
+            0
+        };
+        let err = |key: &str, message: String| Error::Config {
+            file: file.to_string(),
+            line: line(key),
+            message: format!("`requests.{key}`: {message}"),
+        };
+        for (key, v) in [
+            ("max_abs_strength", r.max_abs_strength),
+            ("max_abs_value", r.max_abs_value),
+            ("max_abs_factor", r.max_abs_factor),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(err(key, format!("{v} is not a finite bound >= 0")));
+            }
+        }
+        for n in &r.vectors {
+            match self.vectors.iter().find(|v| &v.name == n) {
+                None => return Err(err("vectors", format!("no `[[vector]]` is named `{n}`"))),
+                Some(v) if v.hook.is_none() => {
+                    return Err(err(
+                        "vectors",
+                        format!("`[[vector]]` `{n}` sets no `hook`, which a request's rule needs"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in r.dictionaries.iter().enumerate() {
+            let err = |key: &str, message: String| Error::Config {
+                file: file.to_string(),
+                line: locate(text, "requests.dictionary", i, key),
+                message: format!("`{key}`: {message}"),
+            };
+            if !self.dictionaries.iter().any(|c| c.name == d.name) {
+                return Err(err("name", format!("no dictionary is named `{}`", d.name)));
+            }
+            if !seen.insert(d.name.as_str()) {
+                return Err(err("name", format!("`{}` is listed twice", d.name)));
+            }
+            if d.any_feature && d.features.is_some() {
+                return Err(err(
+                    "any_feature",
+                    "give `features` or `any_feature = true`, not both".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check(&self, text: &str, file: &str) -> Result<()> {

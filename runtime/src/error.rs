@@ -68,6 +68,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A request's overrides were refused: malformed, or beyond what the operator's `[requests]`
+    /// allows. The whole request is refused; a host answers its caller's fault (an HTTP 400).
+    #[error("request overrides: {}{message}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
+    Override {
+        /// The field, as a path into the overrides (`steer[3].strength`; empty: the whole text).
+        field: String,
+        /// Why, naming the operator's bound where one was crossed.
+        message: String,
+    },
+
     /// A value is out of its allowed range or inconsistent with another.
     #[error("invalid {what}: {message}")]
     Invalid {

@@ -38,6 +38,7 @@ pub(crate) mod kernels;
 pub mod metrics;
 mod native;
 pub mod onnxruntime;
+mod overrides;
 pub mod policy;
 mod runtime;
 mod service;

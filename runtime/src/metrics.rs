@@ -129,6 +129,7 @@ pub const ERROR_KINDS: &[&str] = &[
     "encode",
     "profile",
     "policy",
+    "override",
 ];
 
 impl Metrics {

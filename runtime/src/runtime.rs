@@ -213,6 +213,10 @@ struct State {
     profiles: HashMap<String, Vec<SteerConfig>>,
     hooks: HashMap<String, HookPlan>,
     sample_every: u64,
+    /// The `[[vector]]` directions, read once at load: no request reaches a file.
+    vectors: HashMap<String, Arc<Vec<f32>>>,
+    /// What requests' overrides may change.
+    requests: crate::overrides::RequestPolicy,
 }
 
 fn action_name(a: Action) -> &'static str {
@@ -256,6 +260,14 @@ impl State {
                 .entry(p.dictionary.as_str())
                 .or_default()
                 .extend(&p.features);
+        }
+        // Features the operator lets requests steer join the sliced encode, so that a request's
+        // rule on one never makes its hook encode the whole dictionary.
+        for d in &config.requests.dictionaries {
+            needed
+                .entry(d.name.as_str())
+                .or_default()
+                .extend(d.features.iter().flatten());
         }
         let mut dicts = Vec::new();
         let mut dict_index = HashMap::new();
@@ -482,6 +494,8 @@ impl State {
                 0
             },
             policies: Vec::new(),
+            vectors: HashMap::new(),
+            requests: crate::overrides::RequestPolicy::new(&config),
             config,
             generation,
             dicts,
@@ -492,6 +506,18 @@ impl State {
             hooks,
         };
         state.policies = load_policies(&state, metrics)?;
+        for v in &state.config.vectors {
+            let path = state.config.resolve(&v.path);
+            let u = load_direction(&path, v.index)?;
+            // A vector with a hook may be used by a request's rule: plan its hook like a profile's.
+            if let Some(h) = &v.hook {
+                plan(&mut state.hooks, h, u.len())?;
+                if let Some(p) = state.hooks.get_mut(h) {
+                    p.vector_rules = true;
+                }
+            }
+            state.vectors.insert(v.name.clone(), Arc::new(u));
+        }
         // Compile every profile once, so a bad rule is a load error, not a request error.
         let names: Vec<String> = state.profiles.keys().cloned().collect();
         for name in names {
@@ -539,10 +565,25 @@ impl State {
             let (dictionary, targets, param, feature): (Option<usize>, Vec<Target>, f32, u32) =
                 match s.op {
                     Op::Vector | Op::ProjectCap if s.dictionary.is_none() => {
-                        let path = self
-                            .config
-                            .resolve(s.vector.as_deref().unwrap_or(Path::new("")));
-                        let mut u = load_direction(&path, s.index.unwrap_or(0))?;
+                        let named = self.config.named_vector(s.vector.as_deref());
+                        let path = match named {
+                            Some(v) => self.config.resolve(&v.path),
+                            None => self
+                                .config
+                                .resolve(s.vector.as_deref().unwrap_or(Path::new(""))),
+                        };
+                        let mut u = match named.and_then(|v| self.vectors.get(&v.name)) {
+                            Some(u) => u.as_ref().clone(),
+                            // Only the operator's profiles may name a file; begin_request refuses
+                            // any other direction a request names before it gets here.
+                            None if profile.starts_with(OVERRIDE_PREFIX) => {
+                                return Err(Error::Override {
+                                    field: format!("steer[{i}].vector"),
+                                    message: "names no `[[vector]]` entry".into(),
+                                });
+                            }
+                            None => load_direction(&path, s.index.unwrap_or(0))?,
+                        };
                         if s.op == Op::ProjectCap {
                             let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
                             if n == 0.0 || !n.is_finite() {
@@ -785,6 +826,8 @@ struct Archive {
 struct Compiled {
     generation: u64,
     profile: Option<String>,
+    /// Whether the profile's rules were dropped (`replace`).
+    dropped: bool,
     rules: Arc<Vec<Rule>>,
 }
 
@@ -808,6 +851,9 @@ struct Request {
     stopped: bool,
     /// Rules added by policies since the rules were last compiled.
     dirty: bool,
+    /// Whether a monitor or a policy switched the profile: from then on its rules apply even
+    /// when the request asked to drop them (`replace`).
+    switched: bool,
 }
 
 impl Request {
@@ -827,7 +873,14 @@ impl Request {
             flagged: false,
             stopped: false,
             dirty: false,
+            switched: false,
         }
+    }
+
+    /// Whether the profile's rules are dropped: the request asked (`replace`, which begin_request
+    /// allows only when the operator does) and no monitor or policy has switched its profile since.
+    fn drops_profile(&self) -> bool {
+        self.overrides.replace && !self.switched
     }
 
     /// Files the current tallies by name.
@@ -874,12 +927,13 @@ impl Request {
         if let Some(c) = &self.compiled
             && c.generation == state.generation
             && c.profile == self.profile
+            && c.dropped == self.drops_profile()
             && !self.dirty
         {
             return Ok(c.rules.clone());
         }
         let mut rules = Vec::new();
-        if !self.overrides.replace
+        if !self.drops_profile()
             && let Some(p) = &self.profile
         {
             match state.profiles.get(p) {
@@ -894,11 +948,20 @@ impl Request {
                 }
             }
         }
-        rules.extend(state.compile(
-            &format!("{OVERRIDE_PREFIX}{}", self.id),
-            &self.overrides.steer,
-            metrics,
-        )?);
+        let own = state
+            .compile(
+                &format!("{OVERRIDE_PREFIX}{}", self.id),
+                &self.overrides.steer,
+                metrics,
+            )
+            .map_err(|e| match e {
+                Error::Override { .. } => e,
+                e => Error::Override {
+                    field: "steer".into(),
+                    message: e.to_string(),
+                },
+            })?;
+        rules.extend(own);
         self.archive_tallies();
         self.names = state.names.clone();
         self.monitors = self
@@ -918,8 +981,10 @@ impl Request {
         self.compiled = Some(Compiled {
             generation: state.generation,
             profile: self.profile.clone(),
+            dropped: self.drops_profile(),
             rules: rules.clone(),
         });
+        self.dirty = false;
         Ok(rules)
     }
 
@@ -1181,12 +1246,28 @@ impl Runtime {
                 message: "no such profile in the config".into(),
             });
         }
+        // Checked whole here, against the operator's `[requests]`: a refused request leaves nothing.
         let overrides = match overrides {
-            Some(o) if !o.trim().is_empty() => Overrides::from_json(o)?,
+            Some(o) if !o.trim().is_empty() => {
+                let dicts: HashSet<&str> = state.dict_index.keys().map(String::as_str).collect();
+                let monitors: HashSet<&str> =
+                    state.monitor_index.keys().map(String::as_str).collect();
+                state
+                    .requests
+                    .parse(o, &dicts, &monitors, |d, f| {
+                        let d = &state.dicts[*state.dict_index.get(d)?];
+                        column(&d.meta, &d.name, f).err()
+                    })
+                    .inspect_err(|_| self.metrics.error("override"))?
+            }
             _ => Overrides::default(),
         };
         let mut req = Request::new(id, profile.map(str::to_string), overrides);
-        req.sync(&state, &self.metrics)?;
+        req.sync(&state, &self.metrics).inspect_err(|e| {
+            if matches!(e, Error::Override { .. }) {
+                self.metrics.error("override");
+            }
+        })?;
         let req = Arc::new(Mutex::new(req));
         {
             let mut map = self.requests.write().unwrap_or_else(|p| p.into_inner());
@@ -1947,7 +2028,10 @@ fn observe(state: &State, sc: &mut Scratch, di: usize, result: &mut StepResult) 
             };
             match mon.action {
                 Action::Flag => req.flagged = true,
-                Action::SwitchProfile => req.profile = mon.profile.clone(),
+                Action::SwitchProfile => {
+                    req.profile = mon.profile.clone();
+                    req.switched = true;
+                }
                 Action::Stop => {
                     req.stopped = true;
                     if !result.stop.contains(&req.id) {
@@ -2097,6 +2181,7 @@ fn apply_policy(
                     }
                     PolicyAction::SwitchProfile(p) if state.profiles.contains_key(&p) => {
                         req.profile = Some(p.clone());
+                        req.switched = true;
                         event(req, "switch_profile", p, &mut result);
                     }
                     PolicyAction::SwitchProfile(p) => {

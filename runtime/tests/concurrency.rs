@@ -84,6 +84,10 @@ op = "add"
 feature = 1
 strength = -0.5
 normalize = true
+# Requests clamp a feature no monitor or profile names: the full dictionary runs for them.
+[[requests.dictionary]]
+name = "res"
+any_feature = true
 "#;
 
 /// Writes the test dictionary (with `activation`) and the `GOOD` config into `dir`; returns the
@@ -360,6 +364,7 @@ fn overrides_and_bounded_labels() {
         "encode",
         "profile",
         "policy",
+        "override",
         env!("CARGO_PKG_VERSION"),
         "1.31.1",
     ]

@@ -347,6 +347,11 @@ features = [3, 60]
 threshold = 1e9
 window = "request"
 aggregate = "max"
+
+# A request may steer any feature of `relu`: one outside the monitors' makes it encode in full.
+[[requests.dictionary]]
+name = "relu"
+any_feature = true
 "#;
 
 /// The largest activation over the tokens of each of `features`, from the reference.
@@ -566,7 +571,8 @@ fn warm_native_encodes_allocate_nothing() {
         &cfg,
         "[runtime]\nfvu_sample_rate = 0.0\n[[dictionary]]\nname = \"topk\"\npath = \"topk.onnx\"\n\
          hook = \"a\"\n[[monitor]]\nname = \"t\"\ndictionary = \"topk\"\nfeatures = [2, 40]\n\
-         threshold = 1e9\nwindow = \"request\"\naggregate = \"max\"\n",
+         threshold = 1e9\nwindow = \"request\"\naggregate = \"max\"\n\
+         [[requests.dictionary]]\nname = \"topk\"\nany_feature = true\n",
     )
     .unwrap();
     let rt = Runtime::from_config_file(&cfg).unwrap();

@@ -413,9 +413,14 @@ feature = 0
         }
     }
 
-    // A request's own rules: refused when the request begins.
+    // A request's own rules: refused when the request begins (even where the operator lets
+    // requests name any of the probe's outputs).
     let path = dir.path().join("tiller.toml");
-    std::fs::write(&path, head).unwrap();
+    std::fs::write(
+        &path,
+        format!("{head}[[requests.dictionary]]\nname = \"probe\"\nany_feature = true\n"),
+    )
+    .unwrap();
     let rt = Runtime::from_config_file(&path).unwrap();
     let err = rt
         .begin_request(
