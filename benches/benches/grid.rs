@@ -33,8 +33,11 @@ fn bench_grid(c: &mut Criterion) {
                 rt.get_or_init(|| {
                     let path = dicts::relu_sae(d_in, d_sae).expect("dictionary");
                     let features = dicts::monitored_features(d_sae, 64);
+                    // Requests may steer any feature: request 2's rule makes its hook encode
+                    // the whole dictionary.
                     let config =
-                        dicts::hook_config(&path, &features, &dicts::four_rules(&features), None);
+                        dicts::hook_config(&path, &features, &dicts::four_rules(&features), None)
+                            + "\n[[requests.dictionary]]\nname = \"res\"\nany_feature = true\n";
                     let cfg = dir.path().join(format!("{d_in}x{d_sae}.toml"));
                     std::fs::write(&cfg, config).expect("config");
                     let rt = Runtime::from_config_file(&cfg).expect("runtime");

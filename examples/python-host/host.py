@@ -74,6 +74,11 @@ op = "add"
 feature = 100
 strength = 4.0
 apply_to = "generated"
+
+# What a request's overrides may steer: feature 3 (request 3 clamps it).
+[[requests.dictionary]]
+name = "res12"
+features = [3]
 """
 
 

@@ -73,7 +73,8 @@ fn write_sae(path: &Path, hook: &str, d: usize, f: usize, data: [&[f32]; 4]) {
 }
 
 /// The config `abi_test.c` runs: feature 7 stops a request (token window), profile `clamp` clamps
-/// feature 3 to 2.5, profile `boost` adds decoder row 5 to generated tokens only.
+/// feature 3 to 2.5, profile `boost` adds decoder row 5 to generated tokens only; requests may
+/// steer any feature (the test's overrides ablate feature 20, which the config does not name).
 const CONFIG: &str = r#"
 [runtime]
 fvu_sample_rate = 0.0
@@ -108,6 +109,10 @@ op = "add"
 feature = 5
 strength = 1.5
 apply_to = "generated"
+
+[[requests.dictionary]]
+name = "res"
+any_feature = true
 "#;
 
 /// What the C program reads: the dictionary, `weights.bin` (`u32` d, `u32` f, then `W_enc [d,f]`,
