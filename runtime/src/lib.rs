@@ -33,6 +33,7 @@
 pub mod config;
 pub mod dictionary;
 mod error;
+mod fvu;
 pub mod graph;
 pub(crate) mod kernels;
 pub mod metrics;

@@ -103,6 +103,9 @@ pub struct Metrics {
     pub l0: GaugeVec,
     /// `dictionary_fvu{dictionary}`.
     pub fvu: GaugeVec,
+    /// `fvu_samples_total{dictionary,result}`: tokens sampled for the FVU and L0 gauges, by
+    /// `measured` or `dropped` (the measuring worker's queue was full).
+    pub fvu_samples: IntCounterVec,
     /// `nonfinite_tokens_total{hook}`.
     pub nonfinite: IntCounterVec,
     /// `errors_total{kind}`.
@@ -217,6 +220,12 @@ impl Metrics {
                 "Fraction of variance unexplained on sampled tokens.",
                 &["dictionary"],
             )?,
+            fvu_samples: counter(
+                "fvu_samples_total",
+                "Tokens sampled for the FVU and L0 gauges, by result: measured off the hot path, \
+                 or dropped because the measuring worker's queue was full.",
+                &["dictionary", "result"],
+            )?,
             nonfinite: counter(
                 "nonfinite_tokens_total",
                 "Tokens whose activations were NaN or infinite.",
@@ -299,6 +308,7 @@ struct Families {
     steering_tokens: IntCounterVec,
     l0: GaugeVec,
     fvu: GaugeVec,
+    fvu_samples: IntCounterVec,
     nonfinite: IntCounterVec,
     errors: IntCounterVec,
     policy_traps: IntCounterVec,
@@ -319,6 +329,7 @@ impl Families {
             steering_tokens: self.steering_tokens,
             l0: self.l0,
             fvu: self.fvu,
+            fvu_samples: self.fvu_samples,
             nonfinite: self.nonfinite,
             errors: self.errors,
             policy_traps: self.policy_traps,
@@ -397,4 +408,8 @@ pub struct DictionaryMetrics {
     pub l0: Gauge,
     /// FVU.
     pub fvu: Gauge,
+    /// `fvu_samples_total{result="measured"}`.
+    pub measured: IntCounter,
+    /// `fvu_samples_total{result="dropped"}`.
+    pub dropped: IntCounter,
 }

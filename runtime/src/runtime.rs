@@ -11,7 +11,8 @@ use ndarray::{Array2, ArrayView2};
 use serde::Serialize;
 
 use crate::config::{Action, Aggregate, ApplyTo, Config, Op, Overrides, SteerConfig, Window};
-use crate::dictionary::{Activation, DictionaryFile, Kind, Meta, split_hooks};
+use crate::dictionary::{Activation, DictionaryFile, InputNorm, Kind, Meta, split_hooks};
+use crate::fvu::{Meter, Reconstruct, Sample, Sampler, Worker};
 use crate::metrics::{DictionaryMetrics, FeatureMetrics, HookMetrics, Metrics};
 use crate::native::SlicedEncoder;
 use crate::session::{Backend, Dictionary, SessionOptions};
@@ -164,17 +165,13 @@ struct DictState {
     active_above: f32,
     sliced: Option<SlicedEncoder>,
     feature_metrics: Vec<FeatureMetrics>,
-    gauges: Option<DictionaryMetrics>,
-    fvu: Mutex<FvuWindow>,
-}
-
-#[derive(Default)]
-struct FvuWindow {
-    n: usize,
-    err: f64,
-    sum_sq: f64,
-    sum: Vec<f64>,
-    l0: f64,
+    /// The FVU and L0 gauges (none for a probe, which reconstructs nothing).
+    meter: Option<Meter>,
+    /// Which tokens those gauges sample.
+    sampler: Sampler,
+    /// Whether the reconstruction's target is the input (SAEs, crosscoders), rather than the
+    /// activations at `hooks_out` (transcoders, CLTs).
+    target_is_input: bool,
 }
 
 struct MonitorState {
@@ -212,7 +209,6 @@ struct State {
     monitor_index: HashMap<String, usize>,
     profiles: HashMap<String, Vec<SteerConfig>>,
     hooks: HashMap<String, HookPlan>,
-    sample_every: u64,
     /// The `[[vector]]` directions, read once at load: no request reaches a file.
     vectors: HashMap<String, Arc<Vec<f32>>>,
     /// What requests' overrides may change.
@@ -350,10 +346,21 @@ impl State {
                 })
                 .collect();
             // A probe has no reconstruction: no FVU or L0 series.
-            let gauges = meta.has_decoder().then(|| DictionaryMetrics {
-                l0: metrics.l0.with_label_values(&[dc.name.as_str()]),
-                fvu: metrics.fvu.with_label_values(&[dc.name.as_str()]),
+            let meter = meta.has_decoder().then(|| {
+                let name = dc.name.as_str();
+                Meter::new(DictionaryMetrics {
+                    l0: metrics.l0.with_label_values(&[name]),
+                    fvu: metrics.fvu.with_label_values(&[name]),
+                    measured: metrics.fvu_samples.with_label_values(&[name, "measured"]),
+                    dropped: metrics.fvu_samples.with_label_values(&[name, "dropped"]),
+                })
             });
+            let every = if config.runtime.fvu_sample_rate > 0.0 && meta.has_decoder() {
+                (1.0 / config.runtime.fvu_sample_rate).round().max(1.0) as u64
+            } else {
+                0
+            };
+            let target_is_input = matches!(meta.kind, Kind::Sae | Kind::Crosscoder | Kind::Vector);
             let dict = Dictionary::from_file(file, &opts)?;
             let active_above = if meta.activation == Activation::Sigmoid {
                 0.5
@@ -373,8 +380,9 @@ impl State {
                 active_above,
                 sliced,
                 feature_metrics,
-                gauges,
-                fvu: Mutex::new(FvuWindow::default()),
+                meter,
+                sampler: Sampler::new(every),
+                target_is_input,
             });
         }
         let mut monitors = Vec::new();
@@ -488,11 +496,6 @@ impl State {
         });
         let mut state = Self {
             names,
-            sample_every: if config.runtime.fvu_sample_rate > 0.0 {
-                (1.0 / config.runtime.fvu_sample_rate).round().max(1.0) as u64
-            } else {
-                0
-            },
             policies: Vec::new(),
             vectors: HashMap::new(),
             requests: crate::overrides::RequestPolicy::new(&config),
@@ -601,7 +604,7 @@ impl State {
                         };
                         (
                             None,
-                            vec![(s.hook.clone().unwrap_or_default(), u)],
+                            vec![(s.hook.clone().unwrap_or_default(), u, None)],
                             param.unwrap_or(0.0),
                             0,
                         )
@@ -650,13 +653,22 @@ impl State {
                                 .slice(ndarray::s![layer * d_out..(layer + 1) * d_out])
                                 .to_vec();
                             // `add` may ask for the unit row; `project_cap` always caps the projection on it.
-                            if (s.op == Op::Add && s.normalize) || s.op == Op::ProjectCap {
+                            let unit = (s.op == Op::Add && s.normalize) || s.op == Op::ProjectCap;
+                            if unit {
                                 let n = dir.iter().map(|v| v * v).sum::<f32>().sqrt();
                                 if n > 0.0 {
                                     dir.iter_mut().for_each(|v| *v /= n);
                                 }
                             }
-                            targets.push((h.clone(), dir));
+                            // The reconstruction of a dictionary that normalises its input is
+                            // un-normalised, so the decoder row moves the model's activations by
+                            // the token's output gain times the row: scaled per token when edited.
+                            // A unit direction is the same whichever the gain.
+                            let gain = (!unit
+                                && d.meta.denormalizes_output()
+                                && d.meta.input_norm != InputNorm::None)
+                                .then_some(layer);
+                            targets.push((h.clone(), dir, gain));
                         }
                         if targets.is_empty() {
                             return Err(Error::invalid(
@@ -680,7 +692,7 @@ impl State {
                         (Some(di), targets, param.unwrap_or(0.0), f)
                     }
                 };
-            for (k, (hook, direction)) in targets.into_iter().enumerate() {
+            for (k, (hook, direction, gain_layer)) in targets.into_iter().enumerate() {
                 out.push(Rule {
                     counter: counter.clone(),
                     name: name.clone(),
@@ -692,6 +704,7 @@ impl State {
                     param,
                     direction_max: direction.iter().fold(0.0, |m, v| m.max(v.abs())),
                     direction: Arc::new(direction),
+                    gain_layer,
                     hook,
                     counts: k == 0,
                     apply_to: s.apply_to,
@@ -771,8 +784,9 @@ fn original_id(meta: &Meta, c: u32) -> u32 {
         .unwrap_or(c)
 }
 
-/// Where a rule writes: a hook and the direction added there.
-type Target = (String, Vec<f32>);
+/// Where a rule writes: a hook, the direction added there, and the input layer whose output gain
+/// scales it per token ([`Rule::gain_layer`]).
+type Target = (String, Vec<f32>, Option<usize>);
 
 /// Reads a steering direction: row `index` of a `.npy` (`[d]` or `[n, d]`), or layer `index` of a
 /// GGUF control vector.
@@ -1050,6 +1064,9 @@ struct Scratch {
     full_scratch: crate::native::Scratch,
     /// By dictionary index: the activations computed at its input hook during this step.
     pending: Vec<Pending>,
+    /// By dictionary index: the rows sampled for its FVU at its input hook during this step,
+    /// waiting for the activations it reconstructs (transcoders, CLTs).
+    fvu: Vec<FvuRows>,
     /// The `(feature, value)` pairs handed to a policy for one token.
     pairs: Vec<(u32, f32)>,
     /// The per-feature counts of this buffer's steps, shared with the scrape (registered in
@@ -1080,6 +1097,19 @@ impl Locals {
     }
 }
 
+/// Tokens sampled for a dictionary's FVU whose target is read at later hooks of the step.
+#[derive(Default)]
+struct FvuRows {
+    /// The sampled tokens (empty: none waiting).
+    rows: Vec<usize>,
+    /// `[rows, input width]`.
+    input: Vec<f32>,
+    /// `[rows, output layers·d_out]`, filled layer by layer.
+    target: Vec<f32>,
+    /// Which output layers `target` holds.
+    seen: Vec<bool>,
+}
+
 #[derive(Default)]
 struct Pending {
     valid: bool,
@@ -1093,9 +1123,23 @@ struct Pending {
     /// A crosscoder's input layers gathered so far in this step, `[n, layers·d_in]`.
     stash: Vec<f32>,
     stash_finite: Vec<bool>,
+    /// `[n, input layers]`: each token's output gain ([`InputNorm::output_gain`]) at each input
+    /// layer, for a dictionary that normalises its input and un-normalises its reconstruction
+    /// (empty otherwise).
+    gains: Vec<f32>,
+    gain_layers: usize,
 }
 
 impl Pending {
+    /// Token `t`'s coefficient `c` of `rule` moved into the model's space: times its output gain
+    /// when the rule's direction is a raw decoder row of a normalising dictionary.
+    fn in_model_space(&self, t: usize, rule: &Rule, c: f32) -> f32 {
+        match rule.gain_layer {
+            Some(l) => c * self.gains[t * self.gain_layers + l],
+            None => c,
+        }
+    }
+
     /// Token `t`'s activation of `rule`'s feature.
     fn get(&self, t: usize, rule: &Rule) -> f32 {
         match (rule.position, &self.full) {
@@ -1112,7 +1156,9 @@ pub struct Runtime {
     requests: RwLock<HashMap<u64, Arc<Mutex<Request>>>>,
     metrics: Metrics,
     generation: AtomicU64,
-    sampled: AtomicU64,
+    /// Measures the sampled tokens' reconstructions off the hot path (`None` if its thread could
+    /// not start: the gauges then stay unset, and nothing else changes).
+    fvu: Option<Worker>,
     /// Step buffers between steps.
     scratch: Mutex<Vec<Scratch>>,
     /// The per-feature counts of every step buffer, which a scrape flushes first.
@@ -1126,6 +1172,15 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// Waits until the worker has measured every token sampled for the FVU and L0 gauges so far
+    /// (the hook never waits for it): for tests, and for a host that reads the gauges at a
+    /// point it chooses.
+    pub fn wait_for_fvu(&self) {
+        if let Some(w) = &self.fvu {
+            w.flush();
+        }
+    }
+
     /// Builds a runtime from a config file.
     pub fn from_config_file(path: impl AsRef<Path>) -> Result<Self> {
         Self::new(Config::from_file(path)?)
@@ -1158,7 +1213,7 @@ impl Runtime {
             requests: RwLock::new(HashMap::new()),
             metrics,
             generation: AtomicU64::new(1),
-            sampled: AtomicU64::new(0),
+            fvu: Worker::start().ok(),
             scratch: Mutex::default(),
             locals,
         })
@@ -1470,6 +1525,11 @@ impl Step<'_> {
             r.tokens += 1;
         }
         sc.pending.resize_with(state.dicts.len(), Pending::default);
+        // Rows sampled in an earlier step whose targets never came are dropped.
+        sc.fvu.resize_with(state.dicts.len(), FvuRows::default);
+        for f in &mut sc.fvu {
+            f.rows.clear();
+        }
         for p in &mut sc.pending {
             p.valid = false;
         }
@@ -1553,7 +1613,7 @@ impl Step<'_> {
 #[allow(clippy::too_many_arguments)]
 fn process(
     rt: &Runtime,
-    state: &State,
+    state: &Arc<State>,
     plan: &HookPlan,
     sc: &mut Scratch,
     name: &str,
@@ -1566,23 +1626,24 @@ fn process(
     sc.bound.clear();
     sc.edited.clear();
     sc.edited.resize(n, false);
+    collect_targets(rt, state, plan, sc, name, x);
     for &(di, layer) in &plan.reads {
         let d = &state.dicts[di];
         let layers = d.hooks_in.len();
         if layers == 1 {
-            let sample = sample_now(rt, state, di, n);
             let full = needs_full(sc, di);
             // The sliced encoder reads the activations as they are, so their statistics can wait
             // until after the encode: activations just copied from a GPU come from memory, and
             // that first read then overlaps the encode's arithmetic instead of preceding it; the
             // statistics then find them in cache.
             let as_is = !full && d.sliced.as_ref().is_some_and(|s| s.reads_input_as_is());
-            if sample || !as_is {
+            if !as_is {
                 input_stats(plan, sc, width, x);
             }
-            let r = encode(rt, state, sc, di, width, x, sample, full);
+            let r = encode(rt, state, sc, di, width, x, full);
             input_stats(plan, sc, width, x);
             r?;
+            sample(rt, state, sc, di, width, x);
         } else {
             input_stats(plan, sc, width, x);
             // A crosscoder: keep each layer's rows until the last layer arrives, then encode all.
@@ -1610,8 +1671,11 @@ fn process(
             for t in 0..n {
                 sc.finite[t] &= sc.pending[di].stash_finite[t];
             }
-            let (sample, full) = (sample_now(rt, state, di, n), needs_full(sc, di));
-            let r = encode(rt, state, sc, di, row, &stash, sample, full);
+            let full = needs_full(sc, di);
+            let r = encode(rt, state, sc, di, row, &stash, full);
+            if r.is_ok() {
+                sample(rt, state, sc, di, row, &stash);
+            }
             sc.pending[di].stash = stash;
             sc.pending[di].stash.clear();
             r?;
@@ -1654,13 +1718,117 @@ fn input_stats(plan: &HookPlan, sc: &mut Scratch, width: usize, x: &[f32]) {
     plan.metrics.tokens.inc_by(n as u64);
 }
 
-/// Whether this call samples dictionary `di`'s reconstruction error: when it crosses a multiple
-/// of `sample_every` tokens.
-fn sample_now(rt: &Runtime, state: &State, di: usize, n: usize) -> bool {
-    state.sample_every > 0 && state.dicts[di].meta.has_decoder() && {
-        let c = rt.sampled.fetch_add(n as u64, Ordering::Relaxed);
-        let every = state.sample_every;
-        c.checked_div(every) != (c + n as u64).checked_div(every)
+/// Picks the tokens of this call that dictionary `di`'s FVU and L0 gauges sample and copies
+/// their rows of `xs` (`[n, width]`, the input as the dictionary read it) out: to the worker at
+/// once when the reconstruction's target is the input, else into the step's buffer until the
+/// dictionary's `hooks_out` have been read ([`collect_targets`]).
+fn sample(rt: &Runtime, state: &Arc<State>, sc: &mut Scratch, di: usize, width: usize, xs: &[f32]) {
+    let d = &state.dicts[di];
+    let n = sc.tokens.len();
+    let (Some(_), Some(worker)) = (&d.meter, &rt.fvu) else {
+        return;
+    };
+    let Some((first, every)) = d.sampler.pick(n) else {
+        return;
+    };
+    let rows: Vec<usize> = (first..n).step_by(every).filter(|&t| sc.finite[t]).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let mut input = Vec::with_capacity(rows.len() * width);
+    for &t in &rows {
+        input.extend_from_slice(&xs[t * width..(t + 1) * width]);
+    }
+    if d.target_is_input {
+        submit(rt, worker, state, di, rows.len(), input, None);
+    } else {
+        let outs = d.hooks_out.len();
+        let f = &mut sc.fvu[di];
+        f.target.clear();
+        f.target.resize(rows.len() * outs * d.meta.d_out, 0.0);
+        f.seen = vec![false; outs];
+        f.rows = rows;
+        f.input = input;
+    }
+}
+
+/// At hook `name`, before any edit: copies the rows sampled at the input of each dictionary that
+/// writes here and reconstructs this hook's activations (a transcoder's or CLT's `hook_out`), and
+/// hands them to the worker once every output layer has been read.
+fn collect_targets(rt: &Runtime, state: &Arc<State>, plan: &HookPlan, sc: &mut Scratch, name: &str, x: &[f32]) {
+    let Some(worker) = &rt.fvu else {
+        return;
+    };
+    for &di in &plan.writes {
+        let d = &state.dicts[di];
+        let f = &mut sc.fvu[di];
+        if f.rows.is_empty() || d.target_is_input || d.meter.is_none() {
+            continue;
+        }
+        let (outs, w) = (d.hooks_out.len(), d.meta.d_out);
+        for (l, _) in d.hooks_out.iter().enumerate().filter(|(_, h)| *h == name) {
+            for (k, &t) in f.rows.iter().enumerate() {
+                let at = (k * outs + l) * w;
+                f.target[at..at + w].copy_from_slice(&x[t * w..(t + 1) * w]);
+            }
+            f.seen[l] = true;
+        }
+        if f.seen.iter().all(|s| *s) {
+            let n = f.rows.len();
+            f.rows.clear();
+            let (input, target) = (std::mem::take(&mut f.input), std::mem::take(&mut f.target));
+            submit(rt, worker, state, di, n, input, Some(target));
+        }
+    }
+}
+
+/// Queues the measurement of `n` sampled tokens of dictionary `di` (`input` `[n, input width]`;
+/// `target` `[n, output width]`, or `None` when the target is the input); the worker counts
+/// them dropped when its queue is full.
+fn submit(
+    rt: &Runtime,
+    worker: &Worker,
+    state: &Arc<State>,
+    di: usize,
+    n: usize,
+    input: Vec<f32>,
+    target: Option<Vec<f32>>,
+) {
+    worker.submit(Sample {
+        key: (Arc::as_ptr(state) as usize, di),
+        source: Arc::new(Sampled {
+            state: state.clone(),
+            di,
+            errors: rt.metrics.errors.with_label_values(&["encode"]),
+        }),
+        input,
+        target,
+        n,
+    });
+}
+
+/// A dictionary of a state, as the FVU worker measures it.
+struct Sampled {
+    state: Arc<State>,
+    di: usize,
+    errors: prometheus::IntCounter,
+}
+
+impl Reconstruct for Sampled {
+    fn reconstruct(&self, x: ArrayView2<'_, f32>) -> Option<(Array2<f32>, Array2<f32>)> {
+        let r = self.state.dicts[self.di].dict.encode_decode(x);
+        if r.is_err() {
+            self.errors.inc();
+        }
+        r.ok()
+    }
+
+    fn meter(&self) -> &Meter {
+        // Only dictionaries with a meter are sampled.
+        self.state.dicts[self.di]
+            .meter
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a sampled dictionary has a meter"))
     }
 }
 
@@ -1714,6 +1882,16 @@ fn edit(sc: &mut Scratch, name: &str, width: usize, di: Option<usize>, x: &mut [
             let Some(c) = rule.coefficient(f, row) else {
                 continue;
             };
+            let c = match di {
+                Some(di) if rule.gain_layer.is_some() => {
+                    let c = sc.pending[di].in_model_space(t, rule, c);
+                    if c == 0.0 || !c.is_finite() {
+                        continue;
+                    }
+                    c
+                }
+                _ => c,
+            };
             let applied = match rule.fast_bound(c, sc.bound[t]) {
                 Some(bound) => {
                     sc.bound[t] = bound;
@@ -1766,7 +1944,7 @@ impl<'a> Waiting<'a> {
 }
 
 /// Computes dictionary `di`'s features for every token into `sc.pending[di]` (unspecified for
-/// non-finite tokens, which every reader skips); `sample` from [`sample_now`], `needs_full` from [`needs_full`] (a request's own rules
+/// non-finite tokens, which every reader skips); `needs_full` from [`needs_full`] (a request's own rules
 /// name features outside the slice: then the full dictionary runs).
 #[allow(clippy::too_many_arguments)]
 fn encode(
@@ -1776,7 +1954,6 @@ fn encode(
     di: usize,
     width: usize,
     xs: &[f32],
-    sample: bool,
     needs_full: bool,
 ) -> Result<()> {
     let d = &state.dicts[di];
@@ -1785,7 +1962,7 @@ fn encode(
     let native = d.sliced.as_ref().filter(|_| !needs_full);
     let full_native = d.dict.native();
     let ort = native.is_none() && (m > 0 || needs_full) && full_native.is_none();
-    if sample || ort {
+    if ort {
         // The input with non-finite tokens zeroed, for ONNX Runtime.
         sc.enc_in.clear();
         sc.enc_in.extend_from_slice(xs);
@@ -1798,6 +1975,18 @@ fn encode(
     let p = &mut sc.pending[di];
     p.valid = true;
     p.m = m;
+    p.gains.clear();
+    if d.meta.denormalizes_output() && d.meta.input_norm != InputNorm::None {
+        // The gains of the input as the dictionary reads it, before this hook's edits.
+        let layers = d.hooks_in.len();
+        let d_in = d.meta.d_in;
+        p.gain_layers = layers;
+        p.gains.extend(
+            xs.chunks_exact(d_in.max(1))
+                .take(n * layers)
+                .map(|row| d.meta.input_norm.output_gain(row)),
+        );
+    }
     p.named.clear();
     p.named.resize(n * m, 0.0);
     if let Some(full) = p.full.take() {
@@ -1807,9 +1996,6 @@ fn encode(
         ArrayView2::from_shape((n, width), &sc.enc_in)
             .map_err(|e| Error::tensor("activations", e.to_string()))
     };
-    if sample {
-        measure_fvu(rt, d, x()?, &sc.finite);
-    }
     match (native, full_native) {
         (Some(s), _) => {
             // No statistics yet when it reads the input as it is (see `process`).
@@ -1859,48 +2045,6 @@ fn encode(
         }
     }
     Ok(())
-}
-
-fn measure_fvu(rt: &Runtime, d: &DictState, x: ArrayView2<'_, f32>, finite: &[bool]) {
-    let Ok((acts, recon)) = d.dict.encode_decode(x) else {
-        rt.metrics.error("encode");
-        return;
-    };
-    let mut w = d.fvu.lock().unwrap_or_else(|p| p.into_inner());
-    if w.sum.len() != x.ncols() {
-        *w = FvuWindow {
-            sum: vec![0.0; x.ncols()],
-            ..FvuWindow::default()
-        };
-    }
-    for t in (0..x.nrows()).filter(|&t| finite[t]) {
-        let (xr, rr) = (x.row(t), recon.row(t));
-        w.err += xr
-            .iter()
-            .zip(rr.iter())
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum::<f64>();
-        w.sum_sq += xr.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
-        for (s, a) in w.sum.iter_mut().zip(xr.iter()) {
-            *s += f64::from(*a);
-        }
-        w.l0 += acts.row(t).iter().filter(|v| **v > 0.0).count() as f64;
-        w.n += 1;
-    }
-    if w.n >= 32 {
-        let n = w.n as f64;
-        let var = w.sum_sq - w.sum.iter().map(|s| s * s).sum::<f64>() / n;
-        if let Some(g) = &d.gauges {
-            if var > 0.0 {
-                g.fvu.set(w.err / var);
-            }
-            g.l0.set(w.l0 / n);
-        }
-        *w = FvuWindow {
-            sum: vec![0.0; x.ncols()],
-            ..FvuWindow::default()
-        };
-    }
 }
 
 /// The largest of `row[p]` for `p` in `positions` (NaN skipped; -inf when there is none), in

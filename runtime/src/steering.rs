@@ -29,6 +29,11 @@ pub struct Rule {
     pub direction: Arc<Vec<f32>>,
     /// `max|direction|`.
     pub direction_max: f32,
+    /// `Some(layer)`: the direction is a raw decoder row of a dictionary whose reconstruction is
+    /// un-normalised, and each token's coefficient is multiplied by that token's output gain at
+    /// the dictionary's input `layer` ([`crate::InputNorm::output_gain`]), so that the edit is
+    /// `decode(f') − decode(f)` in the model's space. `None`: the direction is already in it.
+    pub gain_layer: Option<usize>,
     /// The hook it writes.
     pub hook: String,
     /// Whether edits by this rule count in the metrics and the summary (a feature that writes

@@ -156,6 +156,34 @@ pub enum InputNorm {
 /// The epsilon of [`InputNorm::LayerNorm`], added to the standard deviation.
 pub const LAYER_NORM_EPS: f64 = 1e-5;
 
+impl InputNorm {
+    /// The factor the un-normalisation multiplies a reconstruction of `row` (one token of one
+    /// layer, as the dictionary reads it) by: `1/s` for `scale:s`, `‖x‖/√d` for `norm_rescale`,
+    /// the unbiased standard deviation for `layer_norm` (undone as `y·σ + μ`, as the reference
+    /// does), 1 for none. A feature edit moves the model's activations by its decoder row times
+    /// this (docs: the steering semantics under normalisation).
+    pub fn output_gain(self, row: &[f32]) -> f32 {
+        let d = row.len() as f64;
+        match self {
+            Self::None => 1.0,
+            Self::Scale(s) => 1.0 / s,
+            Self::NormRescale => {
+                let sq = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+                (sq.sqrt() / d.sqrt()) as f32
+            }
+            Self::LayerNorm => {
+                let mu = row.iter().map(|&v| f64::from(v)).sum::<f64>() / d;
+                let var = row
+                    .iter()
+                    .map(|&v| (f64::from(v) - mu) * (f64::from(v) - mu))
+                    .sum::<f64>()
+                    / (d - 1.0).max(1.0);
+                var.sqrt() as f32
+            }
+        }
+    }
+}
+
 impl fmt::Display for InputNorm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

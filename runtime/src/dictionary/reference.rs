@@ -147,6 +147,31 @@ pub fn encode_decode(
 ) -> (Array2<f64>, Array2<f64>) {
     let (pre, xw, norm) = pre_acts(meta, w, x);
     let acts = activate(meta, w, &pre, &xw);
+    let y = reconstruct(meta, w, x, &acts, &norm);
+    (acts, y)
+}
+
+/// The reconstruction of `x` from the feature activations `acts` (`[batch, d_sae]`, which need not
+/// be `x`'s own: a steering edit is `decode(x, f') − decode(x, f)`), un-normalised with `x`'s
+/// statistics as [`encode_decode`] does.
+pub fn decode(
+    meta: &Meta,
+    w: &Weights,
+    x: ArrayView2<'_, f32>,
+    acts: &Array2<f64>,
+) -> Array2<f64> {
+    let mut xn = x.mapv(f64::from);
+    let norm = normalize(meta, &mut xn);
+    reconstruct(meta, w, x, acts, &norm)
+}
+
+fn reconstruct(
+    meta: &Meta,
+    w: &Weights,
+    x: ArrayView2<'_, f32>,
+    acts: &Array2<f64>,
+    norm: &Norm,
+) -> Array2<f64> {
     let mut y = acts.dot(&to64(&w.w_dec)) + w.b_dec.mapv(f64::from);
     if meta.denormalizes_output() && meta.input_norm != InputNorm::None {
         let d = meta.d_out;
@@ -165,5 +190,5 @@ pub fn encode_decode(
         }
         y += &skip;
     }
-    (acts, y)
+    y
 }
