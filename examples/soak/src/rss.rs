@@ -12,9 +12,10 @@
 //! debug and a release build. The run fails when both
 //! - the slope is over `limit` bytes per step, and
 //! - the growth the line draws over the window is over `allowance` bytes: the allocator's own
-//!   swings after warm-up (runs of 60 s: up to 16 MiB peak to peak around 300 MiB, back and
-//!   forth) draw a line of up to 1.5 times their height when the window happens to start low and
-//!   end high, which a short window would read as many bytes per step.
+//!   swings after warm-up (debug runs of 60 and 180 s: up to 19 MiB peak to peak around 300 MiB,
+//!   back and forth, with no trend: +1.6 bytes per step over the second half of 180 s) draw a
+//!   line of up to 1.5 times their height when the window happens to start low and end high,
+//!   which a short window would read as many bytes per step.
 //!
 //! So the smallest leak a run can catch is `max(limit, allowance / steps in the window)` bytes per
 //! step: the long run catches `limit`, a 10 s run a few KiB. A run whose window is too short to
@@ -44,7 +45,7 @@ pub const MIN_SAMPLES: usize = 8;
 /// A run whose window cannot catch a leak of this many bytes per step is not judged.
 pub const MAX_UNSEEN: f64 = 4096.0;
 /// The default allowance: fitted growth over the window that the allocator alone can draw.
-pub const ALLOWANCE: f64 = 32.0 * 1024.0 * 1024.0;
+pub const ALLOWANCE: f64 = 48.0 * 1024.0 * 1024.0;
 
 /// What the samples say.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,11 +144,11 @@ mod tests {
     }
 
     /// The shape of the soak's samples (`--rss-csv`, debug build, 60 s): from 280 MiB up by
-    /// about 25 MiB in steps over the first seconds, then swings of 16 MiB up and down.
+    /// about 25 MiB in steps over the first seconds, then swings of 19 MiB up and down.
     fn healthy(t: f64) -> f64 {
         let rise = 25_600.0 * (1.0 - (-t / 1.5).exp());
         let swing = if (t / 6.5) as u64 % 2 == 1 {
-            16_384.0
+            19_456.0
         } else {
             0.0
         };
@@ -169,10 +170,10 @@ mod tests {
 
     #[test]
     fn the_worst_swing_holds() {
-        // Low for the first half of the window, 16 MiB higher for the second: a fitted growth of
-        // 24 MiB, within the allowance, though it is 1,300 bytes per step over 19,000 steps.
+        // Low for the first half of the window, 19 MiB higher for the second: a fitted growth of
+        // 28.5 MiB, within the allowance, though it is 1,500 bytes per step over 19,000 steps.
         let s = run(10.0, 3800.0, |t, _| {
-            300_000.0 + if t >= 7.5 { 16_384.0 } else { 0.0 }
+            300_000.0 + if t >= 7.5 { 19_456.0 } else { 0.0 }
         });
         let j = judge(&s, LIMIT, ALLOWANCE);
         assert!(j.bytes_per_step > 1000.0, "{j:?}");
@@ -230,7 +231,7 @@ mod tests {
 
     #[test]
     fn too_few_steps_or_samples_are_not_judged() {
-        // 10 s at 500 steps per second: the window catches only leaks of 13 KiB per step.
+        // 10 s at 500 steps per second: the window catches only leaks of 20 KiB per step.
         let s = run(10.0, 500.0, |t, steps| healthy(t) + steps as f64 * 8.0);
         assert!(matches!(
             judge(&s, LIMIT, ALLOWANCE).verdict,
