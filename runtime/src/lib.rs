@@ -36,6 +36,7 @@ mod error;
 mod fvu;
 pub mod graph;
 pub(crate) mod kernels;
+mod logging;
 pub mod metrics;
 mod native;
 pub mod onnxruntime;

@@ -132,6 +132,9 @@ pub struct Policy {
     disabled: AtomicBool,
     instances: Vec<Mutex<Instance1>>,
     traps: [IntCounter; 4],
+    /// Failures are logged at most once a second: a policy that fails on every token would
+    /// otherwise flood the log (the counter has them all).
+    log_throttle: crate::logging::Throttle,
 }
 
 impl std::fmt::Debug for Policy {
@@ -279,6 +282,7 @@ impl Policy {
             disabled: AtomicBool::new(false),
             instances,
             traps,
+            log_throttle: crate::logging::Throttle::new(),
         })
     }
 
@@ -296,7 +300,25 @@ impl Policy {
     fn failed(&self, why: Failure) -> bool {
         self.traps[Failure::ALL.iter().position(|f| *f == why).unwrap_or(0)].inc();
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        n >= self.max_failures && !self.disabled.swap(true, Ordering::Relaxed)
+        let disabled_now = n >= self.max_failures && !self.disabled.swap(true, Ordering::Relaxed);
+        let (policy, reason) = (self.name.as_str(), why.as_str());
+        if disabled_now {
+            tracing::warn!(
+                policy,
+                reason,
+                failures = n,
+                "policy disabled after repeated failures"
+            );
+        } else if let Some(suppressed) = self.log_throttle.admit() {
+            tracing::warn!(
+                policy,
+                reason,
+                suppressed,
+                fail_closed = self.fail_closed,
+                "policy call failed"
+            );
+        }
+        disabled_now
     }
 
     fn succeeded(&self) {

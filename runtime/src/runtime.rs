@@ -1266,18 +1266,22 @@ impl Runtime {
 
     /// Swaps in a new config (see [`Runtime::reload`]).
     pub fn reload_config(&self, config: Result<Config>) -> Result<()> {
+        let source = config.as_ref().ok().and_then(|c| c.source.clone());
         let built = config.and_then(|c| {
             let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
             State::build(c, g, &self.metrics)
         });
         match built {
             Ok(s) => {
+                let generation = s.generation;
                 *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
                 self.metrics.reloads.with_label_values(&["accepted"]).inc();
+                crate::logging::reload_accepted(source.as_deref(), generation);
                 Ok(())
             }
             Err(e) => {
                 self.metrics.reloads.with_label_values(&["rejected"]).inc();
+                crate::logging::reload_rejected(source.as_deref(), &e);
                 Err(e)
             }
         }
@@ -1285,6 +1289,17 @@ impl Runtime {
 
     /// Begins request `id` with a profile (or none) and optional JSON overrides.
     pub fn begin_request(
+        &self,
+        id: u64,
+        profile: Option<&str>,
+        overrides: Option<&str>,
+    ) -> Result<()> {
+        // Every refusal is logged here, by kind and field only: see `logging`.
+        self.begin_request_checked(id, profile, overrides)
+            .inspect_err(crate::logging::request_refused)
+    }
+
+    fn begin_request_checked(
         &self,
         id: u64,
         profile: Option<&str>,
@@ -1372,6 +1387,7 @@ impl Runtime {
     /// The error for a request id that is not running, counted.
     fn unknown_request(&self, id: u64) -> Error {
         self.metrics.error("unknown_request");
+        crate::logging::unknown_request(id);
         Error::Unknown {
             what: "request",
             name: id.to_string(),
@@ -1549,11 +1565,13 @@ impl Step<'_> {
         let state = self.state.clone();
         let Some(plan) = state.hooks.get(name) else {
             rt.metrics.error("unknown_hook");
-            return Err(Error::Unknown {
+            let e = Error::Unknown {
                 what: "hook",
                 name: name.to_string(),
                 message: "no dictionary or rule is attached to it".into(),
-            });
+            };
+            crate::logging::hook_error("unknown_hook", name, &e);
+            return Err(e);
         };
         let Some(sc) = self.sc.as_mut() else {
             return Ok(());
@@ -1562,14 +1580,16 @@ impl Step<'_> {
         let width = plan.width;
         if acts.len() != n * width {
             rt.metrics.error("shape");
-            return Err(Error::tensor(
+            let e = Error::tensor(
                 name,
                 format!(
                     "holds {} values; {n} tokens × width {width} = {} expected",
                     acts.len(),
                     n * width
                 ),
-            ));
+            );
+            crate::logging::hook_error("shape", name, &e);
+            return Err(e);
         }
         // f32 host memory is read and edited where it lies; f16/bf16 go through an f32 buffer.
         let mut buf = std::mem::take(&mut sc.x);
@@ -2035,7 +2055,10 @@ fn encode(
             let enc = d
                 .dict
                 .encode(x()?)
-                .inspect_err(|_| rt.metrics.error("encode"))?;
+                .inspect_err(|e| {
+                    rt.metrics.error("encode");
+                    crate::logging::encode_failed(&d.name, e);
+                })?;
             for t in 0..n {
                 for (j, &f) in d.features.iter().enumerate() {
                     p.named[t * m + j] = enc.acts[[t, f as usize]];

@@ -45,13 +45,14 @@ fn modified(path: &PathBuf) -> Option<SystemTime> {
 
 impl Runtime {
     /// Watches the config file the runtime was built from and reloads it when it changes (polled
-    /// every `interval`). A broken file is reported through `tiller_config_reloads_total` and the
-    /// running state keeps serving. The watcher stops when the returned [`Service`] or the runtime
+    /// every `interval`). A broken file is reported through `tiller_config_reloads_total` and an
+    /// error event naming the file, line and key, and the running state keeps serving. The watcher stops when the returned [`Service`] or the runtime
     /// is dropped.
     pub fn watch_config(self: &Arc<Self>, interval: Duration) -> Result<Service> {
         let path = self.config().source.ok_or_else(|| {
             Error::invalid("watch", "the runtime was not built from a config file")
         })?;
+        let file = path.display().to_string();
         let weak: Weak<Runtime> = Arc::downgrade(self);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -65,6 +66,7 @@ impl Runtime {
                     if now != last {
                         last = now;
                         let Some(rt) = weak.upgrade() else { break };
+                        // `reload` counts and logs either outcome; nobody here can act on it.
                         let _ = rt.reload(Some(&path));
                     }
                 }
@@ -72,6 +74,11 @@ impl Runtime {
             .map_err(|e| {
                 Error::invalid("watch", format!("cannot start the watcher thread: {e}"))
             })?;
+        tracing::info!(
+            file,
+            interval_ms = interval.as_millis() as u64,
+            "watching the config file"
+        );
         Ok(Service {
             stop,
             thread: Some(thread),
@@ -99,7 +106,9 @@ impl Runtime {
                     }
                     let Ok(conn) = conn else { continue };
                     let Some(rt) = weak.upgrade() else { break };
-                    let _ = respond(&rt, conn);
+                    if let Err(e) = respond(&rt, conn) {
+                        tracing::debug!(error = %e, "a metrics scrape failed");
+                    }
                 }
             })
             .map_err(|e| {
@@ -108,6 +117,7 @@ impl Runtime {
                     format!("cannot start the listener thread: {e}"),
                 )
             })?;
+        tracing::info!(addr = %local, "serving /metrics and /healthz");
         Ok(Service {
             stop,
             thread: Some(thread),

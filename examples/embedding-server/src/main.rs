@@ -71,6 +71,13 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    // Logs on stderr, filtered by RUST_LOG (default info).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     match Cli::parse().command {
         Cmd::Serve {
             config,

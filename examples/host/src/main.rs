@@ -78,6 +78,13 @@ apply_to = "generated"
 "#;
 
 fn main() -> Result<()> {
+    // Logs on stderr, filtered by RUST_LOG (default info).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let dir = PathBuf::from(
         std::env::var("TILLER_DEMO_DIR").unwrap_or_else(|_| "target/host-example".into()),
     );
