@@ -108,9 +108,20 @@ struct EmbeddingRequest {
 }
 
 fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    refusal(status, kind, message, None, None)
+}
+
+/// OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`.
+fn refusal(
+    status: StatusCode,
+    kind: &str,
+    message: impl Into<String>,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
     (
         status,
-        Json(json!({"error": {"message": message.into(), "type": kind}})),
+        Json(json!({"error": {"message": message.into(), "type": kind, "param": param, "code": code}})),
     )
         .into_response()
 }
@@ -118,15 +129,30 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
 async fn embeddings(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     state.http_requests.fetch_add(1, Ordering::Relaxed);
+    // A body over `MAX_BODY_BYTES` is answered in OpenAI's shape too (413), not as plain text.
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => {
+            state.http_errors.fetch_add(1, Ordering::Relaxed);
+            return error(r.status(), "invalid_request_error", r.body_text());
+        }
+    };
     let resp = match parse(&headers, &body, &state) {
         Ok(job) => {
             let st = state.clone();
             match tokio::task::spawn_blocking(move || run(&st, job)).await {
                 Ok(Ok(v)) => Json(v).into_response(),
-                Ok(Err((status, kind, msg))) => error(status, kind, msg),
+                Ok(Err(Failure::Overrides { param, message })) => refusal(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    format!("{param}: {message}"),
+                    Some(&param),
+                    Some("tiller_overrides_refused"),
+                ),
+                Ok(Err(Failure::Other(status, kind, msg))) => error(status, kind, msg),
                 Err(e) => error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "server_error",
@@ -215,7 +241,14 @@ fn parse(headers: &HeaderMap, body: &[u8], state: &AppState) -> Result<Job, Stri
     })
 }
 
-type Failure = (StatusCode, &'static str, String);
+enum Failure {
+    /// The runtime refused the request's `tiller_overrides` at `param` (its field in the body).
+    Overrides {
+        param: String,
+        message: String,
+    },
+    Other(StatusCode, &'static str, String),
+}
 
 /// What [`embed`] returns: `[n, d]` embeddings, each input's token count and Tiller summary.
 #[derive(Debug)]
@@ -232,8 +265,16 @@ pub struct Embedded {
 /// Why [`embed`] failed.
 #[derive(Debug)]
 pub enum EmbedError {
-    /// The caller's fault: an unknown profile, bad overrides.
+    /// The caller's fault: an unknown profile.
     BadRequest(String),
+    /// The runtime refused the overrides ([`tiller::Error::Override`]): `field` is the path into
+    /// them (`steer[3].strength`; empty: the whole overrides).
+    Overrides {
+        /// The field.
+        field: String,
+        /// Why, naming the operator's bound where one was crossed.
+        message: String,
+    },
     /// Ours.
     Internal(anyhow::Error),
 }
@@ -242,6 +283,7 @@ impl std::fmt::Display for EmbedError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::BadRequest(m) => f.write_str(m),
+            Self::Overrides { field, message } => write!(f, "overrides `{field}`: {message}"),
             Self::Internal(e) => write!(f, "{e:#}"),
         }
     }
@@ -269,7 +311,12 @@ pub fn embed(
             for &b in &begun {
                 let _ = rt.end_request(b);
             }
-            return Err(EmbedError::BadRequest(e.to_string()));
+            return Err(match e {
+                tiller::Error::Override { field, message } => {
+                    EmbedError::Overrides { field, message }
+                }
+                e => EmbedError::BadRequest(e.to_string()),
+            });
         }
         begun.push(id);
     }
@@ -328,8 +375,20 @@ fn run(state: &AppState, job: Job) -> Result<Value, Failure> {
         job.overrides.as_deref(),
     )
     .map_err(|e| match e {
-        EmbedError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request_error", m),
-        EmbedError::Internal(e) => (
+        EmbedError::BadRequest(m) => {
+            Failure::Other(StatusCode::BAD_REQUEST, "invalid_request_error", m)
+        }
+        EmbedError::Overrides { field, message } => Failure::Overrides {
+            param: if field.is_empty() {
+                "tiller_overrides".into()
+            } else if field.starts_with('[') {
+                format!("tiller_overrides{field}")
+            } else {
+                format!("tiller_overrides.{field}")
+            },
+            message,
+        },
+        EmbedError::Internal(e) => Failure::Other(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
             format!("{e:#}"),
