@@ -24,6 +24,15 @@ use crate::metrics::DictionaryMetrics;
 /// Measurements waiting for the worker, at most: a full queue drops new samples.
 pub(crate) const QUEUE: usize = 64;
 
+/// The largest share of one core's time the worker spends measuring: after a measurement that
+/// took `d` it rests `d·(1/DUTY − 1)`, so that on a machine with few cores it cannot take the
+/// hook's core (or memory bandwidth) for long; what arrives meanwhile queues up and is measured
+/// as one batch, or is dropped and counted when the queue is full.
+const DUTY: f64 = 0.2;
+
+/// The longest rest after one measurement.
+const MAX_REST: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Sampled tokens per gauge update.
 const WINDOW: usize = 32;
 
@@ -207,7 +216,9 @@ fn run(rx: &Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let mut group: Vec<Sample> = Vec::new();
+        let mut flushed = false;
         for job in jobs {
             match job {
                 Job::Measure(s) => {
@@ -219,10 +230,16 @@ fn run(rx: &Receiver<Job>) {
                 Job::Flush(done) => {
                     measure(std::mem::take(&mut group));
                     let _ = done.send(());
+                    flushed = true;
                 }
             }
         }
         measure(group);
+        // A flush is waited for: no rest after one.
+        if !flushed {
+            let rest = started.elapsed().mul_f64(1.0 / DUTY - 1.0);
+            std::thread::sleep(rest.min(MAX_REST));
+        }
     }
 }
 

@@ -206,8 +206,8 @@ fn check(kind: Kind, norm: InputNorm, seed: u64) -> f64 {
         .unwrap();
     let cap = acts.column(i).iter().fold(0.0f64, |m, v| m.max(*v)) / 2.0;
     let cap = (cap * 1e4).round() / 1e4;
-    let mut config = format!(
-        "[runtime]\nfvu_sample_rate = 0.0\n[[dictionary]]\nname = \"d\"\npath = \"d.onnx\"\n"
+    let mut config = String::from(
+        "[runtime]\nfvu_sample_rate = 0.0\n[[dictionary]]\nname = \"d\"\npath = \"d.onnx\"\n",
     );
     for (name, body) in ops(i, cap) {
         config += &format!(
