@@ -358,6 +358,9 @@ fn overrides_and_bounded_labels() {
         "stop",
         "accepted",
         "rejected",
+        // tiller_fvu_samples_total{result}.
+        "measured",
+        "dropped",
         "shape",
         "unknown_hook",
         "unknown_request",
