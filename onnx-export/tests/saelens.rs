@@ -1,164 +1,18 @@
 //! SAELens checkpoints of every architecture, v6 and pre-6 configs, imported and run through the
-//! runtime, compared with a float64 implementation of SAELens's own maths written here from its
-//! source (sae_lens/saes/*.py): normwise relative error under 1e-5, TopK indices identical.
+//! runtime, compared with a float64 implementation of SAELens's own maths written from its source
+//! (sae_lens/saes/*.py) in `tests/common/saelens.rs`: normwise relative error under 1e-5, TopK
+//! indices identical.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::{Rng, Tensors, m2, rel_err, v1, write_saelens};
-use ndarray::{Array2, Axis};
+use common::saelens::{Sae, reference as saelens_reference, tensors, v6};
+use common::{Rng, rel_err, write_saelens};
 use safetensors::Dtype;
 use serde_json::json;
 use tiller::{Dictionary, SessionOptions};
 
 const TOL: f64 = 1e-5;
-
-/// What the reference needs to know about a checkpoint, in SAELens's own terms.
-struct Sae {
-    arch: &'static str,
-    k: usize,
-    apply_b_dec_to_input: bool,
-    norm: &'static str,
-    rescale: bool,
-}
-
-/// SAELens `encode` then `decode` (plus the skip term of `forward` for skip transcoders), in f64.
-fn saelens_reference(s: &Sae, t: &Tensors, x: &Array2<f32>) -> (Array2<f64>, Array2<f64>) {
-    let transcoder = s.arch.contains("transcoder");
-    let x_raw = x.mapv(f64::from);
-    let mut xin = x_raw.clone();
-    let d = xin.ncols() as f64;
-    let (mut mus, mut stds, mut factors) = (
-        vec![0.0; xin.nrows()],
-        vec![1.0; xin.nrows()],
-        vec![1.0; xin.nrows()],
-    );
-    for (i, mut row) in xin.axis_iter_mut(Axis(0)).enumerate() {
-        match s.norm {
-            "layer_norm" => {
-                let mu = row.sum() / d;
-                row.mapv_inplace(|v| v - mu);
-                let std = (row.iter().map(|v| v * v).sum::<f64>() / (d - 1.0)).sqrt(); // torch.std: unbiased
-                row.mapv_inplace(|v| v / (std + 1e-5));
-                mus[i] = mu;
-                stds[i] = std;
-            }
-            "constant_norm_rescale" => {
-                let c = d.sqrt() / row.iter().map(|v| v * v).sum::<f64>().sqrt();
-                row.mapv_inplace(|v| v * c);
-                factors[i] = c;
-            }
-            _ => {}
-        }
-    }
-    if !transcoder && s.apply_b_dec_to_input {
-        xin -= &v1(t, "b_dec");
-    }
-    let w_enc = m2(t, "W_enc");
-    let w_dec = m2(t, "W_dec");
-    let norms: Vec<f64> = w_dec.rows().into_iter().map(|r| r.dot(&r).sqrt()).collect();
-    let acts = match s.arch {
-        "gated" => {
-            let gate = xin.dot(&w_enc) + v1(t, "b_gate");
-            let r_mag = v1(t, "r_mag");
-            let mut w_mag = w_enc.clone();
-            for (j, mut col) in w_mag.axis_iter_mut(Axis(1)).enumerate() {
-                col *= r_mag[j].exp();
-            }
-            let mag = (xin.dot(&w_mag) + v1(t, "b_mag")).mapv(|v| v.max(0.0));
-            let mut f = mag;
-            f.zip_mut_with(&gate, |m, g| {
-                if *g <= 0.0 {
-                    *m = 0.0
-                }
-            });
-            f
-        }
-        _ => {
-            let mut pre = xin.dot(&w_enc) + v1(t, "b_enc");
-            match s.arch {
-                "topk" => {
-                    if s.rescale {
-                        for mut row in pre.rows_mut() {
-                            for (v, n) in row.iter_mut().zip(&norms) {
-                                *v *= n;
-                            }
-                        }
-                    }
-                    let mut f = Array2::zeros(pre.raw_dim());
-                    for (i, row) in pre.rows().into_iter().enumerate() {
-                        let mut idx: Vec<usize> = (0..row.len()).collect();
-                        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-                        for &j in &idx[..s.k] {
-                            f[[i, j]] = row[j].max(0.0);
-                        }
-                    }
-                    f
-                }
-                "jumprelu" | "jumprelu_transcoder" => {
-                    let th = v1(t, "threshold");
-                    let mut f = pre.mapv(|v| v.max(0.0));
-                    f.zip_mut_with(&(&pre - &th), |v, above| {
-                        if *above <= 0.0 {
-                            *v = 0.0
-                        }
-                    });
-                    f
-                }
-                _ => pre.mapv(|v| v.max(0.0)),
-            }
-        }
-    };
-    let mut dec_in = acts.clone();
-    if s.rescale {
-        for mut row in dec_in.rows_mut() {
-            for (v, n) in row.iter_mut().zip(&norms) {
-                *v /= n;
-            }
-        }
-    }
-    if let Some(sf) = t.get("scaling_factor") {
-        let sf = sf.clone().into_dimensionality::<ndarray::Ix1>().unwrap();
-        for mut row in dec_in.rows_mut() {
-            row *= &sf;
-        }
-    }
-    let mut y = dec_in.dot(&w_dec) + v1(t, "b_dec");
-    if !transcoder {
-        for (i, mut row) in y.axis_iter_mut(Axis(0)).enumerate() {
-            match s.norm {
-                "layer_norm" => row.mapv_inplace(|v| v * stds[i] + mus[i]),
-                "constant_norm_rescale" => row.mapv_inplace(|v| v / factors[i]),
-                _ => {}
-            }
-        }
-    }
-    if s.arch == "skip_transcoder" {
-        y += &x_raw.dot(&m2(t, "W_skip").t());
-    }
-    (acts, y)
-}
-
-fn tensors(rng: &mut Rng, arch: &str, d_in: usize, d_sae: usize, d_out: usize) -> Tensors {
-    let mut t = Tensors::new();
-    t.insert("W_enc".into(), rng.normal(&[d_in, d_sae], 0.3));
-    t.insert("W_dec".into(), rng.normal(&[d_sae, d_out], 0.3));
-    t.insert("b_dec".into(), rng.normal(&[d_out], 0.2));
-    if arch == "gated" {
-        t.insert("b_gate".into(), rng.normal(&[d_sae], 0.1));
-        t.insert("r_mag".into(), rng.normal(&[d_sae], 0.2));
-        t.insert("b_mag".into(), rng.normal(&[d_sae], 0.1));
-    } else {
-        t.insert("b_enc".into(), rng.normal(&[d_sae], 0.1));
-    }
-    if arch.starts_with("jumprelu") {
-        t.insert("threshold".into(), rng.uniform(&[d_sae], 0.0, 0.4));
-    }
-    if arch == "skip_transcoder" {
-        t.insert("W_skip".into(), rng.normal(&[d_out, d_in], 0.2));
-    }
-    t
-}
 
 fn run_case(name: &str, s: Sae, cfg: serde_json::Value, dtype: Dtype, seed: u64) {
     let (d_in, d_sae) = (
@@ -223,19 +77,6 @@ fn run_case(name: &str, s: Sae, cfg: serde_json::Value, dtype: Dtype, seed: u64)
         assert_eq!(dict.meta().k, Some(s.k));
     }
     println!("{name}: acts {ea:.2e} recon {er:.2e}");
-}
-
-fn v6(arch: &str, extra: serde_json::Value) -> serde_json::Value {
-    let mut cfg = json!({
-        "architecture": arch, "d_in": 32, "d_sae": 80, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": !arch.contains("transcoder"), "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": {"sae_lens_version": "6.18.0", "model_name": "gpt2", "hook_name": "blocks.4.hook_resid_post"}
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        cfg[k] = v.clone();
-    }
-    cfg
 }
 
 #[test]

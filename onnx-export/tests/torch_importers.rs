@@ -1,10 +1,10 @@
 //! dictionary_learning, OpenAI and Goodfire checkpoints, written with their real layouts and names
 //! by `tests/fixtures/make_torch_fixtures.py` (Python standard library only), imported with the
 //! `tiller-export` binary, run through the runtime, and compared with a float64 implementation of
-//! each project's own maths written here from its source (dictionary_learning's
-//! `dictionary.py`/`trainers/*.py` and the science-of-finetuning fork's crosscoders,
-//! openai/sparse_autoencoder's `model.py`, Goodfire's reference loader): normwise relative error
-//! under 1e-5, TopK index sets identical.
+//! each project's own maths written from its source (here: dictionary_learning's
+//! `dictionary.py`/`trainers/*.py` and the science-of-finetuning fork's crosscoders, Goodfire's
+//! reference loader; in `tests/common/openai.rs`: openai/sparse_autoencoder's `model.py`):
+//! normwise relative error under 1e-5, TopK index sets identical.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -12,92 +12,15 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Rng, rel_err};
-use ndarray::{Array1, Array2, Array3, ArrayD, Axis, Ix1, Ix2, Ix3, s};
-use serde_json::Value;
-use tiller::{Activation, Dictionary, InputNorm, Kind, SessionOptions};
+use common::torch::{Ref, fixtures, linear, relu, topk};
+use common::{Rng, import, openai, rel_err};
+use ndarray::{Array1, Array2, Axis, s};
+use tiller::{Activation, Dictionary, InputNorm, Kind};
 
 const TOL: f64 = 1e-5;
 const D: usize = 32;
 const F: usize = 80;
 const L: usize = 2;
-
-fn fixtures(group: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_torch_fixtures.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(dir.path())
-        .arg(group)
-        .output()
-        .expect("python3 runs the fixture script");
-    assert!(
-        out.status.success(),
-        "the fixture script failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
-}
-
-/// The tensors (as stored, in float64) and settings the script recorded for one checkpoint.
-struct Ref(Value);
-
-impl Ref {
-    fn load(path: &Path) -> Self {
-        Self(serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
-    }
-    fn t(&self, name: &str) -> ArrayD<f64> {
-        let spec = &self.0["tensors"][name];
-        assert!(spec.is_object(), "the reference has no tensor `{name}`");
-        let shape: Vec<usize> = spec["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
-        let data: Vec<f64> = spec["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        ArrayD::from_shape_vec(shape, data).unwrap()
-    }
-    fn m2(&self, name: &str) -> Array2<f64> {
-        self.t(name).into_dimensionality::<Ix2>().unwrap()
-    }
-    fn v1(&self, name: &str) -> Array1<f64> {
-        self.t(name).into_dimensionality::<Ix1>().unwrap()
-    }
-    fn a3(&self, name: &str) -> Array3<f64> {
-        self.t(name).into_dimensionality::<Ix3>().unwrap()
-    }
-    fn scalar(&self, name: &str) -> f64 {
-        self.t(name).iter().copied().next().unwrap()
-    }
-    fn setting(&self, key: &str) -> &Value {
-        &self.0[key]
-    }
-}
-
-/// `tiller-export import PATH --format FORMAT -o OUT`, then the dictionary loaded by the runtime.
-fn import(ckpt: &Path, format: &str, out: &Path) -> Dictionary {
-    let o = Command::new(env!("CARGO_BIN_EXE_tiller-export"))
-        .arg("import")
-        .arg(ckpt)
-        .args(["--format", format, "-o"])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "import of {} failed: {}",
-        ckpt.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Dictionary::load(out, &SessionOptions::default()).unwrap()
-}
 
 /// The import fails; its message.
 fn import_fails(ckpt: &Path, format: &str, out: &Path) -> String {
@@ -158,32 +81,6 @@ fn input(seed: u64, width: usize) -> Array2<f32> {
 }
 
 // --- the projects' maths, in float64 ------------------------------------------------------------
-
-fn relu(a: Array2<f64>) -> Array2<f64> {
-    a.mapv(|v| v.max(0.0))
-}
-
-/// `torch.nn.functional.linear`: `x wᵀ + b`, with `w` as `[out, in]`.
-fn linear(x: &Array2<f64>, w: &Array2<f64>, b: Option<&Array1<f64>>) -> Array2<f64> {
-    let y = x.dot(&w.t());
-    match b {
-        Some(b) => y + b,
-        None => y,
-    }
-}
-
-/// `topk(v, k)` then scatter into zeros (ties to the lower index).
-fn topk(v: &Array2<f64>, k: usize) -> Array2<f64> {
-    let mut out = Array2::zeros(v.raw_dim());
-    for (i, row) in v.rows().into_iter().enumerate() {
-        let mut idx: Vec<usize> = (0..row.len()).collect();
-        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        for &j in &idx[..k] {
-            out[[i, j]] = row[j];
-        }
-    }
-    out
-}
 
 /// `post · [post > t]`, `t` one value or one per feature.
 fn above(post: &Array2<f64>, t: &Array1<f64>) -> Array2<f64> {
@@ -521,40 +418,6 @@ fn dictionary_learning_errors_name_the_file_and_key() {
 
 // --- OpenAI -------------------------------------------------------------------------------------
 
-/// openai/sparse_autoencoder: `LN` for TopK, `activation((x - pre_bias) encoderᵀ + latent_bias)`,
-/// `decoder(latents) + pre_bias`, then `· std + mu`.
-fn openai_reference(r: &Ref, x: &Array2<f32>) -> (Array2<f64>, Array2<f64>) {
-    let mut xn = x.mapv(f64::from);
-    let topk_k = (r.setting("activation").as_str() == Some("TopK"))
-        .then(|| r.setting("k").as_u64().unwrap() as usize);
-    let n = xn.ncols() as f64;
-    let mut stats = Vec::new();
-    if topk_k.is_some() {
-        for mut row in xn.rows_mut() {
-            let mu = row.sum() / n;
-            row.mapv_inplace(|v| v - mu);
-            let std = (row.iter().map(|v| v * v).sum::<f64>() / (n - 1.0)).sqrt();
-            row.mapv_inplace(|v| v / (std + 1e-5));
-            stats.push((mu, std));
-        }
-    }
-    let pre_bias = r.v1("pre_bias");
-    let pre = linear(
-        &(&xn - &pre_bias),
-        &r.m2("encoder.weight"),
-        Some(&r.v1("latent_bias")),
-    );
-    let latents = match topk_k {
-        Some(k) => relu(topk(&pre, k)),
-        None => relu(pre),
-    };
-    let mut y = linear(&latents, &r.m2("decoder.weight"), None) + &pre_bias;
-    for (mut row, (mu, std)) in y.rows_mut().into_iter().zip(stats) {
-        row.mapv_inplace(|v| v * std + mu);
-    }
-    (latents, y)
-}
-
 #[test]
 fn openai_topk_with_layer_norm_relu_and_tied() {
     let dir = fixtures("openai");
@@ -594,7 +457,7 @@ fn openai_topk_with_layer_norm_relu_and_tied() {
             );
         }
         let x = input(40 + i as u64, D);
-        let (acts, recon) = openai_reference(&r, &x);
+        let (acts, recon) = openai::reference(&r, &x);
         compare(file, &d, &x, &acts, &recon);
     }
 }

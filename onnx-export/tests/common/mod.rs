@@ -1,6 +1,11 @@
 //! Fixture writers shared by the integration tests: SAELens checkpoints with random weights, laid
-//! out exactly as SAELens saves them.
+//! out exactly as SAELens saves them; in submodules, each source format's own maths in float64.
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod llama_scope;
+pub mod openai;
+pub mod saelens;
+pub mod torch;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +15,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
 use safetensors::{Dtype, tensor::TensorView};
+use tiller::{Dictionary, SessionOptions};
 
 /// Tensors of one checkpoint, kept as float64 for the reference.
 pub type Tensors = BTreeMap<String, ArrayD<f64>>;
@@ -152,4 +158,22 @@ pub fn write_gguf(path: &Path, directions: &[(usize, Vec<f32>)]) {
         }
     }
     std::fs::write(path, b).unwrap();
+}
+
+/// `tiller-export import PATH --format FORMAT -o OUT`, then the dictionary loaded by the runtime.
+pub fn import(ckpt: &Path, format: &str, out: &Path) -> Dictionary {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tiller-export"))
+        .arg("import")
+        .arg(ckpt)
+        .args(["--format", format, "-o"])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "import of {} failed: {}",
+        ckpt.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Dictionary::load(out, &SessionOptions::default()).unwrap()
 }
