@@ -1751,7 +1751,10 @@ fn sample(rt: &Runtime, state: &Arc<State>, sc: &mut Scratch, di: usize, width: 
     let Some((first, every)) = d.sampler.pick(n) else {
         return;
     };
-    let rows: Vec<usize> = (first..n).step_by(every).filter(|&t| sc.finite[t]).collect();
+    let rows: Vec<usize> = (first..n)
+        .step_by(every)
+        .filter(|&t| sc.finite[t])
+        .collect();
     if rows.is_empty() {
         return;
     }
@@ -1775,7 +1778,14 @@ fn sample(rt: &Runtime, state: &Arc<State>, sc: &mut Scratch, di: usize, width: 
 /// At hook `name`, before any edit: copies the rows sampled at the input of each dictionary that
 /// writes here and reconstructs this hook's activations (a transcoder's or CLT's `hook_out`), and
 /// hands them to the worker once every output layer has been read.
-fn collect_targets(rt: &Runtime, state: &Arc<State>, plan: &HookPlan, sc: &mut Scratch, name: &str, x: &[f32]) {
+fn collect_targets(
+    rt: &Runtime,
+    state: &Arc<State>,
+    plan: &HookPlan,
+    sc: &mut Scratch,
+    name: &str,
+    x: &[f32],
+) {
     let Some(worker) = &rt.fvu else {
         return;
     };
@@ -2052,13 +2062,10 @@ fn encode(
             }
         }
         (None, None) => {
-            let enc = d
-                .dict
-                .encode(x()?)
-                .inspect_err(|e| {
-                    rt.metrics.error("encode");
-                    crate::logging::encode_failed(&d.name, e);
-                })?;
+            let enc = d.dict.encode(x()?).inspect_err(|e| {
+                rt.metrics.error("encode");
+                crate::logging::encode_failed(&d.name, e);
+            })?;
             for t in 0..n {
                 for (j, &f) in d.features.iter().enumerate() {
                     p.named[t * m + j] = enc.acts[[t, f as usize]];

@@ -168,7 +168,10 @@ impl InputNorm {
             Self::None => 1.0,
             Self::Scale(s) => 1.0 / s,
             Self::NormRescale => {
-                let sq = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+                let sq = row
+                    .iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>();
                 (sq.sqrt() / d.sqrt()) as f32
             }
             Self::LayerNorm => {

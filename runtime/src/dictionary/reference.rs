@@ -154,12 +154,7 @@ pub fn encode_decode(
 /// The reconstruction of `x` from the feature activations `acts` (`[batch, d_sae]`, which need not
 /// be `x`'s own: a steering edit is `decode(x, f') − decode(x, f)`), un-normalised with `x`'s
 /// statistics as [`encode_decode`] does.
-pub fn decode(
-    meta: &Meta,
-    w: &Weights,
-    x: ArrayView2<'_, f32>,
-    acts: &Array2<f64>,
-) -> Array2<f64> {
+pub fn decode(meta: &Meta, w: &Weights, x: ArrayView2<'_, f32>, acts: &Array2<f64>) -> Array2<f64> {
     let mut xn = x.mapv(f64::from);
     let norm = normalize(meta, &mut xn);
     reconstruct(meta, w, x, acts, &norm)
