@@ -85,6 +85,18 @@ pub(crate) fn request_refused(e: &Error) {
     tracing::warn!(kind, field, "request refused");
 }
 
+/// A reload left a running request's own rules (`what`: `overrides`, `policy rules`) or its
+/// profile outside the new config: they no longer apply, and its steps go on without them.
+pub(crate) fn request_rules_dropped(what: &'static str, e: &Error) {
+    let (kind, field) = refusal(e);
+    tracing::warn!(
+        what,
+        kind,
+        field,
+        "a running request's rules dropped after a reload"
+    );
+}
+
 /// An error at hook `hook` of a step (`kind` as in `tiller_errors_total`), throttled per kind.
 pub(crate) fn hook_error(kind: &'static str, hook: &str, e: &Error) {
     static SHAPE: Throttle = Throttle::new();

@@ -96,6 +96,21 @@ impl RequestPolicy {
             ));
         }
         let mut o = Overrides::from_json(text)?;
+        self.check(&mut o, dictionaries, monitors, feature_error)?;
+        Ok(o)
+    }
+
+    /// Checks parsed overrides against the operator's bounds (as [`RequestPolicy::parse`] does
+    /// after parsing): at `begin_request`, and again for a running request when a reload brings
+    /// other bounds. Fills in the hook of a named `[[vector]]`.
+    pub(crate) fn check(
+        &self,
+        o: &mut Overrides,
+        dictionaries: &HashSet<&str>,
+        monitors: &HashSet<&str>,
+        feature_error: impl Fn(&str, u32) -> Option<String>,
+    ) -> Result<()> {
+        let c = &self.config;
         if !c.allow && (o.replace || !o.steer.is_empty()) {
             return Err(refuse(
                 if o.replace { "replace" } else { "steer" },
@@ -245,6 +260,6 @@ impl RequestPolicy {
                 Some(Some(_)) => {}
             }
         }
-        Ok(o)
+        Ok(())
     }
 }

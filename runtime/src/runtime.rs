@@ -848,7 +848,10 @@ struct Compiled {
 struct Request {
     id: u64,
     profile: Option<String>,
+    /// The request's own overrides, as checked against the operator's `[requests]`.
     overrides: Overrides,
+    /// Rules WASM policies added (the operator's own: not bounded by `[requests]`).
+    policy_rules: Vec<SteerConfig>,
     compiled: Option<Compiled>,
     /// The state the index-based tallies below refer to.
     names: Arc<Names>,
@@ -876,6 +879,7 @@ impl Request {
             id,
             profile,
             overrides,
+            policy_rules: Vec::new(),
             compiled: None,
             names: Arc::new(Names::default()),
             monitors: Vec::new(),
@@ -946,6 +950,30 @@ impl Request {
         {
             return Ok(c.rules.clone());
         }
+        // A running request meets a new config: what it asked for is checked again against the
+        // new `[requests]` (the operator's word wins), and what the new config no longer has is
+        // dropped, counted and logged, so that one request never fails every step of its batch.
+        let running = self.compiled.is_some();
+        if self
+            .compiled
+            .as_ref()
+            .is_some_and(|c| c.generation != state.generation)
+            && (self.overrides.replace || !self.overrides.steer.is_empty())
+        {
+            let dicts: HashSet<&str> = state.dict_index.keys().map(String::as_str).collect();
+            let monitors: HashSet<&str> = state.monitor_index.keys().map(String::as_str).collect();
+            let checked = state
+                .requests
+                .check(&mut self.overrides, &dicts, &monitors, |d, f| {
+                    let d = &state.dicts[*state.dict_index.get(d)?];
+                    column(&d.meta, &d.name, f).err()
+                });
+            if let Err(e) = checked {
+                metrics.error("override");
+                crate::logging::request_rules_dropped("overrides", &e);
+                self.overrides = Overrides::default();
+            }
+        }
         let mut rules = Vec::new();
         if !self.drops_profile()
             && let Some(p) = &self.profile
@@ -954,28 +982,47 @@ impl Request {
                 Some(r) => rules.extend(state.compile(p, r, metrics)?),
                 None => {
                     metrics.error("profile");
-                    return Err(Error::Unknown {
+                    let e = Error::Unknown {
                         what: "profile",
                         name: p.clone(),
                         message: "not in the current config".into(),
-                    });
+                    };
+                    if !running {
+                        return Err(e);
+                    }
+                    crate::logging::request_rules_dropped("profile", &e);
                 }
             }
         }
-        let own = state
-            .compile(
-                &format!("{OVERRIDE_PREFIX}{}", self.id),
-                &self.overrides.steer,
-                metrics,
-            )
-            .map_err(|e| match e {
-                Error::Override { .. } => e,
-                e => Error::Override {
-                    field: "steer".into(),
-                    message: e.to_string(),
-                },
-            })?;
+        let prefix = format!("{OVERRIDE_PREFIX}{}", self.id);
+        let own = match state.compile(&prefix, &self.overrides.steer, metrics) {
+            Ok(own) => own,
+            Err(e) => {
+                let e = match e {
+                    Error::Override { .. } => e,
+                    e => Error::Override {
+                        field: "steer".into(),
+                        message: e.to_string(),
+                    },
+                };
+                if !running {
+                    return Err(e);
+                }
+                metrics.error("override");
+                crate::logging::request_rules_dropped("overrides", &e);
+                self.overrides.steer.clear();
+                Vec::new()
+            }
+        };
         rules.extend(own);
+        match state.compile(&prefix, &self.policy_rules, metrics) {
+            Ok(r) => rules.extend(r),
+            Err(e) => {
+                metrics.error("policy");
+                crate::logging::request_rules_dropped("policy rules", &e);
+                self.policy_rules.clear();
+            }
+        }
         self.archive_tallies();
         self.names = state.names.clone();
         self.monitors = self
@@ -2387,11 +2434,10 @@ fn apply_policy(
                     PolicyAction::Ablate(f) => add_rule(req, policy, Op::Ablate, f, None),
                     PolicyAction::Add(f, v) => add_rule(req, policy, Op::Add, f, Some(v)),
                     PolicyAction::Clear => {
-                        let before = req.overrides.steer.len();
-                        req.overrides
-                            .steer
+                        let before = req.policy_rules.len();
+                        req.policy_rules
                             .retain(|s| s.name.as_deref() != Some(policy.name.as_str()));
-                        req.dirty |= req.overrides.steer.len() != before;
+                        req.dirty |= req.policy_rules.len() != before;
                     }
                 }
             }
@@ -2399,7 +2445,7 @@ fn apply_policy(
     }
 }
 
-/// A steering rule a policy asked for: part of the request's overrides from its next step.
+/// A steering rule a policy asked for: one of the request's rules from its next step.
 fn add_rule(
     req: &mut Request,
     policy: &crate::policy::Policy,
@@ -2408,11 +2454,11 @@ fn add_rule(
     value: Option<f32>,
 ) {
     // Bounded: a policy cannot grow a request's rules without limit.
-    if req.overrides.steer.len() >= 64 {
+    if req.policy_rules.len() >= 64 {
         return;
     }
     let dictionary = Some(policy_dictionary_name(policy, &req.names));
-    req.overrides.steer.push(SteerConfig {
+    req.policy_rules.push(SteerConfig {
         // Tagged with the policy's name, so that `clear` finds them.
         name: Some(policy.name.clone()),
         op,

@@ -676,3 +676,94 @@ fn an_allowed_override_steers_as_the_same_rule_in_a_profile() {
     );
     assert_eq!(override_errors(&by_request), 0.0);
 }
+
+/// A reload is the operator's word for running requests too: their overrides are checked again
+/// against the new `[requests]` (a tighter bound drops them, counted), and what the new config no
+/// longer has (a dictionary an override steered, a request's profile) is dropped for that request
+/// alone, never failing the steps of its batch.
+#[test]
+fn a_reload_checks_running_requests_again_and_fails_no_step() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let allow = "[requests]\nops = [\"add\", \"clamp\"]\n";
+    let path = dir.path().join("t.toml");
+    std::fs::write(&path, config(allow)).unwrap();
+    let rt = Runtime::from_config_file(&path).unwrap();
+    // The reference runtime: the profile alone, as after the override is dropped.
+    let plain = runtime(dir.path(), "plain.toml", &config(allow));
+    let add = rule(r#"{"op": "add", "dictionary": "res", "feature": 5, "strength": 3.0}"#);
+    rt.begin_request(1, Some("safe"), Some(&add)).unwrap();
+    rt.begin_request(2, Some("safe"), None).unwrap();
+    plain.begin_request(1, Some("safe"), None).unwrap();
+    let x = randn(&mut StdRng::seed_from_u64(9), (4, D), 1.0);
+    let want = run(&plain, 1, &x);
+    let before = run(&rt, 1, &x);
+    assert_ne!(before, want, "the override steers before the reload");
+
+    // A tighter bound: the running request's `add` of 3 is now beyond it.
+    let tight = "[requests]\nops = [\"add\", \"clamp\"]\nmax_abs_strength = 1.0\n";
+    std::fs::write(&path, config(tight)).unwrap();
+    let errors = override_errors(&rt);
+    rt.reload(None).unwrap();
+    let after = run(&rt, 1, &x);
+    assert_eq!(after, want, "after the reload only the profile applies");
+    assert_eq!(override_errors(&rt), errors + 1.0, "counted once");
+    let s = rt.end_request(1).unwrap();
+    assert!(s.steering.contains_key("safe.0"));
+
+    // A reload that drops the dictionary an override steers, and the profile of a request:
+    // steps with those requests go on, the others' edits unchanged.
+    let second = "[[dictionary]]\nname = \"res2\"\npath = \"sae.onnx\"\n\
+                  [[requests.dictionary]]\nname = \"res\"\nfeatures = [5]\n\
+                  [[requests.dictionary]]\nname = \"res2\"\nany_feature = true\n";
+    std::fs::write(&path, config(&format!("{allow}{second}"))).unwrap();
+    rt.reload(None).unwrap();
+    rt.begin_request(3, None, Some(&add)).unwrap();
+    rt.begin_request(
+        4,
+        None,
+        Some(&rule(
+            r#"{"op": "add", "dictionary": "res2", "feature": 5, "strength": 3.0}"#,
+        )),
+    )
+    .unwrap();
+    let without = config(allow).replace(
+        "[[profile]]\nname = \"safe\"",
+        "[[profile]]\nname = \"other\"",
+    );
+    std::fs::write(&path, without).unwrap();
+    rt.reload(None).unwrap();
+    let errors = override_errors(&rt);
+    let tokens: Vec<Token> = [2, 3, 4]
+        .iter()
+        .map(|&r| Token {
+            request: r,
+            phase: Phase::Generated,
+        })
+        .collect();
+    let mut y = x.slice(ndarray::s![0..3, ..]).to_owned();
+    let mut step = rt.step(&tokens).unwrap();
+    step.hook(HOOK, ActivationsMut::F32(y.as_slice_mut().unwrap()))
+        .unwrap();
+    step.finish();
+    // Request 2 lost its profile (gone from the config), request 4 its override (its dictionary
+    // is gone); request 3's override still steers, exactly as the same rule alone.
+    assert_eq!(y.row(0), x.row(0));
+    assert_eq!(y.row(2), x.row(2));
+    let alone = runtime(dir.path(), "alone.toml", &config(allow));
+    alone.begin_request(3, None, Some(&add)).unwrap();
+    let want3 = run(&alone, 3, &x.slice(ndarray::s![1..2, ..]).to_owned());
+    assert_eq!(y.row(1), want3.row(0));
+    assert_eq!(
+        override_errors(&rt),
+        errors + 1.0,
+        "request 4's override, once"
+    );
+    let profile_errors = exposition::sample(
+        &rt.metrics_text(),
+        "tiller_errors_total",
+        &[r#"kind="profile""#],
+    )
+    .unwrap();
+    assert!(profile_errors >= 1.0);
+}
