@@ -462,39 +462,12 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
     return 0;
 }
 
-int tiller_llama_end(tiller_llama *a, int32_t decode_result) {
-    last_error[0] = '\0';
-    if (a == NULL || a->step == NULL) {
-        set_error("tiller_llama_end: no decode in progress");
-        return -1;
-    }
-    tiller_step *step = a->step;
-    a->step = NULL;
-    if (decode_result != 0) {
-        tiller_step_free(step);
-        set_error("tiller_llama_end: llama_decode returned %d", decode_result);
-        return -1;
-    }
-    if (a->failed) {
-        tiller_step_free(step);
-        set_error("%s", a->error);
-        return -1;
-    }
-    if (a->hooked != a->n_hooks) {
-        tiller_step_free(step);
-        set_error("%zu of %zu hooked layers were found in the graph (an architecture whose layer "
-                  "outputs are neither named l_out-N nor end with blk.N.layer_output_norm?)",
-                  a->hooked, a->n_hooks);
-        return -1;
-    }
-    for (size_t i = 0; i < a->step_tokens; i++) {
-        a->seq_prompted[a->seqs[i]] = 1;
-    }
+/* Closes the decode's step and marks every sequence carrying a request a monitor stopped in it.
+ * Returns 0, or -1 with Tiller's message in `msg` (the step is gone either way). */
+static int close_step(tiller_llama *a, tiller_step *step, char *msg, size_t len) {
     size_t n_stop = 0;
     if (tiller_step_close(step, a->stops, a->stops_cap, &n_stop) != TILLER_OK) {
-        char msg[768];
-        tiller_message(msg, sizeof msg);
-        set_error("tiller_step_close: %s", msg);
+        tiller_message(msg, len);
         return -1;
     }
     a->n_stops = n_stop;
@@ -505,6 +478,57 @@ int tiller_llama_end(tiller_llama *a, int32_t decode_result) {
                 a->seq_stopped[s] = 1;
             }
         }
+    }
+    return 0;
+}
+
+/* Reports a failed decode, after closing its step: a monitor that fired at a hook before the
+ * failure has stopped its request in the runtime (its summary says so), and a host that only
+ * saw the error would go on generating for it. */
+__attribute__((format(printf, 3, 4))) static int end_failed(tiller_llama *a, tiller_step *step,
+                                                             const char *fmt, ...) {
+    char why[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    char msg[768];
+    if (close_step(a, step, msg, sizeof msg) != 0) {
+        set_error("%s (and tiller_step_close: %s)", why, msg);
+    } else {
+        set_error("%s", why);
+    }
+    return -1;
+}
+
+int tiller_llama_end(tiller_llama *a, int32_t decode_result) {
+    last_error[0] = '\0';
+    if (a == NULL || a->step == NULL) {
+        set_error("tiller_llama_end: no decode in progress");
+        return -1;
+    }
+    tiller_step *step = a->step;
+    a->step = NULL;
+    if (decode_result != 0) {
+        return end_failed(a, step, "tiller_llama_end: llama_decode returned %d", decode_result);
+    }
+    if (a->failed) {
+        return end_failed(a, step, "%s", a->error);
+    }
+    if (a->hooked != a->n_hooks) {
+        return end_failed(a, step,
+                          "%zu of %zu hooked layers were found in the graph (an architecture whose "
+                          "layer outputs are neither named l_out-N nor end with "
+                          "blk.N.layer_output_norm?)",
+                          a->hooked, a->n_hooks);
+    }
+    for (size_t i = 0; i < a->step_tokens; i++) {
+        a->seq_prompted[a->seqs[i]] = 1;
+    }
+    char msg[768];
+    if (close_step(a, step, msg, sizeof msg) != 0) {
+        set_error("tiller_step_close: %s", msg);
+        return -1;
     }
     return 0;
 }

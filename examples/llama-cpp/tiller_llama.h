@@ -79,7 +79,9 @@ int tiller_llama_seq_end(tiller_llama *a, llama_seq_id seq);
  * from its first sequence id), decodes, and closes the step. Returns llama_decode's result, or
  * TILLER_LLAMA_ERROR with the message in tiller_llama_last_error(). When a hook fails (a shape
  * the dictionary does not take, a device buffer), the decode still completes, without that
- * layer's edit, and the error is returned: llama.cpp's outputs are never from a partial graph. */
+ * layer's edit, and the error is returned: llama.cpp's outputs are never from a partial graph.
+ * A failed decode still closes its step: the requests a monitor stopped at the hooks that ran
+ * are in tiller_llama_stopped and their sequences stopped, as after a decode that succeeded. */
 int32_t tiller_llama_decode(tiller_llama *a, struct llama_context *ctx, struct llama_batch batch);
 
 /* tiller_llama_decode in two halves, for hosts that call llama_decode themselves (the Python
@@ -89,11 +91,11 @@ int32_t tiller_llama_decode(tiller_llama *a, struct llama_context *ctx, struct l
 int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_ubatch);
 int tiller_llama_end(tiller_llama *a, int32_t decode_result);
 
-/* Ids of requests a monitor asked to stop during the last decode: up to `cap` written to `ids`;
- * returns their number (which may exceed `cap`). Every sequence carrying such a request is then
- * stopped (tiller_llama_seq_stopped): the host samples nothing more from its logits, drops it
- * from later batches (a batch with one of its tokens is refused) and ends it with
- * tiller_llama_seq_end; the other sequences of the batch go on. */
+/* Ids of requests a monitor asked to stop during the last decode (one that failed included): up
+ * to `cap` written to `ids`; returns their number (which may exceed `cap`). Every sequence
+ * carrying such a request is then stopped (tiller_llama_seq_stopped): the host samples nothing
+ * more from its logits, drops it from later batches (a batch with one of its tokens is refused)
+ * and ends it with tiller_llama_seq_end; the other sequences of the batch go on. */
 size_t tiller_llama_stopped(const tiller_llama *a, uint64_t *ids, size_t cap);
 
 /* 1 when a monitor stopped the request sequence `seq` carries (during any decode since

@@ -25,7 +25,8 @@ closes the Tiller step around each `llama_decode`, on top of the Tiller Python b
 there: sample nothing from that decode's logits for it, leave it out of later batches (a batch with
 one of its tokens raises `AdapterError`) and `seq_end` it; the other sequences go on. Errors raise
 `AdapterError` with the adapter's message; a hook that fails leaves that decode's outputs as the
-unedited model computed them.
+unedited model computed them. A decode that fails (an error raised, or llama_decode's result
+returned) still sets `stopped` and marks the sequences a monitor stopped before the failure.
 """
 
 from __future__ import annotations
@@ -186,17 +187,18 @@ class Adapter:
 
     def decode(self, ctx: object, batch: Union[llama_cpp.llama_batch, object]) -> int:
         """`llama_cpp.llama_decode(ctx, batch)` inside a Tiller step; returns llama_decode's result
-        (0 on success) and raises `AdapterError` when the adapter or a hook failed."""
+        (0 on success) and raises `AdapterError` when the adapter or a hook failed; `stopped` is
+        set either way."""
         if not isinstance(batch, llama_cpp.llama_batch):
             batch = batch.batch  # llama_cpp._internals.LlamaBatch
         n_ubatch = llama_cpp.llama_n_ubatch(ctx)
         if self._lib.tiller_llama_begin(self._handle(), batch, n_ubatch) != 0:
             raise _error(self._lib)
         rc = llama_cpp.llama_decode(ctx, batch)
-        if self._lib.tiller_llama_end(self._handle(), rc) != 0:
-            if rc != 0:
-                return rc
-            raise _error(self._lib)
+        failed = self._lib.tiller_llama_end(self._handle(), rc) != 0
+        # A failed decode still reports the stops of the hooks that ran before the failure (the
+        # C adapter has marked their sequences): read them before the error.
+        error = _error(self._lib) if failed else None
         n = self._lib.tiller_llama_stopped(self._handle(), None, 0)
         if n:
             buf = (ctypes.c_uint64 * n)()
@@ -204,6 +206,10 @@ class Adapter:
             self.stopped = list(buf)
         else:
             self.stopped = []
+        if error is not None:
+            if rc != 0:
+                return rc
+            raise error
         return 0
 
     def close(self) -> None:

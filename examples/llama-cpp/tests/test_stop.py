@@ -12,8 +12,10 @@ below (float32 llama.cpp is ~2e-7 from the reference, relatively).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,19 +153,19 @@ def test_a_stopped_sequence_ends_and_the_other_goes_on(setup):
     assert 'tiller_monitor_events_total{action="stop",monitor="halt"} 1' in run["metrics"]
 
 
-def test_python_adapter_stops_the_sequence(setup):
+@contextlib.contextmanager
+def python_host(gguf: Path, cfg: Path, layers: list[int]):
+    """The Python adapter on a llama.cpp context made as tiller-llama-run makes it: yields
+    (runtime, adapter, ctx, batch, n_vocab), all freed on exit."""
     import llama_cpp
     import tiller
-    from tiller_llama import Adapter, AdapterError
-
-    gguf, cfg, _, base, j = setup
-    c_run = generate(gguf, cfg)
+    from tiller_llama import Adapter
 
     rt = tiller.Runtime.from_file(cfg)
     llama_cpp.llama_backend_init()
     m = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
     assert m
-    adapter = Adapter(rt, m, layers=[LAYER])
+    adapter = Adapter(rt, m, layers=layers)
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 1024, 512, 512, 2
     cp.n_threads = cp.n_threads_batch = 1
@@ -176,6 +178,31 @@ def test_python_adapter_stops_the_sequence(setup):
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(m))
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     try:
+        yield rt, adapter, ctx, batch, n_vocab
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        adapter.close()
+        llama_cpp.llama_model_free(m)
+        rt.close()
+
+
+def fill(batch, tokens: list[tuple[int, int, int]]) -> None:
+    """Puts (token, position, sequence) triples in `batch`, every token an output."""
+    for k, (t, pos, s) in enumerate(tokens):
+        batch.token[k], batch.pos[k], batch.n_seq_id[k] = t, pos, 1
+        batch.seq_id[k][0], batch.logits[k] = s, 1
+    batch.n_tokens = len(tokens)
+
+
+def test_python_adapter_stops_the_sequence(setup):
+    import llama_cpp
+    from tiller_llama import AdapterError
+
+    gguf, cfg, _, base, j = setup
+    c_run = generate(gguf, cfg)
+
+    with python_host(gguf, cfg, [LAYER]) as (rt, adapter, ctx, batch, n_vocab):
         for s in range(2):
             rt.begin_request(1 + s)
             adapter.seq_begin(s, 1 + s)
@@ -236,9 +263,77 @@ def test_python_adapter_stops_the_sequence(setup):
         rt.end_request(3)
         with pytest.raises(AdapterError, match="sequence 1 carries no request"):
             adapter.seq_stopped(1)
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        adapter.close()
-        llama_cpp.llama_model_free(m)
-        rt.close()
+
+
+@pytest.mark.parametrize("failure", ["hook", "llama_decode"])
+def test_a_stop_in_a_failing_decode_still_stops_the_sequence(setup, monkeypatch, failure):
+    """The decode that stops sequence 0 fails after the monitor fired at layer 0: the hook of
+    layer 1 fails (the runtime's debug-build panic at `blk.1`), or llama_decode returns an error.
+    The decode reports the failure, and the stop still reaches the host: sequence 0 is stopped and
+    refused in later batches, sequence 1 is not and goes on."""
+    import llama_cpp
+    import tiller
+    from tiller_llama import AdapterError
+
+    gguf, cfg, _, base, j = setup
+    d = cfg.parent
+    # A monitoring-only dictionary on layer 1, so that the decode has a hook after the stop's.
+    unit_row_sae(d / "blk1", 64, 16, "blk.1", B_ENC, seed=6)
+    two = d / "two_layers.toml"
+    two.write_text(cfg.read_text() + '\n[[dictionary]]\nname = "sae1"\npath = "blk1/sae.onnx"\n')
+    b0, b1 = (s["generated"] for s in base["sequences"])
+    p0, p1 = len(PROMPTS[0]), len(PROMPTS[1])
+
+    with python_host(gguf, two, [LAYER, 1]) as (rt, adapter, ctx, batch, _):
+        for s in range(2):
+            rt.begin_request(1 + s)
+            adapter.seq_begin(s, 1 + s)
+        # The prompts, then the base run's tokens: decode k >= 1 feeds generated token k - 1, and
+        # decodes 0..j stop nothing with both layers hooked.
+        fill(batch, [(t, k, s) for s, p in enumerate(PROMPTS) for k, t in enumerate(p)])
+        assert adapter.decode(ctx, batch) == 0
+        for k in range(1, j + 1):
+            fill(batch, [(b0[k - 1], p0 + k - 1, 0), (b1[k - 1], p1 + k - 1, 1)])
+            assert adapter.decode(ctx, batch) == 0
+            assert adapter.stopped == [] and adapter.seq_stopped(0) is False
+        assert rt.request_summary(1)["stopped"] is False
+
+        # Decode j + 1, whose token j crosses the threshold at layer 0, fails after that hook.
+        fill(batch, [(b0[j], p0 + j, 0), (b1[j], p1 + j, 1)])
+        if failure == "hook":
+            monkeypatch.setenv("TILLER_TEST_PANIC_AT_HOOK", "blk.1")
+            try:
+                rc = adapter.decode(ctx, batch)
+            except AdapterError as e:
+                assert re.search(r"hook blk\.1 \(layer 1\): .*injected panic", str(e)), str(e)
+            else:
+                pytest.fail(
+                    f"the decode returned {rc} with TILLER_TEST_PANIC_AT_HOOK=blk.1: the injected "
+                    f"panic needs a debug build of libtiller ({tiller._lib.library_path()})"
+                )
+            monkeypatch.delenv("TILLER_TEST_PANIC_AT_HOOK")
+        else:
+            real = llama_cpp.llama_decode
+            # The graph ran (and with it both hooks); llama.cpp then reports an error.
+            monkeypatch.setattr(llama_cpp, "llama_decode", lambda c, b: real(c, b) or 2)
+            assert adapter.decode(ctx, batch) == 2
+            monkeypatch.setattr(llama_cpp, "llama_decode", real)
+            assert "llama_decode returned 2" in adapter._lib.tiller_llama_last_error().decode()
+
+        assert adapter.seq_stopped(0) is True  # tiller_llama_seq_stopped, the C adapter's mark
+        assert adapter.seq_stopped(1) is False
+        assert adapter.stopped == [1]  # the Python adapter's list of the last decode's stops
+        r0, r1 = rt.request_summary(1), rt.request_summary(2)
+        assert r0["stopped"] and not r1["stopped"]
+        assert [(e["monitor"], e["action"], e["token"]) for e in r0["events"]] == [("halt", "stop", p0 + j)]
+
+        # The stopped sequence is refused, the other goes on.
+        fill(batch, [(b0[j + 1], p0 + j + 1, 0), (b1[j + 1], p1 + j + 1, 1)])
+        with pytest.raises(AdapterError, match="sequence 0, whose request 1 a monitor stopped"):
+            adapter.decode(ctx, batch)
+        fill(batch, [(b1[j + 1], p1 + j + 1, 1)])
+        assert adapter.decode(ctx, batch) == 0
+        assert adapter.stopped == [] and adapter.seq_stopped(1) is False
+        adapter.seq_end(0)
+        adapter.seq_end(1)
+        assert rt.end_request(1)["stopped"] and not rt.end_request(2)["stopped"]
