@@ -87,3 +87,56 @@ def test_a_stopped_request_ends_and_the_other_goes_on(workdir, activations, rows
     finally:
         rt.close()
 
+
+
+@pytest.mark.parametrize("failure", ["model", "hook"])
+def test_a_stop_before_the_block_raises_still_stops_the_request(workdir, activations, rows, monkeypatch, failure):
+    """The monitor stops request 1 at the step's first hook, then the block raises: the model
+    itself, or a later hook (the runtime's debug-build panic). The exception propagates unchanged,
+    and the stop reaches the adapter as after a step that succeeded; request 2 goes on."""
+    from tiller.torch import Adapter, StoppedError
+
+    quiet, firing = rows
+    rt = tiller.Runtime.from_file(workdir / "stop.toml")
+    adapter = Adapter(rt, {}, [])
+    try:
+        rt.begin_request(1)
+        rt.begin_request(2)
+        x = np.ascontiguousarray(activations[[firing[0], quiet[0]]])
+        with pytest.raises(Exception) as raised:
+            with adapter.step([(1, "generated"), (2, "generated")]) as s:
+                s.hook(HOOK, x)
+                if failure == "model":
+                    raise RuntimeError("the model failed after the hook")
+                monkeypatch.setenv("TILLER_TEST_PANIC_AT_HOOK", HOOK)
+                s.hook(HOOK, x)
+                pytest.fail(
+                    "the hook returned with TILLER_TEST_PANIC_AT_HOOK set: the injected panic needs "
+                    f"a debug build of libtiller ({tiller._lib.library_path()})"
+                )
+        monkeypatch.delenv("TILLER_TEST_PANIC_AT_HOOK", raising=False)
+        if failure == "model":
+            assert raised.type is RuntimeError and str(raised.value) == "the model failed after the hook"
+        else:
+            assert raised.type is tiller.PanicError and "injected panic" in raised.value.message
+        assert adapter.current is None
+        assert s.stop == [1]
+        assert adapter.stopped == {1} and adapter.running([1, 2]) == [2]
+        assert rt.request_summary(1)["stopped"] and not rt.request_summary(2)["stopped"]
+
+        with pytest.raises(StoppedError, match="token 0 belongs to request 1"):
+            with adapter.step([(1, "generated")]):
+                pytest.fail("the block ran")
+        with adapter.step([(2, "generated")]) as s:
+            s.hook(HOOK, np.ascontiguousarray(activations[[quiet[1]]]))
+        assert s.stop == [] and adapter.stopped == {1}
+
+        # A block that raises with no stop marks nothing.
+        with pytest.raises(RuntimeError):
+            with adapter.step([(2, "generated")]) as s:
+                s.hook(HOOK, np.ascontiguousarray(activations[[quiet[2]]]))
+                raise RuntimeError("the model failed")
+        assert s.stop == [] and adapter.stopped == {1}
+        assert adapter.end_request(1)["stopped"] and not adapter.end_request(2)["stopped"]
+    finally:
+        rt.close()

@@ -189,18 +189,34 @@ class Adapter:
     def step(self, tokens: Any, phases: Any = None) -> Iterator[Step]:
         """Opens a step over the batch's tokens (as `Runtime.step` takes them) for the forward
         passes run inside the block; closes it on exit (its `stop` then holds the requests to
-        stop, which the adapter keeps in `stopped`) or frees it when the block raises. Tokens of
-        a stopped request raise `StoppedError`: the host must leave the request out."""
+        stop, which the adapter keeps in `stopped`), also when the block raises: the requests a
+        monitor stopped before the error are stopped all the same, and the error propagates.
+        Tokens of a stopped request raise `StoppedError`: the host must leave the request out."""
         if self.current is not None:
             raise TillerError("a step is already open on this thread for this adapter")
         self._refuse_stopped(tokens, phases)
         s = self.runtime.step(tokens, phases)
         self._local.step = s
         try:
-            with s:
-                yield s
+            yield s
+        except BaseException as e:
+            # The runtime has already stopped those requests (their summary says so); freeing the
+            # step unclosed would lose the ids, and the host would generate on for them.
+            try:
+                self._close(s)
+            except TillerError as close_error:
+                if hasattr(e, "add_note"):  # Python 3.11+
+                    e.add_note(f"closing the step also failed: {close_error}")
+            raise
+        else:
+            self._close(s)
         finally:
             self._local.step = None
+
+    def _close(self, s: Step) -> None:
+        """Closes `s` unless the block closed or freed it, and keeps the requests it stopped."""
+        if s.stop is None and s._s:
+            s.close()
         if s.stop:
             with self._stopped_lock:
                 self._stopped.update(int(r) for r in s.stop)
