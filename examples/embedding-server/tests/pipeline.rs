@@ -87,22 +87,19 @@ fn pipeline_on_real_text() {
                 p.before, p.after, p.a, p.b
             );
         }
-        // Ablating the code feature lowers the similarity of every code pair. How much depends on
-        // the machine's corpus (its /usr/share/doc decides the features trained): from 0.016 to
-        // 0.033 a pair on one machine, 0.001 to 0.004 once cmake's and g++'s documentation joined
-        // it. For legal text no single layer-3 feature does (the best found moves it by a few
-        // thousandths): reported, not asserted.
+        // Ablating the code feature lowers the similarity of code pairs on average. How much
+        // depends on the machine's corpus (its /usr/share/doc decides the features trained): from
+        // 0.016 to 0.033 a pair on one machine, 0.001 to 0.004 once cmake's and g++'s
+        // documentation joined it. Since an ablation removes the feature's own part of the
+        // reconstruction in the model's space (no more: the SAE normalises its input by a
+        // constant, which edits once ignored and overshot by), a single pair may move either way
+        // by a few thousandths; the mean is asserted. For legal text no single layer-3 feature
+        // does (the best found moves it by a few thousandths): reported, not asserted.
         if profile == "no-code" {
-            for p in &e.related {
-                assert!(
-                    p.after < p.before,
-                    "{profile} did not lower the similarity of {:?} / {:?}: {} -> {}",
-                    p.a,
-                    p.b,
-                    p.before,
-                    p.after
-                );
-            }
+            assert!(
+                after < before,
+                "{profile} did not lower the mean similarity of code pairs: {before} -> {after}"
+            );
         }
         for p in &e.unrelated {
             println!("    unrelated {:.4} -> {:.4}", p.before, p.after);
