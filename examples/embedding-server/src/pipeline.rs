@@ -291,7 +291,15 @@ fn detokenize(tokens: &[String]) -> String {
 
 /// Picks, for each monitored concept, the candidate whose ablation lowers most the cosine
 /// similarity between pairs of the concept's own corpus texts (16 sequences of the collected
-/// corpus, not the pairs the demo reports). Numbers keep their most selective feature.
+/// corpus, not the pairs the demo reports) while moving least the similarity of prose pairs
+/// (8 pairs of short prose texts, the controls: a short text's embedding averages few tokens, so
+/// it shows what one feature does most): the score is the mean change of the concept's pairs plus
+/// twice the largest absolute change of the controls, so that a feature which fires everywhere, and whose ablation
+/// moves every embedding, loses to one specific to the concept. Numbers keep their most selective
+/// feature.
+/// The tokens of each control text in [`choose_by_ablation`]: a sentence's length.
+const CONTROL_TOKENS: usize = 16;
+
 fn choose_by_ablation(
     dir: &Path,
     sae: &Path,
@@ -317,6 +325,21 @@ fn choose_by_ablation(
     }
     std::fs::write(&trial, text)?;
     let state = state_from(&trial, layer, 1)?;
+    let prose: Vec<String> = seqs
+        .iter()
+        .rev()
+        .filter(|q| q.kind == "prose" && q.tokens.len() >= 24)
+        .take(16)
+        .map(|q| detokenize(&q.tokens[..CONTROL_TOKENS]))
+        .collect();
+    ensure!(
+        prose.len() >= 4,
+        "too few prose texts to check features against"
+    );
+    let controls: Vec<(&str, &str)> = prose
+        .chunks_exact(2)
+        .map(|p| (p[0].as_str(), p[1].as_str()))
+        .collect();
     let mut chosen = Vec::new();
     for concept in MONITORED {
         let candidates: Vec<&ConceptFeature> =
@@ -345,14 +368,23 @@ fn choose_by_ablation(
             .collect();
         let mut best: Option<(f64, &ConceptFeature)> = None;
         for c in &candidates {
-            let e = pair_effects(&state, &format!("try-{}", c.feature), &pairs)?;
+            let profile = format!("try-{}", c.feature);
+            let e = pair_effects(&state, &profile, &pairs)?;
             let change = e.iter().map(|p| p.after - p.before).sum::<f64>() / e.len() as f64;
+            let side = pair_effects(&state, &profile, &controls)?;
+            let moved = side
+                .iter()
+                .map(|p| (p.after - p.before).abs())
+                .fold(0.0, f64::max);
+            // A feature must move its own texts more than twice what it moves short prose to
+            // count as specific: the controls weigh double.
+            let score = change + 2.0 * moved;
             eprintln!(
-                "    {concept:<8} ablating feature {:>5} changes the similarity of {concept} pairs by {change:+.4}",
+                "    {concept:<8} ablating feature {:>5} changes the similarity of {concept} pairs by {change:+.4}, moves prose pairs by {moved:.4} (score {score:+.4})",
                 c.feature
             );
-            if best.is_none_or(|(b, _)| change < b) {
-                best = Some((change, c));
+            if best.is_none_or(|(b, _)| score < b) {
+                best = Some((score, c));
             }
         }
         if let Some((_, c)) = best {
