@@ -81,6 +81,16 @@ struct Window {
     l0: f64,
 }
 
+impl Window {
+    /// An empty window over targets of `width` values.
+    fn new(width: usize) -> Self {
+        Self {
+            sum: vec![0.0; width],
+            ..Self::default()
+        }
+    }
+}
+
 impl Meter {
     pub(crate) fn new(gauges: DictionaryMetrics) -> Self {
         Self {
@@ -105,10 +115,7 @@ impl Meter {
     ) {
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         if w.sum.len() != target.ncols() {
-            *w = Window {
-                sum: vec![0.0; target.ncols()],
-                ..Window::default()
-            };
+            *w = Window::new(target.ncols());
         }
         for t in 0..target.nrows() {
             let (y, r) = (target.row(t), recon.row(t));
@@ -132,10 +139,7 @@ impl Meter {
                 self.gauges.fvu.set(w.err / var);
             }
             self.gauges.l0.set(w.l0 / n);
-            *w = Window {
-                sum: vec![0.0; target.ncols()],
-                ..Window::default()
-            };
+            *w = Window::new(target.ncols());
         }
     }
 }

@@ -308,36 +308,34 @@ const NORMS: [InputNorm; 4] = [
     InputNorm::NormRescale,
 ];
 
-#[test]
-fn sae_edits_are_in_the_model_space_for_every_normalisation() {
+/// Checks `kind` (a dictionary whose reconstruction is un-normalised) under every normalisation,
+/// seeds from `seed`: the raw decoder row is right only without normalisation, so this fails on
+/// an edit that ignores it.
+fn check_denormalised(kind: Kind, seed: u64) {
     for (k, norm) in NORMS.into_iter().enumerate() {
-        let raw = check(Kind::Sae, norm, 10 + k as u64);
-        // The raw decoder row is right only without normalisation: this test fails on an
-        // edit that ignores it.
+        let raw = check(kind, norm, seed + k as u64);
         if norm == InputNorm::None {
             assert!(
                 raw < TOL,
-                "no normalisation: raw rows are the edit ({raw:e})"
+                "{kind:?}, no normalisation: raw rows are the edit ({raw:e})"
             );
         } else {
-            assert!(raw > 1e-2, "{norm}: the raw row would pass ({raw:e})");
+            assert!(
+                raw > 1e-2,
+                "{kind:?}, {norm}: the raw row would pass ({raw:e})"
+            );
         }
     }
 }
 
 #[test]
+fn sae_edits_are_in_the_model_space_for_every_normalisation() {
+    check_denormalised(Kind::Sae, 10);
+}
+
+#[test]
 fn crosscoder_edits_are_in_the_model_space_for_every_normalisation() {
-    for (k, norm) in NORMS.into_iter().enumerate() {
-        let raw = check(Kind::Crosscoder, norm, 20 + k as u64);
-        if norm == InputNorm::None {
-            assert!(
-                raw < TOL,
-                "no normalisation: raw rows are the edit ({raw:e})"
-            );
-        } else {
-            assert!(raw > 1e-2, "{norm}: the raw row would pass ({raw:e})");
-        }
-    }
+    check_denormalised(Kind::Crosscoder, 20);
 }
 
 /// A transcoder's or CLT's reconstruction lives in its output space and is never un-normalised
