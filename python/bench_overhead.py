@@ -17,7 +17,7 @@ It times, in this process and on the same dictionary:
 The overhead is binding − C. `--cargo-bench` also runs the criterion bench
 (`cargo bench -p tiller-benches --bench hook -- tiller/1`) and prints its figure.
 
-    cargo build --release -p tiller-abi -p tiller-export
+    cargo build --release -p tiller-capi -p tiller-export
     TILLER_LIB=target/release/libtiller.so python python/bench_overhead.py [--cargo-bench]
 
 Each figure is the median over `--repeats` rounds of `--calls` calls (fresh activations for
@@ -47,8 +47,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import tiller  # noqa: E402
-from tiller import _lib  # noqa: E402
+import tiller_runtime as tiller  # noqa: E402
+from tiller_runtime import _lib  # noqa: E402
 
 D, F = 2304, 16384
 FEATURES = [i * 251 % F for i in range(64)]
@@ -226,7 +226,7 @@ def main() -> None:
     lib_path = _lib.library_path()
     print(f"libtiller: {lib_path}  (python {sys.version.split()[0]}, numpy {np.__version__})")
     if "/debug/" in str(lib_path):
-        print("warning: a debug build of libtiller; build with cargo build --release -p tiller-abi")
+        print("warning: a debug build of libtiller; build with cargo build --release -p tiller-capi")
 
     rt = tiller.Runtime.from_file(cfg)
     rt.begin_request(1, "p")

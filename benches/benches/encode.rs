@@ -2,7 +2,7 @@
 //! a ReLU and a TopK SAE of 768 × 8192 at batch 1, 8 and 64.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tiller::{Activation, Dictionary, SessionOptions};
+use tiller_runtime::{Activation, Dictionary, SessionOptions};
 
 fn bench_encode(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");

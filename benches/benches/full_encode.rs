@@ -12,9 +12,9 @@ use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::Array2;
-use tiller::dictionary::{WeightDtype, write_dictionary_as};
-use tiller::{Activation, Backend, Dictionary, DictionaryFile, SessionOptions};
 use tiller_benches::machine;
+use tiller_runtime::dictionary::{WeightDtype, write_dictionary_as};
+use tiller_runtime::{Activation, Backend, Dictionary, DictionaryFile, SessionOptions};
 
 const D: usize = 2304;
 const F: usize = 16384;

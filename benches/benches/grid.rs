@@ -18,8 +18,8 @@ use std::time::Duration;
 use criterion::{
     BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
-use tiller::{ActivationsMut, Phase, Runtime, Token};
 use tiller_benches::dicts;
+use tiller_runtime::{ActivationsMut, Phase, Runtime, Token};
 
 fn bench_grid(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -18,8 +18,10 @@ use criterion::{
     measurement::WallTime,
 };
 use ndarray::Axis;
-use tiller::{ActivationsMut, Dictionary, DictionaryFile, Phase, Runtime, SessionOptions, Token};
 use tiller_benches::dicts;
+use tiller_runtime::{
+    ActivationsMut, Dictionary, DictionaryFile, Phase, Runtime, SessionOptions, Token,
+};
 
 const D: usize = 2304;
 const F: usize = 16384;
@@ -140,7 +142,8 @@ fn bench_ops(c: &mut Criterion) {
 /// The metrics of one call (`tiller_benches::MetricsLoad`: 64 features' histograms and active
 /// counters, as the runtime updates them), and the text exposition a scrape reads.
 fn bench_metrics(c: &mut Criterion) {
-    let metrics = tiller::metrics::Metrics::new("tiller", &Default::default()).expect("metrics");
+    let metrics =
+        tiller_runtime::metrics::Metrics::new("tiller", &Default::default()).expect("metrics");
     let mut load = tiller_benches::MetricsLoad::new(&metrics, &dicts::monitored_features(F, 64));
     let mut group = c.benchmark_group("metrics");
     for batch in [1usize, 64] {

@@ -4,7 +4,7 @@
 //! needs no wasm toolchain: the host's own cost (fuel, copying the pairs in, the call).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tiller::config::PolicyConfig;
+use tiller_runtime::config::PolicyConfig;
 
 /// A guest whose `on_features` answers "no action".
 const NOOP_GUEST: &str = r#"(module
@@ -20,17 +20,25 @@ const NOOP_GUEST: &str = r#"(module
   (func (export "tiller_on_request_end") (param i64) (result i64) (i64.const 0))
   (func (export "tiller_on_features") (param i64 i64 i32 i32 i32) (result i64) (i64.const 0)))"#;
 
-fn load(module: &std::path::Path, config: &str) -> tiller::policy::Policy {
+fn load(module: &std::path::Path, config: &str) -> tiller_runtime::policy::Policy {
     let cfg: PolicyConfig = toml::from_str(&format!(
         "name = \"p\"\nmodule = \"{}\"\ndictionary = \"res\"\nfeatures = [1, 2, 3, 4, 5, 6, 7, 8]\nconfig = \"{config}\"\n",
         module.display()
     ))
     .expect("config");
-    let metrics = tiller::metrics::Metrics::new("tiller", &Default::default()).expect("metrics");
-    let meta = tiller::Meta::new(tiller::Kind::Sae, tiller::Activation::Relu, 16, 64, 16);
+    let metrics =
+        tiller_runtime::metrics::Metrics::new("tiller", &Default::default()).expect("metrics");
+    let meta = tiller_runtime::Meta::new(
+        tiller_runtime::Kind::Sae,
+        tiller_runtime::Activation::Relu,
+        16,
+        64,
+        16,
+    );
     let columns: Vec<(usize, u32)> = (1..=8).map(|i| (i as usize, i)).collect();
-    let engine = tiller::policy::engine().expect("engine");
-    tiller::policy::Policy::load(&engine, &cfg, module, 0, columns, &meta, &metrics).expect("load")
+    let engine = tiller_runtime::policy::engine().expect("engine");
+    tiller_runtime::policy::Policy::load(&engine, &cfg, module, 0, columns, &meta, &metrics)
+        .expect("load")
 }
 
 fn bench_policy(c: &mut Criterion) {

@@ -14,10 +14,10 @@ use ndarray::linalg::general_mat_mul;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use tiller::{Activation, Kind};
 use tiller_export::train::model::{self, Arch, Batch, Coeffs, DecoderNorm, StepOptions};
 use tiller_export::train::optim::Schedule;
 use tiller_export::train::{self, Hyper, Trainer};
+use tiller_runtime::{Activation, Kind};
 
 const D: usize = 384;
 const M: usize = 6144;

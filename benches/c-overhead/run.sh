@@ -22,9 +22,9 @@ out=$target/c-overhead
 mkdir -p "$out"
 
 echo "== build (release)"
-cargo build --release -p tiller-abi
+cargo build --release -p tiller-capi
 echo "== dictionary and config -> $out"
-TILLER_C_OVERHEAD_DIR=$out cargo test -q --release -p tiller-abi --test c_abi -- \
+TILLER_C_OVERHEAD_DIR=$out cargo test -q --release -p tiller-capi --test c_abi -- \
   --ignored --exact overhead_fixture >/dev/null
 ${CC:-cc} -std=c11 -O2 -Wall -Wextra -Werror -I plugin-abi/include benches/c-overhead/overhead.c \
   -o "$out/overhead" -L "$target/release" -ltiller -Wl,-rpath,"$target/release" -lm
@@ -35,7 +35,7 @@ for i in $(seq "$REPEAT"); do
   "$out/overhead" "$out/tiller.toml" "$ROUNDS" | tee -a "$out/results.txt"
   echo "== run $i: Rust API, same loop"
   TILLER_C_OVERHEAD_DIR=$out TILLER_C_OVERHEAD_ROUNDS=$ROUNDS \
-    cargo test -q --release -p tiller-abi --test c_abi -- --ignored --exact overhead_rust_api \
+    cargo test -q --release -p tiller-capi --test c_abi -- --ignored --exact overhead_rust_api \
     --nocapture | grep '^rust' | tee -a "$out/results.txt"
 done
 

@@ -36,7 +36,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "python"))
 
-import tiller  # noqa: E402
+import tiller_runtime as tiller  # noqa: E402
 
 
 def emit(**rec) -> None:

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};
-use tiller::{Activation, Kind, Meta, Weights};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 /// Where cached dictionaries live: `$TILLER_BENCH_DICTS`, else `target/bench-dicts` of this
 /// workspace (`$CARGO_TARGET_DIR/bench-dicts` when that is set).
@@ -56,20 +56,20 @@ fn uniform(seed: u64, shape: (usize, usize), sd: f32) -> Array2<f32> {
 /// The cached ReLU SAE of `d_in × d_sae` (`b_enc` −0.1, weights of variance `1/d_in`, `b_dec` on
 /// the input), written on first use as `<dir>/relu-<d_in>x<d_sae>/sae.onnx` (with ONNX external
 /// data past 2 GiB). Concurrent first uses each write a private folder and rename it into place.
-pub fn relu_sae(d_in: usize, d_sae: usize) -> tiller::Result<PathBuf> {
+pub fn relu_sae(d_in: usize, d_sae: usize) -> tiller_runtime::Result<PathBuf> {
     let root = dir();
     let folder = root.join(format!("relu-{d_in}x{d_sae}"));
     let path = folder.join("sae.onnx");
     if path.is_file() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&root).map_err(|e| tiller::Error::io(&root, e))?;
+    std::fs::create_dir_all(&root).map_err(|e| tiller_runtime::Error::io(&root, e))?;
     let tmp = root.join(format!(
         ".relu-{d_in}x{d_sae}.{}.{:?}",
         std::process::id(),
         std::thread::current().id()
     ));
-    std::fs::create_dir_all(&tmp).map_err(|e| tiller::Error::io(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| tiller_runtime::Error::io(&tmp, e))?;
     eprintln!(
         "writing a {d_in} x {d_sae} ReLU SAE ({:.0} MiB of weights) into {}",
         (2 * d_in * d_sae * 4) as f64 / (1 << 20) as f64,
@@ -86,7 +86,7 @@ pub fn relu_sae(d_in: usize, d_sae: usize) -> tiller::Result<PathBuf> {
             Array1::zeros(d_in),
         )
     };
-    tiller::dictionary::write_dictionary(&meta, &weights, &tmp.join("sae.onnx"))?;
+    tiller_runtime::dictionary::write_dictionary(&meta, &weights, &tmp.join("sae.onnx"))?;
     drop(weights);
     if std::fs::rename(&tmp, &folder).is_err() {
         // Another process got there first: keep its copy.
@@ -95,7 +95,7 @@ pub fn relu_sae(d_in: usize, d_sae: usize) -> tiller::Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
-        Err(tiller::Error::invalid(
+        Err(tiller_runtime::Error::invalid(
             "benchmark dictionary",
             format!("{} was not written", path.display()),
         ))

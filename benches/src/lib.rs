@@ -9,7 +9,7 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::{Activation, Kind, Meta, Weights};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 fn randn(rng: &mut StdRng, shape: (usize, usize), scale: f32) -> Array2<f32> {
     let n = Normal::new(0.0f32, scale).unwrap_or_else(|_| unreachable!("valid parameters"));
@@ -23,7 +23,7 @@ pub fn write_random_sae(
     d_in: usize,
     d_sae: usize,
     seed: u64,
-) -> tiller::Result<PathBuf> {
+) -> tiller_runtime::Result<PathBuf> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut meta = Meta::new(Kind::Sae, activation, d_in, d_sae, d_in);
     if activation == Activation::TopK {
@@ -46,10 +46,10 @@ pub fn write_random_sae(
         apply_b_dec_to_input: true,
     };
     let path = dir.join(format!("{activation}-{d_in}x{d_sae}.onnx"));
-    tiller::graph::write_model(
-        tiller::dictionary::build_model(&meta, &weights)?,
+    tiller_runtime::graph::write_model(
+        tiller_runtime::dictionary::build_model(&meta, &weights)?,
         &path,
-        tiller::graph::EXTERNAL_DATA_THRESHOLD,
+        tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD,
     )?;
     Ok(path)
 }
@@ -62,14 +62,14 @@ pub fn random_activations(batch: usize, d: usize, seed: u64) -> Array2<f32> {
 /// Writes the ReLU dictionary made of `features` of `file` (their encoder columns and decoder
 /// rows), as a plain ONNX graph: what running ONNX Runtime on a sliced dictionary costs.
 pub fn slice_relu(
-    file: &tiller::DictionaryFile,
+    file: &tiller_runtime::DictionaryFile,
     features: &[u32],
     out: &Path,
-) -> tiller::Result<PathBuf> {
+) -> tiller_runtime::Result<PathBuf> {
     let m = file.meta();
     let (_, w_enc) = file.tensor_f32("W_enc")?;
     let w_enc = Array2::from_shape_vec((m.d_in, m.d_sae), w_enc)
-        .map_err(|e| tiller::Error::invalid("W_enc", e.to_string()))?;
+        .map_err(|e| tiller_runtime::Error::invalid("W_enc", e.to_string()))?;
     let b_enc = Array1::from_vec(file.tensor_f32("b_enc")?.1);
     let cols: Vec<usize> = features.iter().map(|&f| f as usize).collect();
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, m.d_in, cols.len(), m.d_out);
@@ -83,37 +83,39 @@ pub fn slice_relu(
             file.b_dec()?,
         )
     };
-    tiller::graph::write_model(
-        tiller::dictionary::build_model(&meta, &weights)?,
+    tiller_runtime::graph::write_model(
+        tiller_runtime::dictionary::build_model(&meta, &weights)?,
         out,
-        tiller::graph::EXTERNAL_DATA_THRESHOLD,
+        tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD,
     )?;
     Ok(out.to_path_buf())
 }
 
 /// The runtime's metrics work in one hook call, alone: every named feature's activation histogram
 /// and active counter updated for each token through the runtime's own step-buffer type
-/// (`tiller::metrics::LocalFeature`, kept from call to call) and flushed when
-/// `tiller::metrics::flush_due` says so, as the runtime does. Every feature counts as active: an
+/// (`tiller_runtime::metrics::LocalFeature`, kept from call to call) and flushed when
+/// `tiller_runtime::metrics::flush_due` says so, as the runtime does. Every feature counts as active: an
 /// upper bound.
 #[derive(Debug)]
 pub struct MetricsLoad {
-    local: Vec<tiller::metrics::LocalFeature>,
+    local: Vec<tiller_runtime::metrics::LocalFeature>,
     values: Vec<f64>,
     flushed_at: Option<std::time::Instant>,
 }
 
 impl MetricsLoad {
     /// The series of dictionary `res` for each of `features`, on `metrics`.
-    pub fn new(metrics: &tiller::metrics::Metrics, features: &[u32]) -> Self {
+    pub fn new(metrics: &tiller_runtime::metrics::Metrics, features: &[u32]) -> Self {
         let local = features
             .iter()
             .map(|f| {
                 let l = ["res", &f.to_string()];
-                tiller::metrics::LocalFeature::new(&tiller::metrics::FeatureMetrics {
-                    activation: metrics.feature_activation.with_label_values(&l),
-                    active: metrics.feature_active.with_label_values(&l),
-                })
+                tiller_runtime::metrics::LocalFeature::new(
+                    &tiller_runtime::metrics::FeatureMetrics {
+                        activation: metrics.feature_activation.with_label_values(&l),
+                        active: metrics.feature_active.with_label_values(&l),
+                    },
+                )
             })
             .collect();
         Self {
@@ -130,7 +132,7 @@ impl MetricsLoad {
                 f.observe(v);
             }
         }
-        if tiller::metrics::flush_due(&mut self.flushed_at) {
+        if tiller_runtime::metrics::flush_due(&mut self.flushed_at) {
             for f in &mut self.local {
                 f.flush();
             }

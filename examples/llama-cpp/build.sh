@@ -14,7 +14,7 @@ if [ "${1:-}" = "--release" ]; then profile=release; cargo_flags=(--release); fi
 target=${CARGO_TARGET_DIR:-$root/target}
 case "$target" in /*) ;; *) target=$root/$target ;; esac
 llama=${TILLER_LLAMA_DIR:-$("$here/provision.sh")}
-(cd "$root" && cargo build -q -p tiller-abi "${cargo_flags[@]}")
+(cd "$root" && cargo build -q -p tiller-capi "${cargo_flags[@]}")
 libtiller=$target/$profile
 out=$target/llama-cpp
 if [ "$profile" = release ]; then out=$target/llama-cpp-release; fi

@@ -7,7 +7,7 @@ requests and one generated token of the others, and the activations at the hook 
 place. At the end it prints each request's summary (the features that fired, events, edits) and
 the runtime's metrics.
 
-    cargo build --release -p tiller-abi -p tiller-export
+    cargo build --release -p tiller-capi -p tiller-export
     pip install -e ./python              # or PYTHONPATH=python
     python examples/python-host/host.py  # or --dictionary my.onnx --hook model.layers.12
 
@@ -30,10 +30,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 try:
-    import tiller
+    import tiller_runtime as tiller
 except ImportError:  # run from a checkout without installing the binding
     sys.path.insert(0, str(REPO / "python"))
-    import tiller
+    import tiller_runtime as tiller
 
 D, F = 64, 1024
 HOOK = "model.layers.12"

@@ -8,5 +8,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = tiller::config::Config::parse(text, Some(Path::new("/nonexistent/tiller-fuzz/c.toml")));
+    let _ = tiller_runtime::config::Config::parse(text, Some(Path::new("/nonexistent/tiller-fuzz/c.toml")));
 });

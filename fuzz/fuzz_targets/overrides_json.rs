@@ -7,5 +7,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = tiller::config::Overrides::from_json(text);
+    let _ = tiller_runtime::config::Overrides::from_json(text);
 });

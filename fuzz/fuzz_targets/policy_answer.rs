@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let answer = i64::from_le_bytes(*answer);
     let exists = |f: u32| f < 1000;
-    if let Ok(actions) = tiller::policy::parse_answer(memory, answer, &exists) {
-        assert!(actions.len() <= tiller::policy::MAX_ACTIONS);
+    if let Ok(actions) = tiller_runtime::policy::parse_answer(memory, answer, &exists) {
+        assert!(actions.len() <= tiller_runtime::policy::MAX_ACTIONS);
     }
 });

@@ -41,7 +41,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
-use tiller::{Activation, Kind, Meta, Weights};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 use crate::import::{ImportOptions, Imported};
 use crate::tensors::TensorFile;

@@ -547,7 +547,7 @@ impl Stat {
 
 /// Reads rows `start..start + count` of a shard and encodes them.
 fn encode_rows(
-    dict: &tiller::Dictionary,
+    dict: &tiller_runtime::Dictionary,
     shard: &Shard,
     start: u64,
     count: usize,
@@ -625,7 +625,10 @@ fn choose_label(weights: &HashMap<String, f64>) -> Vec<LabelWord> {
 
 /// Computes the dashboard's data (without writing anything).
 pub fn build(opts: &Options) -> Result<Dashboard> {
-    let dict = tiller::Dictionary::load(&opts.dictionary, &tiller::SessionOptions::default())?;
+    let dict = tiller_runtime::Dictionary::load(
+        &opts.dictionary,
+        &tiller_runtime::SessionOptions::default(),
+    )?;
     let meta = dict.meta().clone();
     let width = meta.input_layers() * meta.d_in;
     let d_sae = meta.d_sae;
@@ -707,7 +710,12 @@ pub fn build(opts: &Options) -> Result<Dashboard> {
 }
 
 /// The dictionary columns of the requested feature ids, in the order given, without repeats.
-fn columns_of(list: &[u32], ids: &[u32], meta: &tiller::Meta, dict: &Path) -> Result<Vec<usize>> {
+fn columns_of(
+    list: &[u32],
+    ids: &[u32],
+    meta: &tiller_runtime::Meta,
+    dict: &Path,
+) -> Result<Vec<usize>> {
     let mut cols = Vec::new();
     for &id in list {
         let Some(c) = ids.iter().position(|&x| x == id) else {
@@ -767,7 +775,7 @@ impl Rows {
 }
 
 /// Pass 1: every row encoded once, folded into per-feature statistics.
-fn scan(dict: &tiller::Dictionary, rows: &Rows, opts: &Options) -> Result<Vec<Stat>> {
+fn scan(dict: &tiller_runtime::Dictionary, rows: &Rows, opts: &Options) -> Result<Vec<Stat>> {
     const CHUNK: usize = 64;
     let d_sae = dict.meta().d_sae;
     let keep = opts.contexts.max(LABEL_POOL);
@@ -846,7 +854,7 @@ type Gathered = (Vec<Vec<Context>>, Vec<HashMap<String, f64>>);
 /// Pass 2, over the shards holding top rows of the chosen features: the contexts (their windows
 /// encoded again) and the weight of each whole word among the top rows, per chosen feature.
 fn gather(
-    dict: &tiller::Dictionary,
+    dict: &tiller_runtime::Dictionary,
     rows: &Rows,
     chosen: &[usize],
     tops: &[Vec<Hit>],

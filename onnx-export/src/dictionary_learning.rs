@@ -40,8 +40,8 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2, Ix3, s};
 use serde_json::Value;
-use tiller::dictionary::Gated;
-use tiller::{Activation, InputNorm, Kind, Meta, Weights};
+use tiller_runtime::dictionary::Gated;
+use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use crate::import::{ImportOptions, Imported};
 use crate::torch::{self, Checkpoint};

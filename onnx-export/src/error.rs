@@ -24,7 +24,7 @@ pub enum Error {
     },
     /// The runtime refused what was built.
     #[error(transparent)]
-    Tiller(#[from] tiller::Error),
+    Tiller(#[from] tiller_runtime::Error),
 }
 
 impl Error {

@@ -29,7 +29,7 @@ use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2, IxDyn, OwnedRepr};
 use ndarray_npy::{NpzReader, ReadDataError, ReadNpyError, ReadableElement};
 use py_literal::Value as PyValue;
 use serde_json::Value;
-use tiller::{Activation, InputNorm, Kind, Meta, Weights};
+use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use crate::import::{ImportOptions, Imported};
 use crate::sparsify::{read_json, select};

@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use tiller::{Activation, Kind, Meta, Weights};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 use crate::import::{ImportOptions, Imported};
 use crate::torch;

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use tiller::{Meta, Weights};
+use tiller_runtime::{Meta, Weights};
 
 use crate::{Error, Result, saelens};
 
@@ -230,7 +230,9 @@ pub fn output_path(out: &Path, name: Option<&str>) -> PathBuf {
 
 /// Builds the ONNX dictionary and writes it to `out` (weights past 2 GiB streamed to external data).
 pub fn write(meta: &Meta, weights: &Weights, out: &Path) -> Result<()> {
-    Ok(tiller::dictionary::write_dictionary(meta, weights, out)?)
+    Ok(tiller_runtime::dictionary::write_dictionary(
+        meta, weights, out,
+    )?)
 }
 
 /// [`write()`] with `W_enc` and `W_dec` stored as `dtype` (f16, bf16: rounded to nearest).
@@ -238,9 +240,9 @@ pub fn write_as(
     meta: &Meta,
     weights: &Weights,
     out: &Path,
-    dtype: tiller::dictionary::WeightDtype,
+    dtype: tiller_runtime::dictionary::WeightDtype,
 ) -> Result<()> {
-    Ok(tiller::dictionary::write_dictionary_as(
+    Ok(tiller_runtime::dictionary::write_dictionary_as(
         meta, weights, out, dtype,
     )?)
 }

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};
 use serde_json::{Map, Value};
-use tiller::{Activation, InputNorm, Kind, Meta, Weights};
+use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use crate::import::{ImportOptions, Imported};
 use crate::sparsify::{folder_name, json_object, read_json, select};

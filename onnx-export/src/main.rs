@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tiller::{Dictionary, DictionaryFile, SessionOptions};
 use tiller_export::import::{self, Format};
 use tiller_export::npy;
+use tiller_runtime::{Dictionary, DictionaryFile, SessionOptions};
 
 #[derive(Parser)]
 #[command(
@@ -50,7 +50,7 @@ enum Command {
         /// How to store `W_enc` and `W_dec`: `f32`, `f16` or `bf16` (rounded to nearest; the
         /// runtime's native encoder reads half-width weights at their width, moving half the bytes).
         #[arg(long, default_value = "f32")]
-        dtype: tiller::dictionary::WeightDtype,
+        dtype: tiller_runtime::dictionary::WeightDtype,
         /// The dictionary to write; several dictionaries go to `OUT.<name>.onnx`.
         #[arg(short, long)]
         output: PathBuf,
@@ -277,10 +277,10 @@ struct TrainArgs {
     target_tensor: Option<String>,
     /// sae, transcoder, skip_transcoder or crosscoder.
     #[arg(long, default_value = "sae")]
-    kind: tiller::Kind,
+    kind: tiller_runtime::Kind,
     /// relu, topk, batchtopk or jumprelu.
     #[arg(long)]
-    activation: tiller::Activation,
+    activation: tiller_runtime::Activation,
     /// TopK / BatchTopK: active features per token.
     #[arg(long)]
     k: Option<usize>,
@@ -443,7 +443,7 @@ fn run(cli: Cli) -> Result<()> {
                         .with_context(|| format!("reading {}", l.display()))?;
                     Some((
                         l.clone(),
-                        tiller::dictionary::parse_labels(&text)
+                        tiller_runtime::dictionary::parse_labels(&text)
                             .map_err(|e| anyhow::anyhow!("{}: {e}", l.display()))?,
                     ))
                 }
@@ -675,8 +675,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Setup => {
-            let p = tiller::onnxruntime::resolve_library(None)?;
-            tiller::onnxruntime::init(Some(&p))?;
+            let p = tiller_runtime::onnxruntime::resolve_library(None)?;
+            tiller_runtime::onnxruntime::init(Some(&p))?;
             println!("{}", p.display());
             Ok(())
         }
@@ -800,11 +800,11 @@ fn replay(
     summary: Option<&Path>,
 ) -> Result<()> {
     let phase = match phase {
-        "prompt" => tiller::Phase::Prompt,
-        "generated" => tiller::Phase::Generated,
+        "prompt" => tiller_runtime::Phase::Prompt,
+        "generated" => tiller_runtime::Phase::Generated,
         other => anyhow::bail!("--phase `{other}` is not prompt or generated"),
     };
-    let rt = tiller::Runtime::from_config_file(config)?;
+    let rt = tiller_runtime::Runtime::from_config_file(config)?;
     let Some(&(_, width)) = rt.hooks().iter().find(|(h, _)| h == hook) else {
         let known: Vec<String> = rt.hooks().into_iter().map(|(h, _)| h).collect();
         anyhow::bail!(
@@ -815,7 +815,7 @@ fn replay(
     };
     let mut x = npy::read_activations(input, width)?;
     let n = x.nrows();
-    let step_len = if phase == tiller::Phase::Generated {
+    let step_len = if phase == tiller_runtime::Phase::Generated {
         1
     } else {
         batch.max(1)
@@ -824,11 +824,11 @@ fn replay(
     let mut stops = 0;
     for start in (0..n).step_by(step_len) {
         let end = (start + step_len).min(n);
-        let tokens = vec![tiller::Token { request: 1, phase }; end - start];
+        let tokens = vec![tiller_runtime::Token { request: 1, phase }; end - start];
         let mut rows = x.slice(ndarray::s![start..end, ..]).to_owned();
         let mut step = rt.step(&tokens)?;
         let data = rows.as_slice_mut().context("rows are contiguous")?;
-        step.hook(hook, tiller::ActivationsMut::F32(data))?;
+        step.hook(hook, tiller_runtime::ActivationsMut::F32(data))?;
         stops += step.finish().stop.len();
         x.slice_mut(ndarray::s![start..end, ..]).assign(&rows);
     }

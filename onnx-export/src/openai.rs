@@ -23,7 +23,7 @@
 
 use std::path::Path;
 
-use tiller::{Activation, InputNorm, Kind, Meta, Weights};
+use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use crate::import::{ImportOptions, Imported};
 use crate::torch;

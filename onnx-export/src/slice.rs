@@ -6,8 +6,8 @@
 //! calibration activations (`tiller.exact = false`).
 
 use ndarray::{Array1, Array2, Axis};
-use tiller::dictionary::reference;
-use tiller::{Activation, DictionaryFile, Meta, Weights};
+use tiller_runtime::dictionary::reference;
+use tiller_runtime::{Activation, DictionaryFile, Meta, Weights};
 
 use crate::{Error, Result};
 
@@ -57,7 +57,7 @@ pub fn slice(
             Activation::JumpRelu => w.threshold.as_ref().map(|t| t.select(Axis(0), &cols)),
             _ => w.threshold.clone(),
         },
-        gated: w.gated.as_ref().map(|g| tiller::dictionary::Gated {
+        gated: w.gated.as_ref().map(|g| tiller_runtime::dictionary::Gated {
             r_mag: g.r_mag.select(Axis(0), &cols),
             b_mag: g.b_mag.select(Axis(0), &cols),
         }),

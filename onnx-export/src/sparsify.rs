@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2};
 use serde_json::{Map, Value};
-use tiller::{Activation, Kind, Meta, Weights};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 use crate::import::{ImportOptions, Imported};
 use crate::tensors::TensorFile;

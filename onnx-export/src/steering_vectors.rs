@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use ndarray::Array2;
-use tiller::dictionary::vector_dictionary;
+use tiller_runtime::dictionary::vector_dictionary;
 
 use crate::import::{ImportOptions, Imported};
 use crate::{Error, Result};
@@ -21,7 +21,7 @@ pub fn detect(path: &Path) -> bool {
 /// Imports the directions in `path`.
 pub fn import(path: &Path, opts: &ImportOptions) -> Result<Vec<Imported>> {
     if path.extension().is_some_and(|e| e == "gguf") {
-        let cv = tiller::vectors::read_gguf_control_vector(path)?;
+        let cv = tiller_runtime::vectors::read_gguf_control_vector(path)?;
         let mut out = Vec::new();
         for (layer, dir) in &cv.directions {
             if opts.layer.is_some_and(|l| l != *layer) {
@@ -51,7 +51,7 @@ pub fn import(path: &Path, opts: &ImportOptions) -> Result<Vec<Imported>> {
         }
         return Ok(out);
     }
-    let u = tiller::vectors::read_npy_vectors(path)?;
+    let u = tiller_runtime::vectors::read_npy_vectors(path)?;
     let (mut meta, weights) =
         vector_dictionary(u).map_err(|e| Error::format(path, e.to_string()))?;
     meta.source = "npy".into();

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use ndarray::Array2;
-use tiller::dictionary::reference;
-use tiller::{Activation, Dictionary, Meta, SessionOptions, Weights};
+use tiller_runtime::dictionary::reference;
+use tiller_runtime::{Activation, Dictionary, Meta, SessionOptions, Weights};
 
 use crate::{Error, Result};
 

@@ -106,7 +106,9 @@ fn external_data_escaping_its_folder_is_refused_before_onnx_runtime() {
     );
     assert!(err.contains("climbs out"), "{err}");
     // The runtime API refuses it too, at validation, before a session exists.
-    let e = tiller::DictionaryFile::open(&evil).unwrap_err().to_string();
+    let e = tiller_runtime::DictionaryFile::open(&evil)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("external data location"), "{e}");
 
     // An absolute path and a symlink that leads outside are refused the same way.

@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use common::{Rng, Tensors, m2, rel_err, stored, v1, write_safetensors};
 use ndarray::{Array1, Array2, Array3, Axis, s};
 use safetensors::Dtype;
-use tiller::{ActivationsMut, Dictionary, Kind, Phase, Runtime, SessionOptions, Token};
+use tiller_runtime::{ActivationsMut, Dictionary, Kind, Phase, Runtime, SessionOptions, Token};
 
 const TOL: f64 = 1e-5;
 const D: usize = 16;
@@ -264,7 +264,7 @@ fn transcoder_set_with_config_jumprelu_and_skip() {
         let dict = load(&dict_path(&out, i));
         let m = dict.meta();
         assert_eq!(m.kind, Kind::SkipTranscoder);
-        assert_eq!(m.activation, tiller::Activation::JumpRelu);
+        assert_eq!(m.activation, tiller_runtime::Activation::JumpRelu);
         assert_eq!((m.d_in, m.d_sae, m.d_out), (D, F, D));
         assert_eq!(m.hook_in, format!("blocks.{i}.mlp.hook_in"));
         assert_eq!(m.hook_out, format!("blocks.{i}.mlp.hook_out"));
@@ -312,7 +312,7 @@ fn relu_transcoder_of_the_first_release_one_layer() {
     let dict = load(&out);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Transcoder);
-    assert_eq!(m.activation, tiller::Activation::Relu);
+    assert_eq!(m.activation, tiller_runtime::Activation::Relu);
     assert_eq!(m.hook_in, "blocks.1.mlp.hook_in");
     assert_eq!(m.hook_out, "blocks.1.mlp.hook_out");
     let x = rng.matrix(17, D, 1.0) + 0.25;
@@ -452,7 +452,7 @@ fn clt_every_source_layer_sums_to_circuit_tracers_reconstruction() {
     import_ok(&ckpt, &out, &[]);
     for i in 0..l {
         let dict = load(&dict_path(&out, i));
-        assert_eq!(dict.meta().activation, tiller::Activation::JumpRelu);
+        assert_eq!(dict.meta().activation, tiller_runtime::Activation::JumpRelu);
         assert_eq!(dict.meta().model, "google/gemma-2-2b");
     }
     check_clt(&out, &t, l, &[0, 1, 2, 3], false, &mut rng);
@@ -469,7 +469,7 @@ fn clt_relu_bf16_one_layer_without_config() {
     let out = dir.path().join("out.onnx");
     import_ok(&ckpt, &out, &["--layer", "2"]);
     let dict = load(&out);
-    assert_eq!(dict.meta().activation, tiller::Activation::Relu);
+    assert_eq!(dict.meta().activation, tiller_runtime::Activation::Relu);
     assert_eq!(dict.meta().model, "");
     check_clt(&out, &t, l, &[2], true, &mut rng);
 }

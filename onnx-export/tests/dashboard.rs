@@ -15,8 +15,8 @@ use ndarray::{Array1, Array2};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
-use tiller::{Activation, Kind, Meta, Weights};
 use tiller_export::dashboard::{self, Dashboard, Options};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 const D_IN: usize = 16;
 const D_SAE: usize = 24;
@@ -152,7 +152,7 @@ fn make_fixture(labels: bool) -> Fixture {
     }
     let weights = Weights::new(w_enc.clone(), b_enc.clone(), w_dec, Array1::zeros(D_IN));
     let dict = dir.path().join("sae.onnx");
-    tiller::dictionary::write_dictionary(&meta, &weights, &dict).unwrap();
+    tiller_runtime::dictionary::write_dictionary(&meta, &weights, &dict).unwrap();
 
     let acts = dir.path().join("acts");
     std::fs::create_dir(&acts).unwrap();

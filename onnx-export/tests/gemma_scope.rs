@@ -16,7 +16,7 @@ use ndarray::{Array2, ArrayD};
 use ndarray_npy::NpzWriter;
 use safetensors::Dtype;
 use serde_json::json;
-use tiller::{Dictionary, InputNorm, Kind, SessionOptions};
+use tiller_runtime::{Dictionary, InputNorm, Kind, SessionOptions};
 
 const TOL: f64 = 1e-5;
 

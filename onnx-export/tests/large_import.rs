@@ -150,10 +150,12 @@ fn a_4_gib_dictionary_imports_within_1_5x_its_size_and_loads_back() {
     std::fs::remove_dir_all(&ckpt).unwrap();
 
     // Loads back and encodes: compare a few features with a float64 reference from the formula.
-    let file = tiller::DictionaryFile::open(&out).unwrap();
+    let file = tiller_runtime::DictionaryFile::open(&out).unwrap();
     assert!(file.has_external_data());
     let t2 = std::time::Instant::now();
-    let dict = tiller::Dictionary::from_file(file, &tiller::SessionOptions::default()).unwrap();
+    let dict =
+        tiller_runtime::Dictionary::from_file(file, &tiller_runtime::SessionOptions::default())
+            .unwrap();
     println!("ONNX Runtime load: {:.1?}", t2.elapsed());
     let x: Vec<f32> = (0..2 * D).map(|i| weight(9, i as u64, 2.0)).collect();
     let x = ndarray::Array2::from_shape_vec((2, D), x).unwrap();

@@ -20,7 +20,7 @@ use common::{Rng, Tensors, m2, rel_err, v1};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::{Value, json};
-use tiller::{Dictionary, InputNorm, Kind, SessionOptions};
+use tiller_runtime::{Dictionary, InputNorm, Kind, SessionOptions};
 
 const TOL: f64 = 1e-5;
 

@@ -22,11 +22,11 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::Value;
-use tiller::{
+use tiller_export::probe::{metrics, read_labels};
+use tiller_runtime::{
     Activation, ActivationsMut, Dictionary, DictionaryFile, Kind, Phase, Runtime, SessionOptions,
     Token,
 };
-use tiller_export::probe::{metrics, read_labels};
 
 const D: usize = 24;
 const DELTA: f64 = 2.0;

@@ -10,7 +10,7 @@ use common::saelens::{Sae, reference as saelens_reference, tensors, v6};
 use common::{Rng, rel_err, write_saelens};
 use safetensors::Dtype;
 use serde_json::json;
-use tiller::{Dictionary, SessionOptions};
+use tiller_runtime::{Dictionary, SessionOptions};
 
 const TOL: f64 = 1e-5;
 
@@ -322,7 +322,7 @@ fn metadata_and_inspect() {
 /// width; the result equals SAELens's maths on the stored weights.
 #[test]
 fn half_width_checkpoints_import_at_their_width() {
-    use tiller::dictionary::WeightDtype;
+    use tiller_runtime::dictionary::WeightDtype;
     for (dtype, flag, want) in [
         (Dtype::F16, "f16", WeightDtype::F16),
         (Dtype::BF16, "bf16", WeightDtype::Bf16),
@@ -354,7 +354,7 @@ fn half_width_checkpoints_import_at_their_width() {
             ..SessionOptions::default()
         };
         let dict = Dictionary::load(&out, &opts).unwrap();
-        assert_eq!(dict.backend(), tiller::Backend::Native(want));
+        assert_eq!(dict.backend(), tiller_runtime::Backend::Native(want));
         let s = Sae {
             arch: "jumprelu",
             k: 0,

@@ -11,7 +11,7 @@ use std::process::Command;
 use common::{Rng, Tensors, write_saelens};
 use safetensors::Dtype;
 use serde_json::json;
-use tiller::{Dictionary, DictionaryFile, SessionOptions};
+use tiller_runtime::{Dictionary, DictionaryFile, SessionOptions};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tiller-export"))
@@ -125,19 +125,22 @@ fn relu_slices_are_exact_and_keep_original_ids() {
         )
     };
     std::fs::write(dir.path().join("ok.toml"), cfg(17)).unwrap();
-    let rt = tiller::Runtime::from_config_file(dir.path().join("ok.toml")).unwrap();
+    let rt = tiller_runtime::Runtime::from_config_file(dir.path().join("ok.toml")).unwrap();
     rt.begin_request(1, Some("p"), None).unwrap();
     let mut y = x.clone();
     let mut step = rt
         .step(
-            &[tiller::Token {
+            &[tiller_runtime::Token {
                 request: 1,
-                phase: tiller::Phase::Prompt,
+                phase: tiller_runtime::Phase::Prompt,
             }; 33],
         )
         .unwrap();
-    step.hook("h", tiller::ActivationsMut::F32(y.as_slice_mut().unwrap()))
-        .unwrap();
+    step.hook(
+        "h",
+        tiller_runtime::ActivationsMut::F32(y.as_slice_mut().unwrap()),
+    )
+    .unwrap();
     step.finish();
     let w = f.weights().unwrap();
     for t in 0..33 {
@@ -150,7 +153,7 @@ fn relu_slices_are_exact_and_keep_original_ids() {
         }
     }
     std::fs::write(dir.path().join("bad.toml"), cfg(5)).unwrap();
-    let e = tiller::Runtime::from_config_file(dir.path().join("bad.toml"))
+    let e = tiller_runtime::Runtime::from_config_file(dir.path().join("bad.toml"))
         .unwrap_err()
         .to_string();
     assert!(
@@ -207,7 +210,7 @@ fn topk_slices_are_calibrated() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let f = DictionaryFile::open(&out).unwrap();
-    assert_eq!(f.meta().activation, tiller::Activation::JumpRelu);
+    assert_eq!(f.meta().activation, tiller_runtime::Activation::JumpRelu);
     assert!(!f.meta().exact);
     // On fresh activations the fitted thresholds reproduce TopK membership for most tokens, and
     // where both fire the values are the same pre-activations.

@@ -15,7 +15,7 @@ use common::{Rng, Tensors, m2, rel_err, stored, v1, write_safetensors};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::json;
-use tiller::{Dictionary, Kind, SessionOptions};
+use tiller_runtime::{Dictionary, Kind, SessionOptions};
 
 const TOL: f64 = 1e-5;
 

@@ -41,8 +41,8 @@ use ndarray::{Array1, Array2};
 use safetensors::Dtype;
 use serde_json::json;
 use tempfile::TempDir;
-use tiller::{ActivationsMut, DictionaryFile, InputNorm, Phase, Runtime, Token};
 use tiller_export::train::{self, Control, Finished, Outcome, TrainConfig};
+use tiller_runtime::{ActivationsMut, DictionaryFile, InputNorm, Phase, Runtime, Token};
 
 const TOL: f64 = 1e-5;
 /// How far the old edit must miss the reference for a case to tell it from the right one.
@@ -230,8 +230,8 @@ fn trained_case() -> Case {
     let onnx = dir.path().join("d.onnx");
     let mut cfg = TrainConfig::new(
         vec![data],
-        tiller::Kind::Sae,
-        tiller::Activation::TopK,
+        tiller_runtime::Kind::Sae,
+        tiller_runtime::Activation::TopK,
         48,
         onnx.clone(),
     );

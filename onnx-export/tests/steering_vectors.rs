@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use tiller::{ActivationsMut, DictionaryFile, Phase, Runtime, Token};
+use tiller_runtime::{ActivationsMut, DictionaryFile, Phase, Runtime, Token};
 
 const D: usize = 16;
 
@@ -35,7 +35,7 @@ fn gguf_and_npy_directions_become_vector_dictionaries() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let f3 = DictionaryFile::open(dir.path().join("cv.3.onnx")).unwrap();
-    assert_eq!(f3.meta().kind, tiller::Kind::Vector);
+    assert_eq!(f3.meta().kind, tiller_runtime::Kind::Vector);
     assert_eq!(f3.meta().hook_in, "model.layers.3");
     assert_eq!(f3.meta().model, "llama");
     assert_eq!(f3.w_dec().unwrap().row(0).to_vec(), u3);

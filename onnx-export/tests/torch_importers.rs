@@ -15,7 +15,7 @@ use std::process::Command;
 use common::torch::{Ref, fixtures, linear, relu, topk};
 use common::{Rng, import, openai, rel_err};
 use ndarray::{Array1, Array2, Axis, s};
-use tiller::{Activation, Dictionary, InputNorm, Kind};
+use tiller_runtime::{Activation, Dictionary, InputNorm, Kind};
 
 const TOL: f64 = 1e-5;
 const D: usize = 32;

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::Array2;
 use safetensors::Dtype;
-use tiller::{Activation, Kind};
 use tiller_export::train::data::{Dataset, Segment, Stream};
 use tiller_export::train::{self, Control, TrainConfig};
+use tiller_runtime::{Activation, Kind};
 use train_common::{npy_bytes, write_npy, write_safetensors};
 
 /// Rows whose every value is the row's global index.

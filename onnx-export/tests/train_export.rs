@@ -1,4 +1,4 @@
-//! What the trainer writes is what it trained: the ONNX dictionary loads in `tiller::Dictionary`
+//! What the trainer writes is what it trained: the ONNX dictionary loads in `tiller_runtime::Dictionary`
 //! and its `acts` match the trainer's own forward pass (normwise relative error under 1e-5), its
 //! reconstruction reproduces the held-out FVU the trainer reported (so the normalisation, the
 //! transcoder's output scale and the skip connection are folded correctly), and the SAELens
@@ -14,9 +14,9 @@ use ndarray::{Array2, s};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
-use tiller::{Activation, Dictionary, Kind, SessionOptions};
 use tiller_export::train::data::Normalize;
 use tiller_export::train::{self, Control, Outcome, TrainConfig};
+use tiller_runtime::{Activation, Dictionary, Kind, SessionOptions};
 use train_common::{rel_err, synthetic, write_npy};
 
 const ROWS: usize = 12_000;

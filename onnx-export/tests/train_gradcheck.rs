@@ -10,10 +10,10 @@ use ndarray::Array2;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use tiller::{Activation, Kind};
 use tiller_export::train::model::{
     self, Arch, Batch, Coeffs, DecoderNorm, PARAM_NAMES, Params, StepOptions, Workspace,
 };
+use tiller_runtime::{Activation, Kind};
 
 fn arch(kind: Kind, activation: Activation, decoder_norm: DecoderNorm) -> Arch {
     let layered = kind == Kind::Crosscoder;

@@ -7,8 +7,8 @@
 
 mod train_common;
 
-use tiller::{Activation, Kind};
 use tiller_export::train::{self, Control, Outcome, TrainConfig};
+use tiller_runtime::{Activation, Kind};
 use train_common::{mmcs, synthetic, write_shards};
 
 const D: usize = 64;

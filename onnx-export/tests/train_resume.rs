@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 
-use tiller::{Activation, Kind};
 use tiller_export::train::model::Params;
 use tiller_export::train::{self, Control, Outcome, TrainConfig, checkpoint};
+use tiller_runtime::{Activation, Kind};
 use train_common::{synthetic, write_shards};
 
 fn data(dir: &Path) -> PathBuf {

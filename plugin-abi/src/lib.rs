@@ -13,7 +13,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
 
-use tiller::{ActivationsMut, Error, Phase, Runtime, Step, Token};
+use ::tiller_runtime::{ActivationsMut, Error, Phase, Runtime, Step, Token};
 
 /// The result of every call. Values are fixed: they never change between versions.
 #[repr(u32)]
@@ -65,7 +65,7 @@ pub enum tiller_phase {
     TILLER_GENERATED = 1,
 }
 
-/// A runtime: a `tiller::Runtime` behind an `Arc`. Created by `tiller_runtime_new_*`, freed by
+/// A runtime: a `tiller_runtime::Runtime` behind an `Arc`. Created by `tiller_runtime_new_*`, freed by
 /// [`tiller_runtime_free`]. Thread-safe: share one handle between all of the host's threads.
 #[derive(Debug)]
 pub struct tiller_runtime {
@@ -215,7 +215,7 @@ pub unsafe extern "C" fn tiller_build_info(
     boundary(|| {
         let info = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "onnxruntime": tiller::onnxruntime::ORT_VERSION,
+            "onnxruntime": ::tiller_runtime::onnxruntime::ORT_VERSION,
             "cuda": false,
         });
         // SAFETY: forwarded from the caller.
@@ -242,7 +242,10 @@ pub unsafe extern "C" fn tiller_last_error(
     }
 }
 
-fn new_runtime(r: tiller::Result<Runtime>, out: *mut *mut tiller_runtime) -> tiller_status {
+fn new_runtime(
+    r: ::tiller_runtime::Result<Runtime>,
+    out: *mut *mut tiller_runtime,
+) -> tiller_status {
     match r {
         Ok(rt) => {
             let h = Box::new(tiller_runtime {
@@ -300,7 +303,7 @@ pub unsafe extern "C" fn tiller_runtime_new_from_toml(
         // A config in memory anchors its relative paths on a virtual file in `base_dir`.
         let anchor = base.map(|b| Path::new(b).join("<config>"));
         new_runtime(
-            tiller::config::Config::parse(text, anchor.as_deref()).and_then(Runtime::new),
+            ::tiller_runtime::config::Config::parse(text, anchor.as_deref()).and_then(Runtime::new),
             out,
         )
     })
@@ -545,7 +548,7 @@ pub unsafe extern "C" fn tiller_step_hook_cuda(
         nonnull!(step, hook, data);
         let _ = (dtype, n_tokens, width, stream);
         set_error(
-            "this build of libtiller has no CUDA support (build tiller-abi with --features cuda)",
+            "this build of libtiller has no CUDA support (build tiller-capi with --features cuda)",
         );
         tiller_status::TILLER_UNSUPPORTED
     })

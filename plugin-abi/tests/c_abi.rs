@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use tiller::{Activation, Kind, Meta, Weights};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 /// The test dictionary: small, so that the run under Valgrind stays quick. `abi_test.c` reads the
 /// sizes from `weights.bin` and knows the feature numbers the configs below use.
 const D: usize = 16;
 const F: usize = 32;
 
-/// A deterministic normal sampler (splitmix64 + Box–Muller): tiller-abi has no `rand` dependency.
+/// A deterministic normal sampler (splitmix64 + Box–Muller): tiller-capi has no `rand` dependency.
 struct Normal(u64);
 
 impl Normal {
@@ -42,7 +42,7 @@ impl Normal {
     }
 }
 
-/// `collect` into the type of `like` (an `ndarray::Array1<f32>`, which tiller-abi cannot name: it
+/// `collect` into the type of `like` (an `ndarray::Array1<f32>`, which tiller-capi cannot name: it
 /// has no direct ndarray dependency).
 fn collect_like<T: FromIterator<f32>>(_like: &T, v: &[f32]) -> T {
     v.iter().copied().collect()
@@ -68,8 +68,9 @@ fn write_sae(path: &Path, hook: &str, d: usize, f: usize, data: [&[f32]; 4]) {
         .into_shape_with_order((f, d))
         .unwrap();
     w.apply_b_dec_to_input = true;
-    let model = tiller::dictionary::build_model(&meta, &w).unwrap();
-    tiller::graph::write_model(model, path, tiller::graph::EXTERNAL_DATA_THRESHOLD).unwrap();
+    let model = tiller_runtime::dictionary::build_model(&meta, &w).unwrap();
+    tiller_runtime::graph::write_model(model, path, tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD)
+        .unwrap();
 }
 
 /// The config `abi_test.c` runs: feature 7 stops a request (token window), profile `clamp` clamps
@@ -160,7 +161,7 @@ fn build_library() -> PathBuf {
         .args([
             "build",
             "-p",
-            "tiller-abi",
+            "tiller-capi",
             "--message-format=json-render-diagnostics",
         ])
         .current_dir(workspace)
@@ -168,7 +169,7 @@ fn build_library() -> PathBuf {
         .expect("run cargo build");
     assert!(
         out.status.success(),
-        "cargo build -p tiller-abi failed:\n{}",
+        "cargo build -p tiller-capi failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -193,7 +194,7 @@ fn build_library() -> PathBuf {
             return Path::new(so).parent().unwrap().to_path_buf();
         }
     }
-    panic!("cargo build -p tiller-abi reported no libtiller.so:\n{stdout}");
+    panic!("cargo build -p tiller-capi reported no libtiller.so:\n{stdout}");
 }
 
 struct Prepared {
@@ -391,7 +392,7 @@ feature = {}
 #[ignore = "a timing loop for benches/c-overhead/run.sh"]
 fn overhead_rust_api() {
     use std::time::Instant;
-    use tiller::{ActivationsMut, Phase, Runtime, Token};
+    use tiller_runtime::{ActivationsMut, Phase, Runtime, Token};
     const BD: usize = 2304;
     const BATCH: usize = 1024;
     let Some(dir) = std::env::var_os("TILLER_C_OVERHEAD_DIR") else {

@@ -201,7 +201,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def rt(workdir: Path):
-    import tiller
+    import tiller_runtime as tiller
 
     r = tiller.Runtime.from_file(workdir / "tiller.toml")
     yield r

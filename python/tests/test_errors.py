@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tiller
+import tiller_runtime as tiller
 from conftest import CONFIG, D_IN, HOOK
 
 
@@ -233,22 +233,22 @@ def test_panic_is_contained(rt, monkeypatch):
 
 
 def test_missing_library_says_how_to_build(tmp_path):
-    code = "import tiller\ntry:\n    tiller.version()\nexcept tiller.LibraryError as e:\n    print(e)\n"
+    code = "import tiller_runtime as tiller\ntry:\n    tiller.version()\nexcept tiller.LibraryError as e:\n    print(e)\n"
     env = dict(os.environ, TILLER_LIB=str(tmp_path / "libtiller.so"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "TILLER_LIB points to a missing file" in r.stdout
-    assert "cargo build --release -p tiller-abi" in r.stdout
+    assert "cargo build --release -p tiller-capi" in r.stdout
 
 
 def test_not_a_library(tmp_path):
     fake = tmp_path / "libtiller.so"
     fake.write_text("not an ELF file")
-    code = "import tiller\ntry:\n    tiller.version()\nexcept tiller.LibraryError as e:\n    print(e)\n"
+    code = "import tiller_runtime as tiller\ntry:\n    tiller.version()\nexcept tiller.LibraryError as e:\n    print(e)\n"
     env = dict(os.environ, TILLER_LIB=str(fake))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "cannot load" in r.stdout and "cargo build --release -p tiller-abi" in r.stdout
+    assert "cannot load" in r.stdout and "cargo build --release -p tiller-capi" in r.stdout
 
 
 def test_library_search_order(monkeypatch):

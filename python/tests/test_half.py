@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tiller
+import tiller_runtime as tiller
 from conftest import HOOK
 
 

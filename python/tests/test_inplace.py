@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import tiller
+import tiller_runtime as tiller
 from conftest import D_IN, HOOK
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-import tiller
+import tiller_runtime as tiller
 from conftest import HOOK, export_bin
 
 

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 
-import tiller
+import tiller_runtime as tiller
 from conftest import HOOK
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch adapter. `import tiller.torch` works without torch (checked in a subprocess with
+"""The PyTorch adapter. `import tiller_runtime.torch` works without torch (checked in a subprocess with
 torch hidden); the adapter's own tests need torch and are skipped cleanly without it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import tiller
+import tiller_runtime as tiller
 from conftest import D_IN, HOOK
 
 HIDE_TORCH = "import sys\nsys.modules['torch'] = None  # `import torch` now raises ImportError\n"
@@ -16,7 +16,7 @@ HIDE_TORCH = "import sys\nsys.modules['torch'] = None  # `import torch` now rais
 
 def test_import_without_torch():
     code = HIDE_TORCH + (
-        "import tiller, tiller.torch\n"
+        "import tiller_runtime as tiller, tiller_runtime.torch\n"
         "assert callable(tiller.torch.attach)\n"
         "try:\n"
         "    tiller.torch.attach(object(), None, {})\n"
@@ -64,7 +64,7 @@ def make_model(torch, tuple_output: bool):
 @pytest.mark.parametrize("tuple_output", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_adapter_steers_like_numpy(torch, workdir, activations, tuple_output, dtype):
-    import tiller.torch as tt
+    import tiller_runtime.torch as tt
 
     model = make_model(torch, tuple_output).to(getattr(torch, dtype))
     x = torch.from_numpy(activations[:6].copy()).to(getattr(torch, dtype)).reshape(2, 3, D_IN)
@@ -102,7 +102,7 @@ def test_adapter_steers_like_numpy(torch, workdir, activations, tuple_output, dt
 
 
 def test_adapter_errors(torch, workdir):
-    import tiller.torch as tt
+    import tiller_runtime.torch as tt
 
     rt = tiller.Runtime.from_file(workdir / "tiller.toml")
     model = make_model(torch, False)
@@ -125,7 +125,7 @@ def test_adapter_errors(torch, workdir):
 
 
 def test_cuda_tensor_is_refused_clearly(torch, workdir):
-    import tiller.torch as tt
+    import tiller_runtime.torch as tt
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -142,7 +142,7 @@ def test_cuda_path_passes_pointer_and_stream(torch, workdir, monkeypatch):
     answers TILLER_UNSUPPORTED, which reaches the caller naming the device and the hook."""
     import types
 
-    import tiller.torch as tt
+    import tiller_runtime.torch as tt
 
     calls = []
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: calls.append(device) or types.SimpleNamespace(cuda_stream=0x5EED))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import tiller
+import tiller_runtime as tiller
 from conftest import D_IN, D_SAE, HOOK, random_sae
 
 # Rows whose pre-activation is within this of 0 are not used: float32 might round them either way.
@@ -37,7 +37,7 @@ def rows(activations):
 
 
 def test_a_stopped_request_ends_and_the_other_goes_on(workdir, activations, rows):
-    from tiller.torch import Adapter, StoppedError
+    from tiller_runtime.torch import Adapter, StoppedError
 
     quiet, firing = rows
     steps, stop_at = 6, 2
@@ -94,7 +94,7 @@ def test_a_stop_before_the_block_raises_still_stops_the_request(workdir, activat
     """The monitor stops request 1 at the step's first hook, then the block raises: the model
     itself, or a later hook (the runtime's debug-build panic). The exception propagates unchanged,
     and the stop reaches the adapter as after a step that succeeded; request 2 goes on."""
-    from tiller.torch import Adapter, StoppedError
+    from tiller_runtime.torch import Adapter, StoppedError
 
     quiet, firing = rows
     rt = tiller.Runtime.from_file(workdir / "stop.toml")

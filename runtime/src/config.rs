@@ -225,7 +225,7 @@ pub struct PolicyConfig {
     pub dictionary: String,
     /// The features it sees (active ones are handed over per token).
     pub features: Vec<u32>,
-    /// A string the policy reads with `tiller::config`.
+    /// A string the policy reads with `tiller_runtime::config`.
     #[serde(default)]
     pub config: String,
     /// Fuel per call.

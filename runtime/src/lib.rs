@@ -9,8 +9,8 @@
 //! and (directions only) steered with.
 //!
 //! ```no_run
-//! use tiller::{Dictionary, SessionOptions};
-//! # fn main() -> tiller::Result<()> {
+//! use tiller_runtime::{Dictionary, SessionOptions};
+//! # fn main() -> tiller_runtime::Result<()> {
 //! let dict = Dictionary::load("res12.onnx", &SessionOptions::default())?;
 //! let x = ndarray::Array2::<f32>::zeros((4, dict.meta().d_in));
 //! let encoded = dict.encode(x.view())?;

@@ -7,8 +7,8 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::build_model;
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::build_model;
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
@@ -32,7 +32,7 @@ fn steady_state_steps_allocate_nothing() {
             Array1::zeros(d),
         )
     };
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.path().join("d.onnx"),
         usize::MAX,

@@ -11,8 +11,8 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::{build_model, reference};
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 #[path = "support/exposition.rs"]
 mod exposition;
@@ -41,7 +41,7 @@ fn write_dict(dir: &Path, activation: Activation) -> (Meta, Weights) {
             Array1::zeros(D),
         )
     };
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("d.onnx"),
         usize::MAX,

@@ -19,8 +19,8 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
-use tiller::dictionary::{Gated, WeightDtype, reference, write_dictionary_as};
-use tiller::{
+use tiller_runtime::dictionary::{Gated, WeightDtype, reference, write_dictionary_as};
+use tiller_runtime::{
     Activation, ActivationsMut, Backend, Dictionary, DictionaryFile, InputNorm, Kind, Meta, Phase,
     Runtime, SessionOptions, Token, Weights,
 };
@@ -267,7 +267,7 @@ fn probes_and_vectors_encode_natively() {
     let (d, n) = (37, 11);
     let x = randn(&mut rng, (7, d), 1.0);
     for activation in [Activation::Sigmoid, Activation::Linear] {
-        let (meta, w) = tiller::dictionary::probe_dictionary(
+        let (meta, w) = tiller_runtime::dictionary::probe_dictionary(
             randn(&mut rng, (n, d), 0.3),
             randv(&mut rng, n, 0.2),
             activation,

@@ -15,8 +15,8 @@ use ndarray::{Array1, Array2, Axis, concatenate};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::{build_model, reference};
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 const D_IN: usize = 20;
 const D_OUT: usize = 28;
@@ -51,7 +51,7 @@ fn write(
         randn(&mut rng, (F, lo * d_out), 0.3),
         randn(&mut rng, (1, lo * d_out), 0.1).row(0).to_owned(),
     );
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("d.onnx"),
         usize::MAX,

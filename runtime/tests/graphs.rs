@@ -9,8 +9,8 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
-use tiller::dictionary::{Gated, build_model, reference};
-use tiller::{
+use tiller_runtime::dictionary::{Gated, build_model, reference};
+use tiller_runtime::{
     Activation, Dictionary, DictionaryFile, InputNorm, Kind, Meta, SessionOptions, Weights,
 };
 
@@ -96,7 +96,12 @@ fn check(case: &Case, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dict.onnx");
     let model = build_model(&meta, &w).unwrap();
-    tiller::graph::write_model(model, &path, tiller::graph::EXTERNAL_DATA_THRESHOLD).unwrap();
+    tiller_runtime::graph::write_model(
+        model,
+        &path,
+        tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD,
+    )
+    .unwrap();
 
     let file = DictionaryFile::open(&path).unwrap();
     assert_eq!(file.meta(), &meta, "metadata round trip");
@@ -254,7 +259,7 @@ fn external_data_round_trips() {
     let path = dir.path().join("ext.onnx");
     // A threshold of 0 forces external data, as a 2 GiB dictionary would; the weights are streamed
     // to the data file while the graph is built.
-    tiller::dictionary::write_dictionary_with(&meta, &w, &path, 0).unwrap();
+    tiller_runtime::dictionary::write_dictionary_with(&meta, &w, &path, 0).unwrap();
     assert!(dir.path().join("ext.onnx.data").is_file());
     let file = DictionaryFile::open(&path).unwrap();
     assert!(file.has_external_data());

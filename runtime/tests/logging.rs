@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array1, Array2};
-use tiller::dictionary::build_model;
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token};
+use tiller_runtime::dictionary::build_model;
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token};
 
 const D: usize = 8;
 const F: usize = 16;
@@ -69,13 +69,13 @@ fn write_dict(dir: &Path) {
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, D, F, D);
     meta.hook_in = "h".into();
     meta.hook_out = "h".into();
-    let w = tiller::Weights::new(
+    let w = tiller_runtime::Weights::new(
         Array2::from_shape_fn((D, F), |(i, j)| ((i * 3 + j) % 5) as f32 / 5.0 - 0.4),
         Array1::from_elem(F, 0.05),
         Array2::from_shape_fn((F, D), |(i, j)| ((i + j * 7) % 3) as f32 / 3.0 - 0.3),
         Array1::zeros(D),
     );
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("d.onnx"),
         usize::MAX,

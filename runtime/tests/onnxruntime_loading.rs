@@ -39,7 +39,7 @@ fn bad_libraries_are_clear_errors_and_the_right_one_still_loads() {
     let dir = tempfile::tempdir().unwrap();
 
     let missing = dir.path().join("nope.so");
-    let e = tiller::onnxruntime::init(Some(&missing))
+    let e = tiller_runtime::onnxruntime::init(Some(&missing))
         .unwrap_err()
         .to_string();
     assert!(
@@ -49,7 +49,7 @@ fn bad_libraries_are_clear_errors_and_the_right_one_still_loads() {
 
     let garbage = dir.path().join("garbage.so");
     std::fs::write(&garbage, b"this is not an ELF file").unwrap();
-    let e = tiller::onnxruntime::init(Some(&garbage))
+    let e = tiller_runtime::onnxruntime::init(Some(&garbage))
         .unwrap_err()
         .to_string();
     assert!(
@@ -58,7 +58,7 @@ fn bad_libraries_are_clear_errors_and_the_right_one_still_loads() {
     );
 
     let old = fake_onnxruntime(dir.path(), "1.20.0");
-    let e = tiller::onnxruntime::init(Some(&old))
+    let e = tiller_runtime::onnxruntime::init(Some(&old))
         .unwrap_err()
         .to_string();
     assert!(
@@ -67,14 +67,14 @@ fn bad_libraries_are_clear_errors_and_the_right_one_still_loads() {
     );
 
     // Nothing above poisoned the process: the provisioned library loads.
-    let good = tiller::onnxruntime::resolve_library(None).unwrap();
-    tiller::onnxruntime::init(Some(&good)).unwrap();
+    let good = tiller_runtime::onnxruntime::resolve_library(None).unwrap();
+    tiller_runtime::onnxruntime::init(Some(&good)).unwrap();
     assert_eq!(
-        tiller::onnxruntime::loaded_library(),
+        tiller_runtime::onnxruntime::loaded_library(),
         Some(good.canonicalize().unwrap().as_path())
     );
     // Asking for another file once one is loaded is refused, not silently ignored.
-    let e = tiller::onnxruntime::init(Some(&old))
+    let e = tiller_runtime::onnxruntime::init(Some(&old))
         .unwrap_err()
         .to_string();
     assert!(e.contains("already loaded"), "{e}");

@@ -11,8 +11,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde_json::Value;
-use tiller::dictionary::build_model;
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::build_model;
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 const D: usize = 16;
 const F: usize = 48;
@@ -64,7 +64,7 @@ fn write_dict(dir: &Path) {
             Array1::zeros(D),
         )
     };
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("d.onnx"),
         usize::MAX,
@@ -266,7 +266,7 @@ fn operator_files_query_only_exported_metrics_and_cover_every_family() {
     let exp = Exposition::parse(&text);
 
     // The exposition itself has every family, with the type METRICS gives it.
-    for (name, ty) in tiller::metrics::METRICS {
+    for (name, ty) in tiller_runtime::metrics::METRICS {
         let full = format!("{PREFIX}{name}");
         assert_eq!(
             exp.types.get(&full).map(String::as_str),
@@ -371,7 +371,7 @@ fn operator_files_query_only_exported_metrics_and_cover_every_family() {
         .iter()
         .flat_map(|(_, e)| metric_names(e))
         .collect();
-    for (name, ty) in tiller::metrics::METRICS {
+    for (name, ty) in tiller_runtime::metrics::METRICS {
         let full = format!("{PREFIX}{name}");
         let used = if *ty == "histogram" {
             ["_bucket", "_sum", "_count"]

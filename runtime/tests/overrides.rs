@@ -13,8 +13,10 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::{build_model, reference};
-use tiller::{Activation, ActivationsMut, Error, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::{
+    Activation, ActivationsMut, Error, Kind, Meta, Phase, Runtime, Token, Weights,
+};
 
 const D: usize = 24;
 const F: usize = 64;
@@ -42,7 +44,7 @@ fn setup(dir: &Path) -> (Meta, Weights) {
         b_skip: None,
         apply_b_dec_to_input: true,
     };
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("sae.onnx"),
         usize::MAX,
@@ -499,7 +501,7 @@ fn unknown_ops_fields_and_deep_nesting_are_named() {
         refused(&rt, None, &text, field, &["invalid type"]);
     }
     // The same through the parser alone, with serde_json's own recursion limit behind it.
-    let e = tiller::config::Overrides::from_json(&nested("[", "]")).unwrap_err();
+    let e = tiller_runtime::config::Overrides::from_json(&nested("[", "]")).unwrap_err();
     assert!(matches!(e, Error::Override { .. }), "{e}");
 }
 
@@ -669,7 +671,7 @@ fn an_allowed_override_steers_as_the_same_rule_in_a_profile() {
             "token {t}: {a} != {b}"
         );
     }
-    let steered = |s: &tiller::RequestSummary| s.steering.values().sum::<u64>();
+    let steered = |s: &tiller_runtime::RequestSummary| s.steering.values().sum::<u64>();
     assert_eq!(
         steered(&by_request.end_request(1).unwrap()),
         steered(&by_profile.end_request(1).unwrap())

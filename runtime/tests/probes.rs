@@ -11,8 +11,8 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::{probe_dictionary, reference, write_dictionary};
-use tiller::{
+use tiller_runtime::dictionary::{probe_dictionary, reference, write_dictionary};
+use tiller_runtime::{
     Activation, ActivationsMut, Dictionary, DictionaryFile, Kind, Meta, Phase, Runtime,
     SessionOptions, Token, Weights,
 };
@@ -261,8 +261,9 @@ when = "gate"
         events.extend(r.events);
         stops.extend(r.stop);
     }
-    let of =
-        |m: &str| -> Vec<&tiller::Event> { events.iter().filter(|e| e.monitor == m).collect() };
+    let of = |m: &str| -> Vec<&tiller_runtime::Event> {
+        events.iter().filter(|e| e.monitor == m).collect()
+    };
 
     // The scores the runtime read equal the float64 reference.
     for j in 0..OUT {

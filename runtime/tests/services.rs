@@ -7,19 +7,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array1, Array2};
-use tiller::dictionary::build_model;
-use tiller::{Activation, Kind, Meta, Runtime};
+use tiller_runtime::dictionary::build_model;
+use tiller_runtime::{Activation, Kind, Meta, Runtime};
 
 fn setup(dir: &std::path::Path) {
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, 8, 16, 8);
     meta.hook_in = "h".into();
-    let w = tiller::Weights::new(
+    let w = tiller_runtime::Weights::new(
         Array2::from_shape_fn((8, 16), |(i, j)| ((i * 3 + j) % 5) as f32 / 5.0 - 0.4),
         Array1::zeros(16),
         Array2::from_shape_fn((16, 8), |(i, j)| ((i + j * 7) % 3) as f32 / 3.0 - 0.3),
         Array1::zeros(8),
     );
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("d.onnx"),
         usize::MAX,

@@ -10,8 +10,8 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::{build_model, reference};
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -56,8 +56,12 @@ fn write_dict(
         b_skip: None,
         apply_b_dec_to_input: kind == Kind::Sae,
     };
-    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX)
-        .unwrap();
+    tiller_runtime::graph::write_model(
+        build_model(&meta, &w).unwrap(),
+        &dir.join(name),
+        usize::MAX,
+    )
+    .unwrap();
     (meta, w)
 }
 
@@ -639,8 +643,12 @@ fn layered(
         randn(&mut rng, (F, 3 * D), 0.3),
         randn(&mut rng, (1, 3 * D), 0.1).row(0).to_owned(),
     );
-    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX)
-        .unwrap();
+    tiller_runtime::graph::write_model(
+        build_model(&meta, &w).unwrap(),
+        &dir.join(name),
+        usize::MAX,
+    )
+    .unwrap();
     (meta, w)
 }
 

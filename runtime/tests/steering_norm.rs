@@ -1,7 +1,7 @@
 //! Steering edits in the model's space for every input normalisation (docs: steering semantics;
 //! design section 4): every feature edit must move the activations by `decode(f') − decode(f)`,
 //! the reconstruction un-normalised as the dictionary's own reconstruction is. The reference is
-//! the float64 decoder of `tiller::dictionary::reference`, run twice (with the token's feature
+//! the float64 decoder of `tiller_runtime::dictionary::reference`, run twice (with the token's feature
 //! activations and with the edited ones) and subtracted: it never looks at a decoder row.
 //! Every normalisation × every op × SAE, transcoder, CLT and crosscoder. Tolerance: normwise
 //! relative error of the edited activations under 1e-5 (f32 against float64).
@@ -14,8 +14,10 @@ use ndarray_npy::WriteNpyExt;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::{build_model, reference};
-use tiller::{Activation, ActivationsMut, InputNorm, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::{
+    Activation, ActivationsMut, InputNorm, Kind, Meta, Phase, Runtime, Token, Weights,
+};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -82,7 +84,7 @@ fn write_dict(dir: &Path, s: &Shape, norm: InputNorm, seed: u64) -> (Meta, Weigh
         randn(&mut rng, (1, lo * D), 0.0, 0.1).row(0).to_owned(),
     );
     w.apply_b_dec_to_input = s.kind == Kind::Sae;
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         build_model(&meta, &w).unwrap(),
         &dir.join("d.onnx"),
         usize::MAX,

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use half::f16;
-use tiller::vectors::{read_gguf_control_vector, read_npy_vectors};
+use tiller_runtime::vectors::{read_gguf_control_vector, read_npy_vectors};
 
 // GGUF metadata value types and ggml tensor types, as in ggml's `gguf.h` / `ggml.h`.
 const T_U8: u32 = 0;
@@ -584,7 +584,7 @@ fn gguf_missing_file_is_an_io_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("absent.gguf");
     let err = read_gguf_control_vector(&path).unwrap_err();
-    assert!(matches!(err, tiller::Error::Io { .. }), "{err}");
+    assert!(matches!(err, tiller_runtime::Error::Io { .. }), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -614,7 +614,7 @@ fn le_f32(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn npy_read(bytes: &[u8]) -> tiller::Result<ndarray::Array2<f32>> {
+fn npy_read(bytes: &[u8]) -> tiller_runtime::Result<ndarray::Array2<f32>> {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "v.npy", bytes);
     read_npy_vectors(&path)

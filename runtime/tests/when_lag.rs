@@ -12,8 +12,8 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::dictionary::{build_model, reference};
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -55,8 +55,12 @@ fn write_dict(
         b_skip: None,
         apply_b_dec_to_input: kind == Kind::Sae,
     };
-    tiller::graph::write_model(build_model(&meta, &w).unwrap(), &dir.join(name), usize::MAX)
-        .unwrap();
+    tiller_runtime::graph::write_model(
+        build_model(&meta, &w).unwrap(),
+        &dir.join(name),
+        usize::MAX,
+    )
+    .unwrap();
     (meta, w)
 }
 

@@ -19,11 +19,11 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use ndarray::{Array1, Array2, Axis, s};
 use serde_json::{Value, json};
-use tiller::dictionary::WeightDtype;
-use tiller::{
+use tiller_benches::{dicts, machine};
+use tiller_runtime::dictionary::WeightDtype;
+use tiller_runtime::{
     ActivationsMut, Backend, Dictionary, DictionaryFile, Phase, Runtime, SessionOptions, Token,
 };
-use tiller_benches::{dicts, machine};
 
 const D: usize = 2304;
 const F: usize = 16384;
@@ -121,7 +121,12 @@ fn prepare() -> Result<()> {
         let path = dict_path(dtype)?;
         if !path.is_file() {
             let tmp = path.with_extension("tmp.onnx");
-            tiller::dictionary::write_dictionary_as(file.meta(), &file.weights()?, &tmp, dtype)?;
+            tiller_runtime::dictionary::write_dictionary_as(
+                file.meta(),
+                &file.weights()?,
+                &tmp,
+                dtype,
+            )?;
             std::fs::rename(&tmp, &path)?;
         }
     }
@@ -145,13 +150,13 @@ fn prepare() -> Result<()> {
     let tmp = out.join("sliced-dictionary.onnx");
     tiller_benches::slice_relu(&file, &features, &tmp)?;
     let sliced = DictionaryFile::open(&tmp)?;
-    let acts_only = |m| tiller::graph::prune(m, &["acts"]);
-    tiller::graph::write_model(
+    let acts_only = |m| tiller_runtime::graph::prune(m, &["acts"]);
+    tiller_runtime::graph::write_model(
         acts_only(sliced.model())?,
         &out.join("sliced.onnx"),
         usize::MAX,
     )?;
-    tiller::graph::write_model(
+    tiller_runtime::graph::write_model(
         acts_only(file.model())?,
         &out.join("encode.onnx"),
         usize::MAX,
@@ -205,7 +210,7 @@ fn prepare() -> Result<()> {
 /// GEMM (MLAS) reaches it, measured from Python.
 fn write_gemm(path: &Path) -> Result<()> {
     use onnx_protobuf::tensor_proto::DataType;
-    use tiller::graph::{Dim, GraphBuilder};
+    use tiller_runtime::graph::{Dim, GraphBuilder};
     const N: usize = GEMM_N;
     let mut g = GraphBuilder::new("gemm");
     let a = g.input("a", DataType::FLOAT, &[Dim::Fixed(N), Dim::Fixed(N)]);
@@ -215,7 +220,7 @@ fn write_gemm(path: &Path) -> Result<()> {
     let b = g.weight("b", &[N, N], &b);
     let c = g.op("MatMul", &[&a, &b], vec![]);
     g.output(&c, DataType::FLOAT, &[Dim::Fixed(N), Dim::Fixed(N)]);
-    tiller::graph::write_model(g.finish(&[]), path, usize::MAX)?;
+    tiller_runtime::graph::write_model(g.finish(&[]), path, usize::MAX)?;
     Ok(())
 }
 
@@ -438,7 +443,7 @@ fn rust(quick: bool) -> Result<()> {
 
     // The metrics' share (`MetricsLoad`: as the runtime updates them, every feature counted
     // active, an upper bound; with these weights about half are).
-    let metrics = tiller::metrics::Metrics::new("tiller", &Default::default())?;
+    let metrics = tiller_runtime::metrics::Metrics::new("tiller", &Default::default())?;
     let mut load =
         tiller_benches::MetricsLoad::new(&metrics, &dicts::monitored_features(F, N_FEATURES));
     for batch in BATCHES {

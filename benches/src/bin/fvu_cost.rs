@@ -9,8 +9,8 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use tiller::{ActivationsMut, Phase, Runtime, Token};
 use tiller_benches::dicts;
+use tiller_runtime::{ActivationsMut, Phase, Runtime, Token};
 
 const D: usize = 2304;
 const F: usize = 16384;

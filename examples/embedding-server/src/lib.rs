@@ -28,8 +28,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tiller::{ActivationsMut, Phase, RequestSummary, Runtime, Token};
 use tiller_minilm::{Hidden, MiniLm};
+use tiller_runtime::{ActivationsMut, Phase, RequestSummary, Runtime, Token};
 
 pub mod client;
 pub mod pipeline;
@@ -267,7 +267,7 @@ pub struct Embedded {
 pub enum EmbedError {
     /// The caller's fault: an unknown profile.
     BadRequest(String),
-    /// The runtime refused the overrides ([`tiller::Error::Override`]): `field` is the path into
+    /// The runtime refused the overrides ([`tiller_runtime::Error::Override`]): `field` is the path into
     /// them (`steer[3].strength`; empty: the whole overrides).
     Overrides {
         /// The field.
@@ -312,7 +312,7 @@ pub fn embed(
                 let _ = rt.end_request(b);
             }
             return Err(match e {
-                tiller::Error::Override { field, message } => {
+                tiller_runtime::Error::Override { field, message } => {
                     EmbedError::Overrides { field, message }
                 }
                 e => EmbedError::BadRequest(e.to_string()),

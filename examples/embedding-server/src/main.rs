@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use embedding_server::pipeline::{self, CODE_PAIRS, LEGAL_PAIRS, Settings};
 use embedding_server::{AppState, router};
-use tiller::Runtime;
 use tiller_minilm::{MiniLm, Options, provision};
+use tiller_runtime::Runtime;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]

@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
-use tiller::Runtime;
 use tiller_minilm::concepts::{self, ConceptFeature};
 use tiller_minilm::corpus::{self, CollectOptions};
 use tiller_minilm::{MiniLm, Options, provision};
+use tiller_runtime::Runtime;
 
 use crate::{AppState, embed};
 
@@ -165,7 +165,7 @@ pub fn build(dir: &Path, s: &Settings) -> Result<Artifacts> {
     drop(model);
 
     say("finding the features of each concept");
-    let dict = tiller::Dictionary::load(&sae, &tiller::SessionOptions::default())?;
+    let dict = tiller_runtime::Dictionary::load(&sae, &tiller_runtime::SessionOptions::default())?;
     let found = concepts::select(&dict, &acts, CANDIDATES, 150_000)?;
     drop(dict);
     let chosen = choose_by_ablation(dir, &sae, &acts, &found, s.layer)?;
@@ -234,8 +234,8 @@ fn train_sae(
     ));
     let mut cfg = tiller_export::train::TrainConfig::new(
         vec![acts.to_path_buf()],
-        tiller::Kind::Sae,
-        tiller::Activation::TopK,
+        tiller_runtime::Kind::Sae,
+        tiller_runtime::Activation::TopK,
         s.d_sae,
         sae.to_path_buf(),
     );

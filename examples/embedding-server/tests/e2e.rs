@@ -14,8 +14,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde_json::{Value, json};
-use tiller::{Activation, Kind, Meta, Weights};
 use tiller_minilm::{MiniLm, Options, provision};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 const D: usize = 384;
 const F: usize = 256;
@@ -34,8 +34,9 @@ fn write_dictionary(path: &Path) {
         w_dec,
         Array1::zeros(D),
     );
-    let model = tiller::dictionary::build_model(&meta, &weights).unwrap();
-    tiller::graph::write_model(model, path, tiller::graph::EXTERNAL_DATA_THRESHOLD).unwrap();
+    let model = tiller_runtime::dictionary::build_model(&meta, &weights).unwrap();
+    tiller_runtime::graph::write_model(model, path, tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD)
+        .unwrap();
 }
 
 const CONFIG: &str = r#"

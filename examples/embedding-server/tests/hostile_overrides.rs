@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde_json::{Value, json};
-use tiller::{Activation, Kind, Meta, Weights};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 const D: usize = 384;
 const F: usize = 64;
@@ -35,11 +35,11 @@ fn write_files(dir: &Path) {
         w_dec,
         Array1::zeros(D),
     );
-    let model = tiller::dictionary::build_model(&meta, &weights).unwrap();
-    tiller::graph::write_model(
+    let model = tiller_runtime::dictionary::build_model(&meta, &weights).unwrap();
+    tiller_runtime::graph::write_model(
         model,
         &dir.join("l3.onnx"),
-        tiller::graph::EXTERNAL_DATA_THRESHOLD,
+        tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD,
     )
     .unwrap();
     use ndarray_npy::WriteNpyExt;

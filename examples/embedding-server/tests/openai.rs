@@ -21,8 +21,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde_json::{Value, json};
-use tiller::{Activation, Kind, Meta, Weights};
 use tiller_minilm::{Hidden, MiniLm, Options, provision};
+use tiller_runtime::{Activation, Kind, Meta, Weights};
 
 const D: usize = 384;
 const F: usize = 64;
@@ -50,8 +50,9 @@ fn write_dictionary(path: &Path) -> (Array2<f32>, Array1<f32>) {
     let w_enc = w_dec.t().to_owned();
     let b_enc = Array1::from_elem(F, -0.1);
     let weights = Weights::new(w_enc.clone(), b_enc.clone(), w_dec, Array1::zeros(D));
-    let model = tiller::dictionary::build_model(&meta, &weights).unwrap();
-    tiller::graph::write_model(model, path, tiller::graph::EXTERNAL_DATA_THRESHOLD).unwrap();
+    let model = tiller_runtime::dictionary::build_model(&meta, &weights).unwrap();
+    tiller_runtime::graph::write_model(model, path, tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD)
+        .unwrap();
     (w_enc, b_enc)
 }
 

@@ -109,8 +109,8 @@ fn pipeline_on_real_text() {
 /// `tiller-export`'s trainer on the collected activations, reaches a held-out AUROC, and the
 /// runtime's scores equal float64 `sigmoid(x·w + b)` on held-out tokens.
 fn probe_on_real_activations(acts: &std::path::Path) {
-    use tiller::{ActivationsMut, Phase, Runtime, Token};
     use tiller_minilm::corpus::read_sequences;
+    use tiller_runtime::{ActivationsMut, Phase, Runtime, Token};
 
     let seqs = read_sequences(acts).unwrap();
     let x: ndarray::Array2<f32> = ndarray_npy::read_npy(acts.join("shard-00000.npy")).unwrap();
@@ -169,7 +169,7 @@ fn probe_on_real_activations(acts: &std::path::Path) {
     )
     .unwrap();
     let rt = Runtime::from_config_file(dir.path().join("tiller.toml")).unwrap();
-    let w = tiller::DictionaryFile::open(&probe)
+    let w = tiller_runtime::DictionaryFile::open(&probe)
         .unwrap()
         .weights()
         .unwrap();

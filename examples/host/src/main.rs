@@ -9,7 +9,7 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 const D: usize = 64;
 const F: usize = 1024;
@@ -30,11 +30,11 @@ fn write_dictionary(dir: &std::path::Path) -> Result<()> {
             Array1::zeros(D),
         )
     };
-    let model = tiller::dictionary::build_model(&meta, &weights)?;
-    tiller::graph::write_model(
+    let model = tiller_runtime::dictionary::build_model(&meta, &weights)?;
+    tiller_runtime::graph::write_model(
         model,
         &dir.join("res12.onnx"),
-        tiller::graph::EXTERNAL_DATA_THRESHOLD,
+        tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD,
     )?;
     Ok(())
 }

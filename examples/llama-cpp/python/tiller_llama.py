@@ -4,7 +4,7 @@ The eval callback is the C adapter's (`libtiller_llama.so`, built by `examples/l
 llama.cpp calls it straight from its graph, with no Python in the per-node path. Python opens and
 closes the Tiller step around each `llama_decode`, on top of the Tiller Python binding (`tiller`).
 
-    import llama_cpp, tiller
+    import llama_cpp, tiller_runtime
     from tiller_llama import Adapter
 
     rt = tiller.Runtime.from_file("tiller.toml")
@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import llama_cpp
-import tiller
-from tiller import _lib as _tiller_lib
+import tiller_runtime as tiller
+from tiller_runtime import _lib as _tiller_lib
 
 __all__ = ["Adapter", "AdapterError", "library_path"]
 

@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail, ensure};
 use ndarray::{Array1, Array2};
 use serde_json::Value;
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 use tiller_minilm::{Hidden, MiniLm, Options};
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 const LAYER: usize = 3;
 
@@ -103,7 +103,7 @@ fn write_sae(path: &Path) -> Result<()> {
         w_dec,
         Array1::zeros(d),
     );
-    tiller::dictionary::write_dictionary(&meta, &w, path)?;
+    tiller_runtime::dictionary::write_dictionary(&meta, &w, path)?;
     Ok(())
 }
 

@@ -146,7 +146,7 @@ def test_steered_and_unsteered_sequences_in_one_batch(model, config):
 
 def test_python_adapter_matches_the_c_adapter(model, config):
     import llama_cpp
-    import tiller
+    import tiller_runtime as tiller
     from tiller_llama import Adapter, AdapterError
 
     gguf, _ = model
@@ -225,7 +225,7 @@ def test_python_adapter_matches_the_c_adapter(model, config):
 def test_refusals(model, config):
     """Bad layers and formats are refused by name; a batch over n_ubatch is refused before llama.cpp runs."""
     import llama_cpp
-    import tiller
+    import tiller_runtime as tiller
     from tiller_llama import Adapter, AdapterError
 
     gguf, _ = model

@@ -158,7 +158,7 @@ def python_host(gguf: Path, cfg: Path, layers: list[int]):
     """The Python adapter on a llama.cpp context made as tiller-llama-run makes it: yields
     (runtime, adapter, ctx, batch, n_vocab), all freed on exit."""
     import llama_cpp
-    import tiller
+    import tiller_runtime as tiller
     from tiller_llama import Adapter
 
     rt = tiller.Runtime.from_file(cfg)
@@ -272,7 +272,7 @@ def test_a_stop_in_a_failing_decode_still_stops_the_sequence(setup, monkeypatch,
     The decode reports the failure, and the stop still reaches the host: sequence 0 is stopped and
     refused in later batches, sequence 1 is not and goes on."""
     import llama_cpp
-    import tiller
+    import tiller_runtime as tiller
     from tiller_llama import AdapterError
 
     gguf, cfg, _, base, j = setup

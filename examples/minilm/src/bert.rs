@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use onnx_protobuf::ModelProto;
 use onnx_protobuf::tensor_proto::DataType;
 use serde::Deserialize;
-use tiller::graph::{Attr, Dim, GraphBuilder};
+use tiller_runtime::graph::{Attr, Dim, GraphBuilder};
 
 /// The fields of `config.json` the graph needs.
 #[derive(Debug, Clone, Deserialize)]

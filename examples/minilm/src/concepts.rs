@@ -45,7 +45,7 @@ fn is_number(tok: &str) -> bool {
 /// Picks the `per_concept` best features for each concept of [`CONCEPTS`], reading at most
 /// `max_rows` rows of the collected folder `acts`.
 pub fn select(
-    dict: &tiller::Dictionary,
+    dict: &tiller_runtime::Dictionary,
     acts: &Path,
     per_concept: usize,
     max_rows: usize,

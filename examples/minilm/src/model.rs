@@ -103,7 +103,7 @@ impl MiniLm {
             .write_to_bytes()
             .context("serialising the back graph")?;
         drop(weights);
-        let env = tiller::onnxruntime::init(None)?;
+        let env = tiller_runtime::onnxruntime::init(None)?;
         let session = |bytes: &[u8]| -> Result<Session> {
             let fail = |e: &dyn std::fmt::Display| {
                 anyhow!("creating an ONNX Runtime session for MiniLM: {e}")

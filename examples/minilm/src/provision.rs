@@ -37,7 +37,7 @@ pub fn model_dir() -> Result<PathBuf> {
         })?;
         return Ok(dir);
     }
-    let dir = tiller::onnxruntime::cache_dir().join(format!("all-MiniLM-L6-v2-{VERSION}"));
+    let dir = tiller_runtime::onnxruntime::cache_dir().join(format!("all-MiniLM-L6-v2-{VERSION}"));
     if check_complete(&dir).is_ok() {
         return Ok(dir);
     }

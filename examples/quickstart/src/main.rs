@@ -13,7 +13,7 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
-use tiller::{Dictionary, SessionOptions};
+use tiller_runtime::{Dictionary, SessionOptions};
 
 const D_IN: usize = 64;
 const D_SAE: usize = 512;

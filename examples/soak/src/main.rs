@@ -30,7 +30,7 @@ use ndarray::{Array1, Array2};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Normal};
-use tiller::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 mod rss;
 
@@ -85,8 +85,12 @@ fn write_dictionary(path: &Path, d: usize, f: usize) -> Result<()> {
         w_dec,
         Array1::zeros(d),
     );
-    let model = tiller::dictionary::build_model(&meta, &weights)?;
-    tiller::graph::write_model(model, path, tiller::graph::EXTERNAL_DATA_THRESHOLD)?;
+    let model = tiller_runtime::dictionary::build_model(&meta, &weights)?;
+    tiller_runtime::graph::write_model(
+        model,
+        path,
+        tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD,
+    )?;
     Ok(())
 }
 
@@ -196,7 +200,7 @@ struct Live {
     done: usize,
 }
 
-fn monitor_events(r: &tiller::StepResult) -> BTreeSet<(String, u64, u64)> {
+fn monitor_events(r: &tiller_runtime::StepResult) -> BTreeSet<(String, u64, u64)> {
     r.events
         .iter()
         .filter(|e| e.monitor != "hostile")
@@ -336,7 +340,7 @@ fn main() -> Result<()> {
     let shared = Arc::new(Runtime::from_config_file(&live_config)?);
     let references: Vec<Runtime> = (0..cli.threads)
         .map(|_| Runtime::from_config_file(&good))
-        .collect::<tiller::Result<_>>()?;
+        .collect::<tiller_runtime::Result<_>>()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());

@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2, ArrayD, Ix2};
-use tiller::dictionary::probe_dictionary;
+use tiller_runtime::dictionary::probe_dictionary;
 
 use crate::import::{ImportOptions, Imported};
 use crate::tensors::TensorFile;

@@ -20,7 +20,7 @@
 //! gradients of 1e-10.
 
 use ndarray::{Array1, ArrayView1, ArrayView2, s};
-use tiller::dictionary::reference::sigmoid;
+use tiller_runtime::dictionary::reference::sigmoid;
 
 /// Settings of [`fit`].
 #[derive(Debug, Clone, Copy, PartialEq)]

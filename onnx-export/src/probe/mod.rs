@@ -30,8 +30,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
-use tiller::Activation;
-use tiller::dictionary::{probe_dictionary, vector_dictionary};
+use tiller_runtime::Activation;
+use tiller_runtime::dictionary::{probe_dictionary, vector_dictionary};
 
 use crate::{Error, Result};
 
@@ -203,9 +203,11 @@ pub fn read_rows(path: &Path) -> Result<Array2<f32>> {
 /// `round(holdout · n_class)` rows (at least one when `holdout > 0`) are held out.
 pub fn split(labels: &[bool], holdout: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
     if !(0.0..1.0).contains(&holdout) {
-        return Err(
-            tiller::Error::invalid("holdout", format!("{holdout} is not in [0, 1)")).into(),
-        );
+        return Err(tiller_runtime::Error::invalid(
+            "holdout",
+            format!("{holdout} is not in [0, 1)"),
+        )
+        .into());
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut train, mut held) = (Vec::new(), Vec::new());
@@ -217,7 +219,7 @@ pub fn split(labels: &[bool], holdout: f64, seed: u64) -> Result<(Vec<usize>, Ve
             k = k.max(1);
         }
         if rows.is_empty() {
-            return Err(tiller::Error::invalid(
+            return Err(tiller_runtime::Error::invalid(
                 "labels",
                 format!(
                     "no row is labelled {}: a probe needs both classes",
@@ -227,7 +229,7 @@ pub fn split(labels: &[bool], holdout: f64, seed: u64) -> Result<(Vec<usize>, Ve
             .into());
         }
         if rows.len() < k + 1 {
-            return Err(tiller::Error::invalid(
+            return Err(tiller_runtime::Error::invalid(
                 "labels",
                 format!(
                     "only {} rows are labelled {}: too few to train on and hold out {}%",
@@ -450,7 +452,7 @@ pub fn fit_standardized(
 /// `tiller-export train-probe`: fits, evaluates and writes a one-read-out probe dictionary.
 pub fn train_probe(cfg: &TrainProbeConfig) -> Result<ProbeReport> {
     if !(cfg.l2.is_finite() && cfg.l2 > 0.0) {
-        return Err(tiller::Error::invalid(
+        return Err(tiller_runtime::Error::invalid(
             "l2",
             format!(
                 "{} must be positive: without a penalty separable data have no optimum",
@@ -460,9 +462,11 @@ pub fn train_probe(cfg: &TrainProbeConfig) -> Result<ProbeReport> {
         .into());
     }
     if !(0.0..1.0).contains(&cfg.holdout) {
-        return Err(
-            tiller::Error::invalid("holdout", format!("{} is not in [0, 1)", cfg.holdout)).into(),
-        );
+        return Err(tiller_runtime::Error::invalid(
+            "holdout",
+            format!("{} is not in [0, 1)", cfg.holdout),
+        )
+        .into());
     }
     let x = read_rows(&cfg.input)?;
     let labels = read_labels(&cfg.labels)?;

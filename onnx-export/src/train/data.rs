@@ -780,14 +780,14 @@ impl Norm {
 }
 
 /// `(x - mean) / (std + 1e-5)` with the unbiased standard deviation, as the dictionary's graph
-/// computes it (`tiller::dictionary::LAYER_NORM_EPS`).
+/// computes it (`tiller_runtime::dictionary::LAYER_NORM_EPS`).
 pub fn layer_norm(x: &mut [f32]) {
     let d = x.len() as f64;
     let mean = (x.iter().map(|&v| f64::from(v)).sum::<f64>() / d) as f32;
     x.iter_mut().for_each(|v| *v -= mean);
     let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
     let std = (ss / (d - 1.0).max(1.0)).sqrt() as f32;
-    let denom = std + tiller::dictionary::LAYER_NORM_EPS as f32;
+    let denom = std + tiller_runtime::dictionary::LAYER_NORM_EPS as f32;
     x.iter_mut().for_each(|v| *v /= denom);
 }
 

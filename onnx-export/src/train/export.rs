@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde_json::json;
-use tiller::{Activation, InputNorm, Kind, Meta, Weights};
+use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use super::data::{Norm, Normalize};
 use super::model::{Arch, Params};

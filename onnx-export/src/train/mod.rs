@@ -29,7 +29,7 @@ use ndarray::{Array2, ArrayView2, s};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
-use tiller::{Activation, Kind};
+use tiller_runtime::{Activation, Kind};
 
 use crate::{Error, Result};
 use data::{Dataset, Norm, Normalize, Stream, StreamState};

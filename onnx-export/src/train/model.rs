@@ -34,7 +34,7 @@
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
-use tiller::{Activation, Kind};
+use tiller_runtime::{Activation, Kind};
 
 /// The float type the model is written for: `f32` to train, `f64` for gradient checks.
 pub trait Real:

@@ -129,7 +129,7 @@ impl Schedule {
 mod tests {
     use super::*;
     use crate::train::model::{Arch, DecoderNorm};
-    use tiller::{Activation, Kind};
+    use tiller_runtime::{Activation, Kind};
 
     #[test]
     fn schedule_warms_up_and_decays() {

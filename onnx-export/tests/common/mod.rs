@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
 use safetensors::{Dtype, tensor::TensorView};
-use tiller::{Dictionary, SessionOptions};
+use tiller_runtime::{Dictionary, SessionOptions};
 
 /// Tensors of one checkpoint, kept as float64 for the reference.
 pub type Tensors = BTreeMap<String, ArrayD<f64>>;

@@ -5,7 +5,7 @@
 //! natively, driven by a [`Harness`], so policies are unit-tested without a wasm toolchain.
 //!
 //! ```ignore
-//! use tiller_policy::{Actions, Pair, Policy, export_policy};
+//! use tiller_policy_sdk::{Actions, Pair, Policy, export_policy};
 //! struct StopOnPii;
 //! impl Policy for StopOnPii {
 //!     fn on_features(&mut self, _req: u64, _tok: u64, generated: bool, pairs: &[Pair], out: &mut Actions) {

@@ -6,7 +6,7 @@
 extern crate alloc;
 
 use alloc::collections::BTreeSet;
-use tiller_policy::{Actions, Pair, Policy, export_policy, host};
+use tiller_policy_sdk::{Actions, Pair, Policy, export_policy, host};
 
 /// The conditional clamp.
 #[derive(Debug)]
@@ -76,7 +76,7 @@ export_policy!(ConditionalClamp, ConditionalClamp::new());
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tiller_policy::{Action, Harness};
+    use tiller_policy_sdk::{Action, Harness};
 
     #[test]
     fn clamps_a_while_b_is_active() {

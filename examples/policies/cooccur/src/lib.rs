@@ -6,7 +6,7 @@ extern crate alloc;
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
-use tiller_policy::{Actions, Pair, Policy, export_policy, host};
+use tiller_policy_sdk::{Actions, Pair, Policy, export_policy, host};
 
 /// Per request: the recent (token, feature) firings and whether it was flagged.
 #[derive(Debug, Default)]
@@ -99,7 +99,7 @@ export_policy!(Cooccur, Cooccur::new());
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tiller_policy::{Action, Harness};
+    use tiller_policy_sdk::{Action, Harness};
 
     #[test]
     fn flags_once_when_three_features_meet_within_the_window() {

@@ -6,7 +6,7 @@
 extern crate alloc;
 
 use alloc::format;
-use tiller_policy::{Actions, Pair, Policy, export_policy, host};
+use tiller_policy_sdk::{Actions, Pair, Policy, export_policy, host};
 
 /// The PII stop.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ export_policy!(PiiStop, PiiStop::new());
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tiller_policy::{Action, Harness};
+    use tiller_policy_sdk::{Action, Harness};
 
     #[test]
     fn stops_on_generated_pii_only() {

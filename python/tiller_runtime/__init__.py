@@ -3,7 +3,7 @@
 A thin ctypes binding of libtiller (the C ABI in `plugin-abi/include/tiller.h`): the same
 library C hosts load, with NumPy arrays passed by pointer, never copied.
 
-    import numpy as np, tiller
+    import numpy as np, tiller_runtime as tiller
 
     rt = tiller.Runtime.from_file("tiller.toml")
     rt.begin_request(1, profile="careful")

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 from ._errors import BUFFER_TOO_SMALL, OK, LibraryError, error_for
 
-BUILD_HINT = "build it with `cargo build --release -p tiller-abi` (or set TILLER_LIB=/path/to/libtiller.so)"
+BUILD_HINT = "build it with `cargo build --release -p tiller-capi` (or set TILLER_LIB=/path/to/libtiller.so)"
 
 _LIB_NAME = "libtiller.dylib" if sys.platform == "darwin" else "libtiller.so"
 
@@ -90,7 +90,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def lib() -> ctypes.CDLL:
-    """The loaded library (loaded on first use, so that `import tiller` never fails)."""
+    """The loaded library (loaded on first use, so that `import tiller_runtime` never fails)."""
     global _lib, _lib_path
     if _lib is not None:
         return _lib

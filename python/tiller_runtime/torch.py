@@ -1,6 +1,6 @@
 """A PyTorch adapter: forward hooks that hand a model's activations to tiller by pointer.
 
-    import tiller, tiller.torch
+    import tiller_runtime as tiller, tiller_runtime.torch
 
     rt = tiller.Runtime.from_file("tiller.toml")
     adapter = tiller.torch.attach(model, rt, {"model.layers.12": "model.layers.12"})
@@ -59,7 +59,7 @@ class StoppedError(TillerError):
 
 
 def _import_torch() -> Any:
-    """torch, imported on first use so that `import tiller.torch` works without it."""
+    """torch, imported on first use so that `import tiller_runtime.torch` works without it."""
     try:
         import torch
     except ImportError as e:  # torch absent, or hidden with sys.modules["torch"] = None
