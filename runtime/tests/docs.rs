@@ -255,7 +255,11 @@ fn broken_links(files: &[PathBuf]) -> Vec<String> {
     };
     let mut problems = Vec::new();
     for file in files {
-        let shown = file.strip_prefix(&root).unwrap_or(file).display().to_string();
+        let shown = file
+            .strip_prefix(&root)
+            .unwrap_or(file)
+            .display()
+            .to_string();
         let Ok(text) = fs::read_to_string(file) else {
             problems.push(format!("{shown}: cannot be read"));
             continue;
@@ -301,9 +305,7 @@ fn broken_links(files: &[PathBuf]) -> Vec<String> {
                     Some(a) => {
                         let near: Vec<&String> = a
                             .iter()
-                            .filter(|x| {
-                                x.contains(anchor.split('-').next().unwrap_or(anchor))
-                            })
+                            .filter(|x| x.contains(anchor.split('-').next().unwrap_or(anchor)))
                             .take(5)
                             .collect();
                         problems.push(format!(
@@ -462,16 +464,24 @@ fn serde_attrs(attrs: &[syn::Attribute]) -> SerdeAttrs {
 }
 
 fn derives_deserialize(attrs: &[syn::Attribute]) -> bool {
-    attrs.iter().filter(|a| a.path().is_ident("derive")).any(|a| {
-        let mut found = false;
-        let _ = a.parse_nested_meta(|meta| {
-            if meta.path.segments.last().is_some_and(|s| s.ident == "Deserialize") {
-                found = true;
-            }
-            Ok(())
-        });
-        found
-    })
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident("derive"))
+        .any(|a| {
+            let mut found = false;
+            let _ = a.parse_nested_meta(|meta| {
+                if meta
+                    .path
+                    .segments
+                    .last()
+                    .is_some_and(|s| s.ident == "Deserialize")
+                {
+                    found = true;
+                }
+                Ok(())
+            });
+            found
+        })
 }
 
 /// One key (or enum value) the config accepts, and where it comes from.
@@ -564,7 +574,11 @@ fn config_names() -> Vec<ConfigName> {
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         let parsed = syn::parse_file(&text)
             .unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()));
-        let shown = path.strip_prefix(&root).unwrap_or(&path).display().to_string();
+        let shown = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
         collect_names(&parsed.items, &shown, &mut names);
     }
     names
@@ -599,8 +613,8 @@ fn config_reference_names_every_key() {
         config_sources()
     );
     let path = repo_root().join("docs/config.md");
-    let text = fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let documented = code_words(&text);
     let missing: Vec<String> = names
         .iter()
@@ -617,9 +631,18 @@ fn config_reference_names_every_key() {
 
 #[test]
 fn rename_rules() {
-    assert_eq!(apply_rename_all("snake_case", "SwitchProfile", true), "switch_profile");
-    assert_eq!(apply_rename_all("kebab-case", "max_abs_value", false), "max-abs-value");
-    assert_eq!(apply_rename_all("camelCase", "max_abs_value", false), "maxAbsValue");
+    assert_eq!(
+        apply_rename_all("snake_case", "SwitchProfile", true),
+        "switch_profile"
+    );
+    assert_eq!(
+        apply_rename_all("kebab-case", "max_abs_value", false),
+        "max-abs-value"
+    );
+    assert_eq!(
+        apply_rename_all("camelCase", "max_abs_value", false),
+        "maxAbsValue"
+    );
     let file: syn::File = syn::parse_quote! {
         #[derive(Debug, serde::Deserialize)]
         #[serde(deny_unknown_fields, rename_all = "kebab-case")]
