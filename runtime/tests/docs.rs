@@ -667,3 +667,134 @@ fn rename_rules() {
     let keys: Vec<&str> = names.iter().map(|n| n.key.as_str()).collect();
     assert_eq!(keys, ["pool-size", "dictionary", "switch_profile", "x"]);
 }
+
+/// Source folders whose comments may cite the docs (build outputs and virtualenvs aside).
+const SOURCE_DIRS: &[&str] = &[
+    "runtime",
+    "onnx-export",
+    "plugin-abi",
+    "examples",
+    "benches",
+    "python",
+    "scripts",
+    "fuzz",
+    "test-support",
+    ".ci",
+];
+
+/// Every source file in the repository that can carry a citation of the docs.
+fn source_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for path in entries {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if path.is_dir() {
+                if !matches!(name, "target" | ".venv" | "fixtures" | "node_modules" | "__pycache__")
+                    && !name.ends_with(".egg-info")
+                {
+                    walk(&path, out);
+                }
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("rs" | "py" | "c" | "h" | "sh" | "toml" | "yml" | "yaml" | "md")
+            ) || name == "run"
+            {
+                out.push(path);
+            }
+        }
+    }
+    let root = repo_root();
+    let mut out = Vec::new();
+    for d in SOURCE_DIRS {
+        walk(&root.join(d), &mut out);
+    }
+    out
+}
+
+/// Every `docs/….md` or `docs/….md#anchor` a line names, as written.
+fn doc_citations(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("docs/") {
+        let before = &rest[..at];
+        let tail = &rest[at..];
+        let len = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || "/._-#".contains(c)))
+            .unwrap_or(tail.len());
+        let cite = tail[..len].trim_end_matches(['.', '-']);
+        // `…/docs/` inside another path (a URL, `target/doc`) is not a citation of ours.
+        if !before.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '/' || c == '_')
+            && cite.contains(".md")
+        {
+            out.push(cite.to_string());
+        }
+        rest = &tail[len.max(5)..];
+    }
+    out
+}
+
+#[test]
+fn code_cites_docs_that_exist() {
+    let root = repo_root();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for file in source_files() {
+        let Ok(text) = fs::read_to_string(&file) else {
+            continue;
+        };
+        let shown = file.strip_prefix(&root).unwrap_or(&file).display().to_string();
+        for (i, line) in text.lines().enumerate() {
+            if line.contains("design.md section") {
+                problems.push(format!(
+                    "{shown}:{}: cites `design.md section N`, which is not in the repository: \
+                     cite docs/design.md#<anchor>",
+                    i + 1
+                ));
+            }
+            for cite in doc_citations(line) {
+                checked += 1;
+                let (path, anchor) = match cite.split_once('#') {
+                    Some((p, a)) => (p, Some(a)),
+                    None => (cite.as_str(), None),
+                };
+                let target = root.join(path);
+                let Ok(md) = fs::read_to_string(&target) else {
+                    problems.push(format!("{shown}:{}: `{cite}`: {path} does not exist", i + 1));
+                    continue;
+                };
+                if let Some(anchor) = anchor
+                    && !anchors(&md).contains(anchor)
+                {
+                    problems.push(format!(
+                        "{shown}:{}: `{cite}`: no heading with anchor `#{anchor}` in {path}",
+                        i + 1
+                    ));
+                }
+            }
+        }
+    }
+    assert!(checked > 0, "no source file cites docs/: the scan found nothing");
+    assert!(
+        problems.is_empty(),
+        "{} citation(s) of the docs do not resolve:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn citations_are_found_in_code_lines() {
+    assert_eq!(
+        doc_citations("//! The runtime (docs/design.md#5-the-runtime): requests."),
+        vec!["docs/design.md#5-the-runtime"]
+    );
+    assert_eq!(
+        doc_citations("# see docs/operations.md. And https://x.org/docs/a.md"),
+        vec!["docs/operations.md"]
+    );
+    assert!(doc_citations("target/docs/x.md").is_empty());
+}
