@@ -11,12 +11,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{Rng, Tensors, m2, rel_err, stored, v1, write_safetensors};
+use common::{Rng, Tensors, m2, stored, v1, write_safetensors};
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::NpzWriter;
 use safetensors::Dtype;
 use serde_json::json;
 use tiller_runtime::{Dictionary, InputNorm, Kind, SessionOptions};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 

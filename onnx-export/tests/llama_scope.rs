@@ -16,11 +16,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::llama_scope::{D, hyperparams, lm_saes, s_in, tensors, write_checkpoint};
-use common::{Rng, Tensors, m2, rel_err, v1};
+use common::{Rng, Tensors, m2, v1};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::{Value, json};
 use tiller_runtime::{Dictionary, InputNorm, Kind, SessionOptions};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 

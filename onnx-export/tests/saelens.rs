@@ -7,10 +7,11 @@
 mod common;
 
 use common::saelens::{Sae, reference as saelens_reference, tensors, v6};
-use common::{Rng, rel_err, write_saelens};
+use common::{Rng, write_saelens};
 use safetensors::Dtype;
 use serde_json::json;
 use tiller_runtime::{Dictionary, SessionOptions};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 

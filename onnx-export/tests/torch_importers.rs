@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::torch::{Ref, fixtures, linear, relu, topk};
-use common::{Rng, import, openai, rel_err};
+use common::{Rng, import, openai};
 use ndarray::{Array1, Array2, Axis, s};
 use tiller_runtime::{Activation, Dictionary, InputNorm, Kind};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 const D: usize = 32;

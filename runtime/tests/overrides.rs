@@ -12,20 +12,15 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
 use tiller_runtime::dictionary::{build_model, reference};
 use tiller_runtime::{
     Activation, ActivationsMut, Error, Kind, Meta, Phase, Runtime, Token, Weights,
 };
+use tiller_test_support::randn;
 
 const D: usize = 24;
 const F: usize = 64;
 const HOOK: &str = "layer.3";
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, s).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 /// A ReLU SAE at `layer.3` in `dir/sae.onnx`, and two directions in `dir/dirs.npy`.
 fn setup(dir: &Path) -> (Meta, Weights) {

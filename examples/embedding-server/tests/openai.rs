@@ -11,8 +11,8 @@
 //!   `embedding_server_stopped_inputs_total` goes up by the number stopped.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use base64::Engine;
@@ -92,43 +92,16 @@ fn start(dir: &Path, config: &str) -> Server {
     Server { child, addr }
 }
 
-/// `$TILLER_PYTHON`, else the workspace's `.venv` (where `scripts/test` installs the client).
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("TILLER_PYTHON") {
-        return p.into();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-}
-
-/// Runs `script` with `python()`, `input` on stdin; its stdout as JSON.
+/// Runs `script` with `$TILLER_PYTHON`, else the workspace's `.venv` (where `scripts/test`
+/// installs the client), `input` on stdin; its stdout as JSON.
 fn run_python(script: &Path, input: &Value) -> Value {
-    let mut child = Command::new(python())
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} ({e}); scripts/test makes .venv with numpy and openai, or set TILLER_PYTHON",
-                python().display()
-            )
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} {} failed (scripts/test installs numpy and openai into .venv): {}",
-        python().display(),
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    tiller_test_support::run_python_json(
+        &tiller_test_support::python(venv),
+        script,
+        input,
+        "scripts/test installs numpy and openai into .venv",
+    )
 }
 
 fn client(addr: &str, texts: &[&str]) -> Value {

@@ -110,56 +110,6 @@ pub fn v1(t: &Tensors, name: &str) -> Array1<f64> {
     t[name].clone().into_dimensionality().unwrap()
 }
 
-/// Normwise relative error `max|a - b| / max|b|`.
-pub fn rel_err(a: &Array2<f32>, b: &Array2<f64>) -> f64 {
-    assert_eq!(a.shape(), b.shape(), "shapes differ");
-    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
-        / scale
-}
-
-/// Writes a GGUF v3 control vector with float32 `direction.{layer}` tensors, as llama.cpp and
-/// repeng lay it out.
-pub fn write_gguf(path: &Path, directions: &[(usize, Vec<f32>)]) {
-    let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, v: &str| {
-        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
-        b.extend_from_slice(v.as_bytes());
-    };
-    b.extend_from_slice(b"GGUF");
-    b.extend_from_slice(&3u32.to_le_bytes());
-    b.extend_from_slice(&(directions.len() as u64).to_le_bytes());
-    b.extend_from_slice(&2u64.to_le_bytes());
-    s(&mut b, "general.architecture");
-    b.extend_from_slice(&8u32.to_le_bytes());
-    s(&mut b, "controlvector");
-    s(&mut b, "controlvector.model_hint");
-    b.extend_from_slice(&8u32.to_le_bytes());
-    s(&mut b, "llama");
-    let mut offset = 0u64;
-    for (layer, v) in directions {
-        s(&mut b, &format!("direction.{layer}"));
-        b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&offset.to_le_bytes());
-        offset += (v.len() as u64 * 4).div_ceil(32) * 32;
-    }
-    while b.len() % 32 != 0 {
-        b.push(0);
-    }
-    for (_, v) in directions {
-        let start = b.len();
-        b.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-        while (b.len() - start) % 32 != 0 {
-            b.push(0);
-        }
-    }
-    std::fs::write(path, b).unwrap();
-}
-
 /// `tiller-export import PATH --format FORMAT -o OUT`, then the dictionary loaded by the runtime.
 pub fn import(ckpt: &Path, format: &str, out: &Path) -> Dictionary {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_tiller-export"))
