@@ -9,9 +9,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::{Rng, Tensors, m2, stored, v1, write_safetensors};
+use common::{Rng, Tensors, import_err, import_ok, m2, stored, v1, write_safetensors};
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::NpzWriter;
 use safetensors::Dtype;
@@ -90,32 +89,8 @@ fn reference(t: &Tensors, x: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
     (acts, recon)
 }
 
-fn import(path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
-    c.arg("import").arg(path).args(["--format", "gemma-scope"]);
-    if let Some(h) = hookpoint {
-        c.args(["--hookpoint", h]);
-    }
-    c.arg("-o").arg(out).output().unwrap()
-}
-
-fn import_ok(path: &Path, out: &Path, hookpoint: Option<&str>) {
-    let o = import(path, out, hookpoint);
-    assert!(
-        o.status.success(),
-        "import of {} failed: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn import_err(path: &Path, out: &Path) -> String {
-    let o = import(path, out, None);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    assert_eq!(o.status.code(), Some(1), "expected a handled error: {err}");
-    err
-}
+/// The format every import of this file names.
+const FORMAT: &str = "gemma-scope";
 
 /// Loads `dict`, runs it on random inputs, compares with the reference (inputs scaled by
 /// `input_scale` into the SAE's own space, outputs scaled back); returns the dictionary.
@@ -151,7 +126,7 @@ fn gemma_scope_npz() {
         .path()
         .join("gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_41");
     let t = write_npz(&ckpt, &tensors(&mut Rng::new(1), d, d_sae, d, false));
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope res", &out, &t, 1.0, 2);
     let m = dict.meta();
     assert_eq!((m.kind, m.input_norm), (Kind::Sae, InputNorm::None));
@@ -161,7 +136,7 @@ fn gemma_scope_npz() {
     // The file itself, named directly, in a folder whose name says nothing.
     let bare = dir.path().join("somewhere");
     let t = write_npz(&bare, &tensors(&mut Rng::new(3), d, d_sae, d, false));
-    import_ok(&bare.join("params.npz"), &out, None);
+    import_ok(FORMAT, &bare.join("params.npz"), &out, None);
     let dict = check("gemma scope npz file", &out, &t, 1.0, 4);
     assert_eq!(dict.meta().hook_in, "");
 
@@ -170,7 +145,7 @@ fn gemma_scope_npz() {
         .path()
         .join("gemma-scope-9b-it-res/embedding/width_4k/average_l0_6");
     let t = write_npz(&ckpt, &tensors(&mut Rng::new(5), d, d_sae, d, false));
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check(
         "gemma scope embedding",
         &out,
@@ -186,7 +161,7 @@ fn gemma_scope_npz() {
         .path()
         .join("gemma-scope-2b-pt-transcoders/layer_3/width_16k/average_l0_54");
     let t = write_npz(&ckpt, &tensors(&mut Rng::new(7), d, d_sae, d, false));
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope transcoder", &out, &t, 1.0, 8);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Transcoder);
@@ -223,12 +198,17 @@ fn gemma_scope_repository_folder() {
     assert!(!tiller_export::sparsify::detect(&repo));
     assert!(!tiller_export::llama_scope::detect(&repo));
     let one = dir.path().join("one.onnx");
-    import_ok(&repo, &one, Some("layer_10/width_16k/average_l0_33"));
+    import_ok(
+        FORMAT,
+        &repo,
+        &one,
+        Some("layer_10/width_16k/average_l0_33"),
+    );
     let dict = check("repository, one", &one, &written[1].1, 1.0, 30);
     assert_eq!(dict.meta().hook_in, "blocks.10.hook_mlp_out");
 
     let all = dir.path().join("all.onnx");
-    import_ok(&repo, &all, None);
+    import_ok(FORMAT, &repo, &all, None);
     for (i, (sub, t)) in written.iter().enumerate() {
         let p: PathBuf = dir
             .path()
@@ -261,7 +241,7 @@ fn gemma_scope_2_safetensors() {
                     "hf_hook_point_in": "model.layers.10.output", "width": 16384, "l0": "small"}),
         ),
     );
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 resid_post", &out, &t, 1.0, 41);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Sae);
@@ -271,7 +251,7 @@ fn gemma_scope_2_safetensors() {
     // An attention-output SAE without config.json: the repository's name gives the model.
     let ckpt = repo.join("attn_out_all/layer_11_width_16k_l0_medium");
     let t = write_v2(&ckpt, &tensors(&mut Rng::new(42), d, d_sae, d, true), None);
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 attn_out", &out, &t, 1.0, 43);
     assert_eq!(dict.meta().hook_in, "blocks.11.attn.hook_z");
     assert_eq!(dict.meta().model, "google/gemma-3-1b-pt");
@@ -279,7 +259,7 @@ fn gemma_scope_2_safetensors() {
     // A transcoder without the skip connection.
     let ckpt = repo.join("transcoder/layer_5_width_16k_l0_big");
     let t = write_v2(&ckpt, &tensors(&mut Rng::new(44), d, d_sae, d, true), None);
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 transcoder", &out, &t, 1.0, 45);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Transcoder);
@@ -301,7 +281,7 @@ fn gemma_scope_2_safetensors() {
                     "affine_connection": true}),
         ),
     );
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 affine transcoder", &out, &t, 1.0, 47);
     assert_eq!(dict.meta().kind, Kind::SkipTranscoder);
 }
@@ -324,7 +304,7 @@ fn bad_checkpoints_name_the_file() {
             .unwrap();
     }
     npz.finish().unwrap();
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("params.npz") && err.contains("array `") && err.contains("<i4"),
         "{err}"
@@ -337,7 +317,7 @@ fn bad_checkpoints_name_the_file() {
     let mut t = tensors(&mut Rng::new(51), d, d_sae, d, false);
     t.remove("threshold");
     write_npz(&ckpt, &t);
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("params.npz") && err.contains("`threshold` is missing"),
         "{err}"
@@ -351,7 +331,7 @@ fn bad_checkpoints_name_the_file() {
     let mut t = tensors(&mut rng, d, d_sae, d, false);
     t.insert("b_enc".into(), rng.normal(&[d_sae + 1], 0.1));
     write_npz(&ckpt, &t);
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("params.npz") && err.contains("`b_enc` has shape [41]"),
         "{err}"
@@ -366,7 +346,7 @@ fn bad_checkpoints_name_the_file() {
         &tensors(&mut Rng::new(53), d, d_sae, d, true),
         Some(json!({"architecture": "jump_relu", "affine_connection": true})),
     );
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("params.safetensors") && err.contains("affine_skip_connection"),
         "{err}"
@@ -376,6 +356,6 @@ fn bad_checkpoints_name_the_file() {
     let ckpt = dir.path().join("broken");
     std::fs::create_dir_all(&ckpt).unwrap();
     std::fs::write(ckpt.join("params.npz"), b"not a zip").unwrap();
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(err.contains("params.npz") && err.contains(".npz"), "{err}");
 }

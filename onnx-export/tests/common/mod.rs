@@ -9,6 +9,7 @@ pub mod torch;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::{Command, Output};
 
 use ndarray::{Array1, Array2, ArrayD};
 use rand::SeedableRng;
@@ -108,6 +109,37 @@ pub fn m2(t: &Tensors, name: &str) -> Array2<f64> {
 
 pub fn v1(t: &Tensors, name: &str) -> Array1<f64> {
     t[name].clone().into_dimensionality().unwrap()
+}
+
+/// `tiller-export import PATH --format FORMAT [--hookpoint HOOKPOINT] -o OUT`: the process's output.
+pub fn run_import(format: &str, path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
+    c.arg("import").arg(path).args(["--format", format]);
+    if let Some(h) = hookpoint {
+        c.args(["--hookpoint", h]);
+    }
+    c.arg("-o").arg(out).output().unwrap()
+}
+
+/// [`run_import`], which must succeed.
+pub fn import_ok(format: &str, path: &Path, out: &Path, hookpoint: Option<&str>) {
+    let o = run_import(format, path, out, hookpoint);
+    assert!(
+        o.status.success(),
+        "import of {} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// [`run_import`] without a hookpoint, which must fail as a handled error (exit 1, no panic);
+/// its stderr.
+pub fn import_err(format: &str, path: &Path, out: &Path) -> String {
+    let o = run_import(format, path, out, None);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert_eq!(o.status.code(), Some(1), "expected a handled error: {err}");
+    err
 }
 
 /// `tiller-export import PATH --format FORMAT -o OUT`, then the dictionary loaded by the runtime.
