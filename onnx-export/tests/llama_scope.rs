@@ -15,7 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::llama_scope::{D, hyperparams, lm_saes, s_in, tensors, write_checkpoint};
-use common::{Rng, Tensors, import_err, import_ok, m2, v1};
+use common::{Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, v1};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::{Value, json};
@@ -82,18 +82,7 @@ fn check(
         "{name}: degenerate fixture ({active} active)"
     );
     if let Some((_, idx)) = &enc.top {
-        for (i, row) in acts.rows().into_iter().enumerate() {
-            let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
-            let mut got: Vec<usize> = idx
-                .row(i)
-                .iter()
-                .map(|&j| j as usize)
-                .filter(|&j| enc.acts[[i, j]] > 0.0)
-                .collect();
-            want.sort();
-            got.sort();
-            assert_eq!(got, want, "{name}: token {i} TopK indices");
-        }
+        assert_topk_indices(name, &acts, &enc.acts, &idx, false);
     }
     print!("{name}: acts {ea:.2e} recon {er:.2e} (lm_saes)");
     if with_saelens {

@@ -10,7 +10,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Rng, Tensors, import_err, import_ok, m2, run_import, stored, v1, write_safetensors};
+use common::{
+    Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, run_import, stored, v1,
+    write_safetensors,
+};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::json;
@@ -100,19 +103,7 @@ fn check(name: &str, dict: &Path, t: &Tensors, k: usize, transcode: bool, seed: 
     assert!(ea < TOL, "{name}: acts relative error {ea:e}");
     assert!(er < TOL, "{name}: reconstruction relative error {er:e}");
     let (_, idx) = enc.top.unwrap();
-    for (i, row) in ref_acts.rows().into_iter().enumerate() {
-        let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
-        let mut got: Vec<usize> = idx
-            .row(i)
-            .iter()
-            .map(|&j| j as usize)
-            .filter(|&j| enc.acts[[i, j]] > 0.0)
-            .collect();
-        want.sort();
-        got.sort();
-        assert!(!want.is_empty(), "{name}: token {i} has no active latent");
-        assert_eq!(got, want, "{name}: token {i} TopK indices");
-    }
+    assert_topk_indices(name, &ref_acts, &enc.acts, &idx, true);
     println!("{name}: acts {ea:.2e} recon {er:.2e}");
     (ea, er)
 }

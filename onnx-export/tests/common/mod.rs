@@ -111,6 +111,32 @@ pub fn v1(t: &Tensors, name: &str) -> Array1<f64> {
     t[name].clone().into_dimensionality().unwrap()
 }
 
+/// Each token's TopK indices that carry a positive activation in `acts` are exactly the latents
+/// the reference `want` activates; with `nonempty`, every token activates at least one.
+pub fn assert_topk_indices(
+    name: &str,
+    want: &Array2<f64>,
+    acts: &Array2<f32>,
+    idx: &Array2<i64>,
+    nonempty: bool,
+) {
+    for (i, row) in want.rows().into_iter().enumerate() {
+        let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
+        let mut got: Vec<usize> = idx
+            .row(i)
+            .iter()
+            .map(|&j| j as usize)
+            .filter(|&j| acts[[i, j]] > 0.0)
+            .collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        if nonempty {
+            assert!(!want.is_empty(), "{name}: token {i} has no active latent");
+        }
+        assert_eq!(got, want, "{name}: token {i} TopK indices");
+    }
+}
+
 /// `tiller-export import PATH --format FORMAT [--hookpoint HOOKPOINT] -o OUT`: the process's output.
 pub fn run_import(format: &str, path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
