@@ -286,76 +286,90 @@ fn gemma_scope_2_safetensors() {
     assert_eq!(dict.meta().kind, Kind::SkipTranscoder);
 }
 
+/// A bad checkpoint: what is wrong with it, the folder it is written to, how, and what the
+/// import's message must name.
+struct BadCheckpoint {
+    what: &'static str,
+    folder: &'static str,
+    write: fn(&Path),
+    names: &'static [&'static str],
+}
+
+const BAD_D: usize = 16;
+const BAD_D_SAE: usize = 40;
+
+const BAD_CHECKPOINTS: [BadCheckpoint; 5] = [
+    BadCheckpoint {
+        what: "arrays of an integer dtype",
+        folder: "gemma-scope-2b-pt-res/layer_1/width_16k/average_l0_9",
+        write: |ckpt| {
+            std::fs::create_dir_all(ckpt).unwrap();
+            let t = tensors(&mut Rng::new(50), BAD_D, BAD_D_SAE, BAD_D, false);
+            let mut npz = NpzWriter::new(std::fs::File::create(ckpt.join("params.npz")).unwrap());
+            for (k, v) in &t {
+                npz.add_array(k.as_str(), &v.mapv(|x| (x * 100.0) as i32))
+                    .unwrap();
+            }
+            npz.finish().unwrap();
+        },
+        names: &["params.npz", "array `", "<i4"],
+    },
+    BadCheckpoint {
+        what: "a missing array",
+        folder: "gemma-scope-2b-pt-res/layer_2/width_16k/average_l0_9",
+        write: |ckpt| {
+            let mut t = tensors(&mut Rng::new(51), BAD_D, BAD_D_SAE, BAD_D, false);
+            t.remove("threshold");
+            write_npz(ckpt, &t);
+        },
+        names: &["params.npz", "`threshold` is missing"],
+    },
+    BadCheckpoint {
+        what: "a bias that disagrees with the encoder's width",
+        folder: "gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_9",
+        write: |ckpt| {
+            let mut rng = Rng::new(52);
+            let mut t = tensors(&mut rng, BAD_D, BAD_D_SAE, BAD_D, false);
+            t.insert("b_enc".into(), rng.normal(&[BAD_D_SAE + 1], 0.1));
+            write_npz(ckpt, &t);
+        },
+        names: &["params.npz", "`b_enc` has shape [41]"],
+    },
+    BadCheckpoint {
+        what: "config.json promises the affine skip connection, the file has none",
+        folder: "gemma-scope-2-1b-pt/transcoder_all/layer_5_width_16k_l0_big_affine",
+        write: |ckpt| {
+            write_v2(
+                ckpt,
+                &tensors(&mut Rng::new(53), BAD_D, BAD_D_SAE, BAD_D, true),
+                Some(json!({"architecture": "jump_relu", "affine_connection": true})),
+            );
+        },
+        names: &["params.safetensors", "affine_skip_connection"],
+    },
+    BadCheckpoint {
+        what: "not a zip archive at all",
+        folder: "broken",
+        write: |ckpt| {
+            std::fs::create_dir_all(ckpt).unwrap();
+            std::fs::write(ckpt.join("params.npz"), b"not a zip").unwrap();
+        },
+        names: &["params.npz", ".npz"],
+    },
+];
+
 #[test]
 fn bad_checkpoints_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d.onnx");
-    let (d, d_sae) = (16, 40);
-
-    // Arrays of an integer dtype.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2b-pt-res/layer_1/width_16k/average_l0_9");
-    std::fs::create_dir_all(&ckpt).unwrap();
-    let t = tensors(&mut Rng::new(50), d, d_sae, d, false);
-    let mut npz = NpzWriter::new(std::fs::File::create(ckpt.join("params.npz")).unwrap());
-    for (k, v) in &t {
-        npz.add_array(k.as_str(), &v.mapv(|x| (x * 100.0) as i32))
-            .unwrap();
+    for case in &BAD_CHECKPOINTS {
+        let ckpt = dir.path().join(case.folder);
+        (case.write)(&ckpt);
+        let err = import_err(FORMAT, &ckpt, &out);
+        assert!(
+            case.names.iter().all(|n| err.contains(n)),
+            "{}: {err}",
+            case.what
+        );
     }
-    npz.finish().unwrap();
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("params.npz") && err.contains("array `") && err.contains("<i4"),
-        "{err}"
-    );
-
-    // A missing array.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2b-pt-res/layer_2/width_16k/average_l0_9");
-    let mut t = tensors(&mut Rng::new(51), d, d_sae, d, false);
-    t.remove("threshold");
-    write_npz(&ckpt, &t);
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("params.npz") && err.contains("`threshold` is missing"),
-        "{err}"
-    );
-
-    // A bias that disagrees with the encoder's width.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_9");
-    let mut rng = Rng::new(52);
-    let mut t = tensors(&mut rng, d, d_sae, d, false);
-    t.insert("b_enc".into(), rng.normal(&[d_sae + 1], 0.1));
-    write_npz(&ckpt, &t);
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("params.npz") && err.contains("`b_enc` has shape [41]"),
-        "{err}"
-    );
-
-    // config.json promises the affine skip connection, the file has none.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2-1b-pt/transcoder_all/layer_5_width_16k_l0_big_affine");
-    write_v2(
-        &ckpt,
-        &tensors(&mut Rng::new(53), d, d_sae, d, true),
-        Some(json!({"architecture": "jump_relu", "affine_connection": true})),
-    );
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("params.safetensors") && err.contains("affine_skip_connection"),
-        "{err}"
-    );
-
-    // Not a zip archive at all.
-    let ckpt = dir.path().join("broken");
-    std::fs::create_dir_all(&ckpt).unwrap();
-    std::fs::write(ckpt.join("params.npz"), b"not a zip").unwrap();
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(err.contains("params.npz") && err.contains(".npz"), "{err}");
 }
