@@ -82,7 +82,7 @@ fn check(
         "{name}: degenerate fixture ({active} active)"
     );
     if let Some((_, idx)) = &enc.top {
-        assert_topk_indices(name, &acts, &enc.acts, &idx, false);
+        assert_topk_indices(name, &acts, &enc.acts, idx, false);
     }
     print!("{name}: acts {ea:.2e} recon {er:.2e} (lm_saes)");
     if with_saelens {

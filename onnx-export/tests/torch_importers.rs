@@ -62,7 +62,7 @@ fn compare(
         acts.len()
     );
     if let Some((_, idx)) = enc.top {
-        assert_topk_indices(name, &acts, &enc.acts, &idx, false);
+        assert_topk_indices(name, acts, &enc.acts, &idx, false);
     }
 }
 
