@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ndarray::{Array1, Array2};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 #[path = "support/exposition.rs"]
 mod exposition;
 use exposition::sample;
-use tiller_test_support::randn_seeded;
+use tiller_test_support::{randn_seeded, write_dictionary};
 
 const D: usize = 32;
 const F: usize = 96;
@@ -33,12 +33,7 @@ fn write_dict(dir: &Path, activation: Activation) -> (Meta, Weights) {
             Array1::zeros(D),
         )
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
     (meta, w)
 }
 

@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 
 use ndarray::Array1;
 use serde_json::Value;
-use tiller_runtime::dictionary::build_model;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
-use tiller_test_support::randn_seeded;
+use tiller_test_support::{randn_seeded, write_dictionary};
 
 const D: usize = 16;
 const F: usize = 48;
@@ -56,12 +55,7 @@ fn write_dict(dir: &Path) {
             Array1::zeros(D),
         )
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
 }
 
 /// The text exposition of a runtime built from [`CONFIG`] that has run one step.

@@ -9,9 +9,9 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
-use tiller_test_support::{randn, write_gguf};
+use tiller_test_support::{randn, write_dictionary, write_gguf};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -51,12 +51,7 @@ fn write_dict(
         b_skip: None,
         apply_b_dec_to_input: kind == Kind::Sae,
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join(name),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join(name), &meta, &w);
     (meta, w)
 }
 
@@ -602,12 +597,7 @@ fn layered(
         randn(&mut rng, (F, 3 * D), 0.3),
         randn(&mut rng, (1, 3 * D), 0.1).row(0).to_owned(),
     );
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join(name),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join(name), &meta, &w);
     (meta, w)
 }
 

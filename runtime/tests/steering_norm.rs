@@ -13,11 +13,11 @@ use ndarray::{Array1, Array2, ArrayView2, Axis, concatenate};
 use ndarray_npy::WriteNpyExt;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{
     Activation, ActivationsMut, InputNorm, Kind, Meta, Phase, Runtime, Token, Weights,
 };
-use tiller_test_support::randn_around;
+use tiller_test_support::{randn_around, write_dictionary};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -81,12 +81,7 @@ fn write_dict(dir: &Path, s: &Shape, norm: InputNorm, seed: u64) -> (Meta, Weigh
             .to_owned(),
     );
     w.apply_b_dec_to_input = s.kind == Kind::Sae;
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
     (meta, w)
 }
 

@@ -11,9 +11,9 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
-use tiller_test_support::randn;
+use tiller_test_support::{randn, write_dictionary};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -50,12 +50,7 @@ fn write_dict(
         b_skip: None,
         apply_b_dec_to_input: kind == Kind::Sae,
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join(name),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join(name), &meta, &w);
     (meta, w)
 }
 
