@@ -11,9 +11,9 @@
 //!   `embedding_server_stopped_inputs_total` goes up by the number stopped.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 use base64::Engine;
 use ndarray::{Array1, Array2};
@@ -54,42 +54,6 @@ fn write_dictionary(path: &Path) -> (Array2<f32>, Array1<f32>) {
     tiller_runtime::graph::write_model(model, path, tiller_runtime::graph::EXTERNAL_DATA_THRESHOLD)
         .unwrap();
     (w_enc, b_enc)
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, config: &str) -> Server {
-    let path = dir.join("tiller.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_embedding-server"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, addr }
 }
 
 /// Runs `script` with `$TILLER_PYTHON`, else the workspace's `.venv` (where `scripts/test`
@@ -153,7 +117,7 @@ fn official_client_gets_base64_and_float_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     write_dictionary(&dir.path().join("l3.onnx"));
     // A monitor that flags only: embeddings are the model's own.
-    let server = start(
+    let server = common::start_in(
         dir.path(),
         &format!(
             "{DICTIONARY}\n[[monitor]]\nname = \"watch\"\ndictionary = \"l3\"\nfeatures = [0, 1]\n\
@@ -306,7 +270,7 @@ fn stopped_inputs_get_no_embedding_and_are_counted() {
     let n_stopped = want_stopped.iter().filter(|&&s| s).count();
     assert!(n_stopped >= 2 && n_stopped <= TEXTS.len() - 2);
 
-    let server = start(
+    let server = common::start_in(
         dir.path(),
         &format!(
             "{DICTIONARY}\n[[monitor]]\nname = \"stopper\"\ndictionary = \"l3\"\nfeatures = [{feature}]\n\
