@@ -191,7 +191,7 @@ def c_host(cfg: Path, x: np.ndarray, calls: int, work: Path):
     src, exe, xin = work / "c_host.c", work / "c_host", work / "x.f32"
     src.write_text(C_HOST)
     x.astype(np.float32).tofile(xin)
-    subprocess.run([cc, "-O2", "-o", str(exe), str(src), f"-I{REPO / 'plugin-abi' / 'include'}",
+    subprocess.run([cc, "-O2", "-o", str(exe), str(src), f"-I{REPO / 'plugin-abi' / 'c' / 'include'}",
                     f"-L{lib.parent}", "-ltiller", f"-Wl,-rpath,{lib.parent}"], check=True)
 
     def one_round() -> float:

@@ -2,7 +2,7 @@
  * The cost of one hook call at batch 1 through the C ABI: tiller_step_open, tiller_step_hook,
  * tiller_step_close, on the config of benches/benches/hook.rs (d_in 2304, a 16384-feature ReLU SAE,
  * 64 monitored features, 4 rules). The Rust twin is `overhead_rust_api` in
- * plugin-abi/tests/c_abi.rs; both time calls the way criterion's iter_batched_ref does in the
+ * plugin-abi/c/tests/c_abi.rs; both time calls the way criterion's iter_batched_ref does in the
  * hook bench: each call gets a fresh copy of the same activations, made outside the timed loop.
  *
  * Usage: overhead <tiller.toml> [rounds]. Prints the median and the minimum over rounds of the

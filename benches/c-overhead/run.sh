@@ -7,7 +7,7 @@
 #   ROUNDS=200 REPEAT=2                        # timing rounds per run; C/Rust runs, alternated
 #
 # Three figures: the C program (overhead.c: tiller_step_open + tiller_step_hook + tiller_step_close),
-# the same loop through the Rust API (`overhead_rust_api` in plugin-abi/tests/c_abi.rs, built in
+# the same loop through the Rust API (`overhead_rust_api` in plugin-abi/c/tests/c_abi.rs, built in
 # release like libtiller.so), and criterion's `hook_2304x16k_64feat_4rules/tiller/1`. The C and Rust
 # loops share the dictionary, the config, the activations and the method (a fresh copy of the
 # activations per call, 1024 per timed loop, made outside it); the overhead is their difference.
@@ -26,7 +26,7 @@ cargo build --release -p tiller-capi
 echo "== dictionary and config -> $out"
 TILLER_C_OVERHEAD_DIR=$out cargo test -q --release -p tiller-capi --test c_abi -- \
   --ignored --exact overhead_fixture >/dev/null
-${CC:-cc} -std=c11 -O2 -Wall -Wextra -Werror -I plugin-abi/include benches/c-overhead/overhead.c \
+${CC:-cc} -std=c11 -O2 -Wall -Wextra -Werror -I plugin-abi/c/include benches/c-overhead/overhead.c \
   -o "$out/overhead" -L "$target/release" -ltiller -Wl,-rpath,"$target/release" -lm
 
 : >"$out/results.txt"

@@ -20,7 +20,7 @@ out=$target/llama-cpp
 if [ "$profile" = release ]; then out=$target/llama-cpp-release; fi
 mkdir -p "$out"
 cflags=(-std=c11 -O2 -g -Wall -Wextra -Werror -D_GNU_SOURCE -fPIC
-        -I"$here" -I"$llama/include" -I"$root/plugin-abi/include")
+        -I"$here" -I"$llama/include" -I"$root/plugin-abi/c/include")
 ldflags=(-L"$llama/lib" -L"$libtiller" -lllama -lggml-base -lggml -ltiller -lm
          -Wl,-rpath,"$llama/lib" -Wl,-rpath,"$libtiller")
 cc "${cflags[@]}" -shared -o "$out/libtiller_llama.so" "$here/tiller_llama.c" "${ldflags[@]}"

@@ -13,7 +13,7 @@
 #![allow(unsafe_code, dead_code)]
 
 // The ABI crate builds only a cdylib and a staticlib (no rlib to link): compile its source here.
-#[path = "../../plugin-abi/src/lib.rs"]
+#[path = "../../plugin-abi/c/src/lib.rs"]
 #[allow(missing_docs, unused)]
 mod abi;
 

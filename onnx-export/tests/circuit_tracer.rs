@@ -13,10 +13,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{Rng, Tensors, m2, rel_err, stored, v1, write_safetensors};
+use common::{Rng, Tensors, m2, stored, v1, write_safetensors};
 use ndarray::{Array1, Array2, Array3, Axis, s};
 use safetensors::Dtype;
 use tiller_runtime::{ActivationsMut, Dictionary, Kind, Phase, Runtime, SessionOptions, Token};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 const D: usize = 16;

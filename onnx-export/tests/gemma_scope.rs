@@ -9,14 +9,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::{Rng, Tensors, m2, rel_err, stored, v1, write_safetensors};
+use common::{Rng, Tensors, import_err, import_ok, m2, stored, v1, write_safetensors};
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::NpzWriter;
 use safetensors::Dtype;
 use serde_json::json;
 use tiller_runtime::{Dictionary, InputNorm, Kind, SessionOptions};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 
@@ -89,32 +89,8 @@ fn reference(t: &Tensors, x: &Array2<f64>) -> (Array2<f64>, Array2<f64>) {
     (acts, recon)
 }
 
-fn import(path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
-    c.arg("import").arg(path).args(["--format", "gemma-scope"]);
-    if let Some(h) = hookpoint {
-        c.args(["--hookpoint", h]);
-    }
-    c.arg("-o").arg(out).output().unwrap()
-}
-
-fn import_ok(path: &Path, out: &Path, hookpoint: Option<&str>) {
-    let o = import(path, out, hookpoint);
-    assert!(
-        o.status.success(),
-        "import of {} failed: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn import_err(path: &Path, out: &Path) -> String {
-    let o = import(path, out, None);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    assert_eq!(o.status.code(), Some(1), "expected a handled error: {err}");
-    err
-}
+/// The format every import of this file names.
+const FORMAT: &str = "gemma-scope";
 
 /// Loads `dict`, runs it on random inputs, compares with the reference (inputs scaled by
 /// `input_scale` into the SAE's own space, outputs scaled back); returns the dictionary.
@@ -150,7 +126,7 @@ fn gemma_scope_npz() {
         .path()
         .join("gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_41");
     let t = write_npz(&ckpt, &tensors(&mut Rng::new(1), d, d_sae, d, false));
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope res", &out, &t, 1.0, 2);
     let m = dict.meta();
     assert_eq!((m.kind, m.input_norm), (Kind::Sae, InputNorm::None));
@@ -160,7 +136,7 @@ fn gemma_scope_npz() {
     // The file itself, named directly, in a folder whose name says nothing.
     let bare = dir.path().join("somewhere");
     let t = write_npz(&bare, &tensors(&mut Rng::new(3), d, d_sae, d, false));
-    import_ok(&bare.join("params.npz"), &out, None);
+    import_ok(FORMAT, &bare.join("params.npz"), &out, None);
     let dict = check("gemma scope npz file", &out, &t, 1.0, 4);
     assert_eq!(dict.meta().hook_in, "");
 
@@ -169,7 +145,7 @@ fn gemma_scope_npz() {
         .path()
         .join("gemma-scope-9b-it-res/embedding/width_4k/average_l0_6");
     let t = write_npz(&ckpt, &tensors(&mut Rng::new(5), d, d_sae, d, false));
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check(
         "gemma scope embedding",
         &out,
@@ -185,7 +161,7 @@ fn gemma_scope_npz() {
         .path()
         .join("gemma-scope-2b-pt-transcoders/layer_3/width_16k/average_l0_54");
     let t = write_npz(&ckpt, &tensors(&mut Rng::new(7), d, d_sae, d, false));
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope transcoder", &out, &t, 1.0, 8);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Transcoder);
@@ -222,12 +198,17 @@ fn gemma_scope_repository_folder() {
     assert!(!tiller_export::sparsify::detect(&repo));
     assert!(!tiller_export::llama_scope::detect(&repo));
     let one = dir.path().join("one.onnx");
-    import_ok(&repo, &one, Some("layer_10/width_16k/average_l0_33"));
+    import_ok(
+        FORMAT,
+        &repo,
+        &one,
+        Some("layer_10/width_16k/average_l0_33"),
+    );
     let dict = check("repository, one", &one, &written[1].1, 1.0, 30);
     assert_eq!(dict.meta().hook_in, "blocks.10.hook_mlp_out");
 
     let all = dir.path().join("all.onnx");
-    import_ok(&repo, &all, None);
+    import_ok(FORMAT, &repo, &all, None);
     for (i, (sub, t)) in written.iter().enumerate() {
         let p: PathBuf = dir
             .path()
@@ -260,7 +241,7 @@ fn gemma_scope_2_safetensors() {
                     "hf_hook_point_in": "model.layers.10.output", "width": 16384, "l0": "small"}),
         ),
     );
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 resid_post", &out, &t, 1.0, 41);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Sae);
@@ -270,7 +251,7 @@ fn gemma_scope_2_safetensors() {
     // An attention-output SAE without config.json: the repository's name gives the model.
     let ckpt = repo.join("attn_out_all/layer_11_width_16k_l0_medium");
     let t = write_v2(&ckpt, &tensors(&mut Rng::new(42), d, d_sae, d, true), None);
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 attn_out", &out, &t, 1.0, 43);
     assert_eq!(dict.meta().hook_in, "blocks.11.attn.hook_z");
     assert_eq!(dict.meta().model, "google/gemma-3-1b-pt");
@@ -278,7 +259,7 @@ fn gemma_scope_2_safetensors() {
     // A transcoder without the skip connection.
     let ckpt = repo.join("transcoder/layer_5_width_16k_l0_big");
     let t = write_v2(&ckpt, &tensors(&mut Rng::new(44), d, d_sae, d, true), None);
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 transcoder", &out, &t, 1.0, 45);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Transcoder);
@@ -300,81 +281,95 @@ fn gemma_scope_2_safetensors() {
                     "affine_connection": true}),
         ),
     );
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("gemma scope 2 affine transcoder", &out, &t, 1.0, 47);
     assert_eq!(dict.meta().kind, Kind::SkipTranscoder);
 }
+
+/// A bad checkpoint: what is wrong with it, the folder it is written to, how, and what the
+/// import's message must name.
+struct BadCheckpoint {
+    what: &'static str,
+    folder: &'static str,
+    write: fn(&Path),
+    names: &'static [&'static str],
+}
+
+const BAD_D: usize = 16;
+const BAD_D_SAE: usize = 40;
+
+const BAD_CHECKPOINTS: [BadCheckpoint; 5] = [
+    BadCheckpoint {
+        what: "arrays of an integer dtype",
+        folder: "gemma-scope-2b-pt-res/layer_1/width_16k/average_l0_9",
+        write: |ckpt| {
+            std::fs::create_dir_all(ckpt).unwrap();
+            let t = tensors(&mut Rng::new(50), BAD_D, BAD_D_SAE, BAD_D, false);
+            let mut npz = NpzWriter::new(std::fs::File::create(ckpt.join("params.npz")).unwrap());
+            for (k, v) in &t {
+                npz.add_array(k.as_str(), &v.mapv(|x| (x * 100.0) as i32))
+                    .unwrap();
+            }
+            npz.finish().unwrap();
+        },
+        names: &["params.npz", "array `", "<i4"],
+    },
+    BadCheckpoint {
+        what: "a missing array",
+        folder: "gemma-scope-2b-pt-res/layer_2/width_16k/average_l0_9",
+        write: |ckpt| {
+            let mut t = tensors(&mut Rng::new(51), BAD_D, BAD_D_SAE, BAD_D, false);
+            t.remove("threshold");
+            write_npz(ckpt, &t);
+        },
+        names: &["params.npz", "`threshold` is missing"],
+    },
+    BadCheckpoint {
+        what: "a bias that disagrees with the encoder's width",
+        folder: "gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_9",
+        write: |ckpt| {
+            let mut rng = Rng::new(52);
+            let mut t = tensors(&mut rng, BAD_D, BAD_D_SAE, BAD_D, false);
+            t.insert("b_enc".into(), rng.normal(&[BAD_D_SAE + 1], 0.1));
+            write_npz(ckpt, &t);
+        },
+        names: &["params.npz", "`b_enc` has shape [41]"],
+    },
+    BadCheckpoint {
+        what: "config.json promises the affine skip connection, the file has none",
+        folder: "gemma-scope-2-1b-pt/transcoder_all/layer_5_width_16k_l0_big_affine",
+        write: |ckpt| {
+            write_v2(
+                ckpt,
+                &tensors(&mut Rng::new(53), BAD_D, BAD_D_SAE, BAD_D, true),
+                Some(json!({"architecture": "jump_relu", "affine_connection": true})),
+            );
+        },
+        names: &["params.safetensors", "affine_skip_connection"],
+    },
+    BadCheckpoint {
+        what: "not a zip archive at all",
+        folder: "broken",
+        write: |ckpt| {
+            std::fs::create_dir_all(ckpt).unwrap();
+            std::fs::write(ckpt.join("params.npz"), b"not a zip").unwrap();
+        },
+        names: &["params.npz", ".npz"],
+    },
+];
 
 #[test]
 fn bad_checkpoints_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d.onnx");
-    let (d, d_sae) = (16, 40);
-
-    // Arrays of an integer dtype.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2b-pt-res/layer_1/width_16k/average_l0_9");
-    std::fs::create_dir_all(&ckpt).unwrap();
-    let t = tensors(&mut Rng::new(50), d, d_sae, d, false);
-    let mut npz = NpzWriter::new(std::fs::File::create(ckpt.join("params.npz")).unwrap());
-    for (k, v) in &t {
-        npz.add_array(k.as_str(), &v.mapv(|x| (x * 100.0) as i32))
-            .unwrap();
+    for case in &BAD_CHECKPOINTS {
+        let ckpt = dir.path().join(case.folder);
+        (case.write)(&ckpt);
+        let err = import_err(FORMAT, &ckpt, &out);
+        assert!(
+            case.names.iter().all(|n| err.contains(n)),
+            "{}: {err}",
+            case.what
+        );
     }
-    npz.finish().unwrap();
-    let err = import_err(&ckpt, &out);
-    assert!(
-        err.contains("params.npz") && err.contains("array `") && err.contains("<i4"),
-        "{err}"
-    );
-
-    // A missing array.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2b-pt-res/layer_2/width_16k/average_l0_9");
-    let mut t = tensors(&mut Rng::new(51), d, d_sae, d, false);
-    t.remove("threshold");
-    write_npz(&ckpt, &t);
-    let err = import_err(&ckpt, &out);
-    assert!(
-        err.contains("params.npz") && err.contains("`threshold` is missing"),
-        "{err}"
-    );
-
-    // A bias that disagrees with the encoder's width.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_9");
-    let mut rng = Rng::new(52);
-    let mut t = tensors(&mut rng, d, d_sae, d, false);
-    t.insert("b_enc".into(), rng.normal(&[d_sae + 1], 0.1));
-    write_npz(&ckpt, &t);
-    let err = import_err(&ckpt, &out);
-    assert!(
-        err.contains("params.npz") && err.contains("`b_enc` has shape [41]"),
-        "{err}"
-    );
-
-    // config.json promises the affine skip connection, the file has none.
-    let ckpt = dir
-        .path()
-        .join("gemma-scope-2-1b-pt/transcoder_all/layer_5_width_16k_l0_big_affine");
-    write_v2(
-        &ckpt,
-        &tensors(&mut Rng::new(53), d, d_sae, d, true),
-        Some(json!({"architecture": "jump_relu", "affine_connection": true})),
-    );
-    let err = import_err(&ckpt, &out);
-    assert!(
-        err.contains("params.safetensors") && err.contains("affine_skip_connection"),
-        "{err}"
-    );
-
-    // Not a zip archive at all.
-    let ckpt = dir.path().join("broken");
-    std::fs::create_dir_all(&ckpt).unwrap();
-    std::fs::write(ckpt.join("params.npz"), b"not a zip").unwrap();
-    let err = import_err(&ckpt, &out);
-    assert!(err.contains("params.npz") && err.contains(".npz"), "{err}");
 }

@@ -13,14 +13,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use common::llama_scope::{D, hyperparams, lm_saes, s_in, tensors, write_checkpoint};
-use common::{Rng, Tensors, m2, rel_err, v1};
+use common::{Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, v1};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::{Value, json};
 use tiller_runtime::{Dictionary, InputNorm, Kind, SessionOptions};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 
@@ -39,32 +39,8 @@ fn saelens(h: &Value, t: &Tensors, x: &Array2<f64>) -> (Array2<f64>, Array2<f64>
     (acts, recon)
 }
 
-fn import(path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
-    c.arg("import").arg(path).args(["--format", "llama-scope"]);
-    if let Some(h) = hookpoint {
-        c.args(["--hookpoint", h]);
-    }
-    c.arg("-o").arg(out).output().unwrap()
-}
-
-fn import_ok(path: &Path, out: &Path, hookpoint: Option<&str>) {
-    let o = import(path, out, hookpoint);
-    assert!(
-        o.status.success(),
-        "import of {} failed: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn import_err(path: &Path, out: &Path) -> String {
-    let o = import(path, out, None);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    assert_eq!(o.status.code(), Some(1), "expected a handled error: {err}");
-    err
-}
+/// The format every import of this file names.
+const FORMAT: &str = "llama-scope";
 
 /// Random inputs of about the dataset's average norm.
 fn inputs(h: &Value, seed: u64) -> Array2<f32> {
@@ -106,18 +82,7 @@ fn check(
         "{name}: degenerate fixture ({active} active)"
     );
     if let Some((_, idx)) = &enc.top {
-        for (i, row) in acts.rows().into_iter().enumerate() {
-            let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
-            let mut got: Vec<usize> = idx
-                .row(i)
-                .iter()
-                .map(|&j| j as usize)
-                .filter(|&j| enc.acts[[i, j]] > 0.0)
-                .collect();
-            want.sort();
-            got.sort();
-            assert_eq!(got, want, "{name}: token {i} TopK indices");
-        }
+        assert_topk_indices(name, &acts, &enc.acts, idx, false);
     }
     print!("{name}: acts {ea:.2e} recon {er:.2e} (lm_saes)");
     if with_saelens {
@@ -146,7 +111,7 @@ fn released_jumprelu_sae() {
     let ckpt = dir.path().join("Llama3_1-8B-Base-L15R-8x");
     let h = hyperparams(json!({}));
     let t = write_checkpoint(&ckpt, &h, &tensors(&mut Rng::new(1), false), Dtype::BF16);
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     let dict = check("released R SAE", &out, &h, &t, false, 2);
     let m = dict.meta();
     assert_eq!(m.kind, Kind::Sae);
@@ -172,7 +137,7 @@ fn released_jumprelu_sae() {
     // Unit-norm decoder columns: SAELens' reading agrees too.
     let ckpt = dir.path().join("Llama3_1-8B-Base-L7R-8x");
     let t = write_checkpoint(&ckpt, &h, &tensors(&mut Rng::new(3), true), Dtype::F32);
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     check("unit-norm decoder", &out, &h, &t, true, 4);
 }
 
@@ -215,7 +180,7 @@ fn variants() {
             Dtype::F32,
         );
         let out = dir.path().join("d.onnx");
-        import_ok(&ckpt, &out, None);
+        import_ok(FORMAT, &ckpt, &out, None);
         let dict = check(name, &out, h, &t, false, 20 + i as u64);
         if *name == "transcoder" {
             assert_eq!(dict.meta().kind, Kind::Transcoder);
@@ -248,7 +213,7 @@ fn repository_folder() {
     assert!(!tiller_export::sparsify::detect(&repo));
     assert!(!tiller_export::gemma_scope::detect(&repo));
     let one = dir.path().join("one.onnx");
-    import_ok(&repo, &one, Some(layers[1]));
+    import_ok(FORMAT, &repo, &one, Some(layers[1]));
     let d = check(
         "repository, one",
         &one,
@@ -260,7 +225,7 @@ fn repository_folder() {
     assert_eq!(d.meta().hook_in, "blocks.2.hook_resid_post");
 
     let all = dir.path().join("all.onnx");
-    import_ok(&repo, &all, None);
+    import_ok(FORMAT, &repo, &all, None);
     for (i, l) in layers.iter().enumerate() {
         let p: PathBuf = dir.path().join(format!("all.{l}.onnx"));
         check(
@@ -284,7 +249,7 @@ fn bad_checkpoints_name_the_file() {
     let mut t = tensors(&mut Rng::new(60), false);
     t.remove("decoder.bias");
     write_checkpoint(&ckpt, &hyperparams(json!({})), &t, Dtype::F32);
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("final.safetensors") && err.contains("`decoder.bias` is missing"),
         "{err}"
@@ -298,7 +263,7 @@ fn bad_checkpoints_name_the_file() {
         &tensors(&mut Rng::new(61), false),
         Dtype::F32,
     );
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("final.safetensors") && err.contains("`encoder.weight` has shape [96, 32]"),
         "{err}"
@@ -311,7 +276,7 @@ fn bad_checkpoints_name_the_file() {
         .unwrap()
         .remove("dataset_average_activation_norm");
     write_checkpoint(&ckpt, &h, &tensors(&mut Rng::new(62), false), Dtype::F32);
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("hyperparams.json") && err.contains("dataset_average_activation_norm"),
         "{err}"
@@ -326,7 +291,7 @@ fn bad_checkpoints_name_the_file() {
     )
     .unwrap();
     std::fs::write(ckpt.join("checkpoints/final.pt"), b"PK").unwrap();
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("final.pt") && err.contains("safetensors"),
         "{err}"

@@ -204,7 +204,7 @@ fn a_trained_probe_reaches_the_bayes_auroc_and_runs_in_the_runtime() {
         .into_iter()
         .map(|r| sigmoid(logit(r, &w, b)))
         .collect();
-    let e = common::rel_err(
+    let e = tiller_test_support::rel_err(
         &got,
         &Array2::from_shape_vec((want.len(), 1), want.clone()).unwrap(),
     );
@@ -266,7 +266,7 @@ aggregate = "mean"
         .filter(|e| e.monitor == "score")
         .map(|e| f64::from(e.value))
         .collect();
-    let e = common::rel_err(
+    let e = tiller_test_support::rel_err(
         &Array2::from_shape_vec((t, 1), score.iter().map(|v| *v as f32).collect()).unwrap(),
         &Array2::from_shape_vec((t, 1), want[..t].to_vec()).unwrap(),
     );
@@ -448,7 +448,7 @@ fn the_solver_finds_the_optimum_an_independent_newton_solve_finds() {
                 + br
         })
         .collect();
-    let e = common::rel_err(
+    let e = tiller_test_support::rel_err(
         &got,
         &Array2::from_shape_vec((want.len(), 1), want).unwrap(),
     );
@@ -702,7 +702,7 @@ fn check_import(dir: &Path, path: &str, args: &[&str], w: &[f64], b: &[f64], log
             + f64::from(b[o] as f32);
         if logits { z } else { sigmoid(z) }
     });
-    let e = common::rel_err(&got, &want);
+    let e = tiller_test_support::rel_err(&got, &want);
     assert!(e < 1e-5, "{path}: {e:e}");
 }
 

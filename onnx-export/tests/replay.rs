@@ -109,7 +109,7 @@ value = 0.5
         .unwrap()
         .into_dimensionality::<ndarray::Ix2>()
         .unwrap();
-    let e = common::rel_err(&got, &want);
+    let e = tiller_test_support::rel_err(&got, &want);
     assert!(e < 1e-5, "replay output rel err {e:e}");
 
     let m = std::fs::read_to_string(&metrics).unwrap();

@@ -7,10 +7,11 @@
 mod common;
 
 use common::saelens::{Sae, reference as saelens_reference, tensors, v6};
-use common::{Rng, rel_err, write_saelens};
+use common::{Rng, assert_topk_indices, write_saelens};
 use safetensors::Dtype;
 use serde_json::json;
 use tiller_runtime::{Dictionary, SessionOptions};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 
@@ -62,18 +63,7 @@ fn run_case(name: &str, s: Sae, cfg: serde_json::Value, dtype: Dtype, seed: u64)
     );
     if s.arch == "topk" {
         let (_, idx) = enc.top.unwrap();
-        for (i, row) in ref_acts.rows().into_iter().enumerate() {
-            let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
-            let mut got: Vec<usize> = idx
-                .row(i)
-                .iter()
-                .map(|&j| j as usize)
-                .filter(|&j| enc.acts[[i, j]] > 0.0)
-                .collect();
-            want.sort();
-            got.sort();
-            assert_eq!(got, want, "{name}: token {i} TopK indices");
-        }
+        assert_topk_indices(name, &ref_acts, &enc.acts, &idx, false);
         assert_eq!(dict.meta().k, Some(s.k));
     }
     println!("{name}: acts {ea:.2e} recon {er:.2e}");

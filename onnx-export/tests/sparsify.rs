@@ -9,13 +9,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::{Rng, Tensors, m2, rel_err, stored, v1, write_safetensors};
+use common::{
+    Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, run_import, stored, v1,
+    write_safetensors,
+};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::json;
 use tiller_runtime::{Dictionary, Kind, SessionOptions};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 
@@ -83,33 +86,8 @@ fn reference(
     (acts, y)
 }
 
-fn import(path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
-    c.arg("import").arg(path).args(["--format", "sparsify"]);
-    if let Some(h) = hookpoint {
-        c.args(["--hookpoint", h]);
-    }
-    c.arg("-o").arg(out).output().unwrap()
-}
-
-fn import_ok(path: &Path, out: &Path, hookpoint: Option<&str>) {
-    let o = import(path, out, hookpoint);
-    assert!(
-        o.status.success(),
-        "import of {} failed: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Expects a handled failure (exit 1, no panic) and returns stderr.
-fn import_err(path: &Path, out: &Path) -> String {
-    let o = import(path, out, None);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    assert_eq!(o.status.code(), Some(1), "expected a handled error: {err}");
-    err
-}
+/// The format every import of this file names.
+const FORMAT: &str = "sparsify";
 
 /// Runs `dict` on random inputs and compares it with the reference; returns the two errors.
 fn check(name: &str, dict: &Path, t: &Tensors, k: usize, transcode: bool, seed: u64) -> (f64, f64) {
@@ -125,19 +103,7 @@ fn check(name: &str, dict: &Path, t: &Tensors, k: usize, transcode: bool, seed: 
     assert!(ea < TOL, "{name}: acts relative error {ea:e}");
     assert!(er < TOL, "{name}: reconstruction relative error {er:e}");
     let (_, idx) = enc.top.unwrap();
-    for (i, row) in ref_acts.rows().into_iter().enumerate() {
-        let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
-        let mut got: Vec<usize> = idx
-            .row(i)
-            .iter()
-            .map(|&j| j as usize)
-            .filter(|&j| enc.acts[[i, j]] > 0.0)
-            .collect();
-        want.sort();
-        got.sort();
-        assert!(!want.is_empty(), "{name}: token {i} has no active latent");
-        assert_eq!(got, want, "{name}: token {i} TopK indices");
-    }
+    assert_topk_indices(name, &ref_acts, &enc.acts, &idx, true);
     println!("{name}: acts {ea:.2e} recon {er:.2e}");
     (ea, er)
 }
@@ -195,7 +161,7 @@ fn sparse_coders() {
             c.dtype,
         );
         let out = dir.path().join("d.onnx");
-        import_ok(&ckpt, &out, None);
+        import_ok(FORMAT, &ckpt, &out, None);
         check(c.name, &out, &t, k, c.transcode, 200 + i as u64);
         let meta = Dictionary::load(&out, &SessionOptions::default())
             .unwrap()
@@ -233,7 +199,7 @@ fn first_release_layout() {
         Dtype::F32,
     );
     let out = dir.path().join("d.onnx");
-    import_ok(&ckpt, &out, None);
+    import_ok(FORMAT, &ckpt, &out, None);
     check("first-release W_enc layout", &out, &t, k, false, 8);
 }
 
@@ -269,7 +235,7 @@ fn multi_hookpoint_run_one() {
     let root = dir.path().join("run");
     let hooks = write_run(&root);
     let out = dir.path().join("one.onnx");
-    import_ok(&root, &out, Some("layers.10"));
+    import_ok(FORMAT, &root, &out, Some("layers.10"));
     assert!(
         out.is_file(),
         "one hookpoint is written to the -o path itself"
@@ -279,7 +245,8 @@ fn multi_hookpoint_run_one() {
     assert_eq!(d.meta().hook_in, "layers.10");
     assert_eq!(d.meta().model, "EleutherAI/pythia-70m");
 
-    let err = String::from_utf8_lossy(&import(&root, &out, Some("layers.7")).stderr).to_string();
+    let err = String::from_utf8_lossy(&run_import(FORMAT, &root, &out, Some("layers.7")).stderr)
+        .to_string();
     assert!(
         err.contains("layers.7") && err.contains("layers.0, layers.2, layers.10"),
         "{err}"
@@ -296,7 +263,7 @@ fn multi_hookpoint_run_all() {
     assert!(!tiller_export::gemma_scope::detect(&root));
     assert!(!tiller_export::llama_scope::detect(&root));
     let out = dir.path().join("all.onnx");
-    import_ok(&root, &out, None);
+    import_ok(FORMAT, &root, &out, None);
     for (i, (h, t)) in hooks.iter().enumerate() {
         let p: PathBuf = dir.path().join(format!("all.{h}.onnx"));
         assert!(p.is_file(), "{} missing", p.display());
@@ -318,7 +285,7 @@ fn bad_checkpoints_name_the_file() {
     let mut t = tensors(&mut rng, 16, 48, 16, false);
     t.remove("W_dec");
     write_hookpoint(&ckpt, &cfg(16, 48, 4, false, false), &t, Dtype::F32);
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("sae.safetensors") && err.contains("`W_dec` is missing"),
         "{err}"
@@ -332,7 +299,7 @@ fn bad_checkpoints_name_the_file() {
         &tensors(&mut rng, 16, 48, 16, false),
         Dtype::F32,
     );
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("sae.safetensors") && err.contains("`encoder.weight` has shape [48, 16]"),
         "{err}"
@@ -346,7 +313,7 @@ fn bad_checkpoints_name_the_file() {
         &tensors(&mut rng, 16, 48, 16, false),
         Dtype::F32,
     );
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("sae.safetensors") && err.contains("`W_skip` is missing"),
         "{err}"
@@ -357,7 +324,7 @@ fn bad_checkpoints_name_the_file() {
     let mut c = cfg(16, 48, 4, false, false);
     c["activation"] = json!("groupmax");
     write_hookpoint(&ckpt, &c, &tensors(&mut rng, 16, 48, 16, false), Dtype::F32);
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("cfg.json") && err.contains("groupmax"),
         "{err}"
@@ -371,7 +338,7 @@ fn bad_checkpoints_name_the_file() {
         &tensors(&mut rng, 16, 48, 16, false),
         Dtype::F32,
     );
-    let err = import_err(&ckpt, &out);
+    let err = import_err(FORMAT, &ckpt, &out);
     assert!(
         err.contains("cfg.json") && err.contains("`k` = 64"),
         "{err}"
@@ -395,7 +362,7 @@ fn multi_seed_run() {
         written.push(t);
     }
     let out = dir.path().join("s.onnx");
-    import_ok(&root, &out, None);
+    import_ok(FORMAT, &root, &out, None);
     for (s, t) in written.iter().enumerate() {
         let p = dir.path().join(format!("s.layers.1_seed{s}.onnx"));
         check(&format!("seed {s}"), &p, t, 4, false, 500 + s as u64);

@@ -23,7 +23,7 @@ fn gguf_and_npy_directions_become_vector_dictionaries() {
     let u3: Vec<f32> = rng.matrix(1, D, 1.0).row(0).to_vec();
     let u5: Vec<f32> = rng.matrix(1, D, 1.0).row(0).to_vec();
     let gguf = dir.path().join("cv.gguf");
-    common::write_gguf(&gguf, &[(3, u3.clone()), (5, u5.clone())]);
+    tiller_test_support::write_gguf(&gguf, Some("llama"), &[(3, u3.clone()), (5, u5.clone())]);
     let bin = env!("CARGO_BIN_EXE_tiller-export");
     let out = dir.path().join("cv.onnx");
     let o = Command::new(bin)

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::torch::{Ref, fixtures, linear, relu, topk};
-use common::{Rng, import, openai, rel_err};
+use common::{Rng, assert_topk_indices, import, openai};
 use ndarray::{Array1, Array2, Axis, s};
 use tiller_runtime::{Activation, Dictionary, InputNorm, Kind};
+use tiller_test_support::rel_err;
 
 const TOL: f64 = 1e-5;
 const D: usize = 32;
@@ -61,18 +62,7 @@ fn compare(
         acts.len()
     );
     if let Some((_, idx)) = enc.top {
-        for (i, row) in acts.rows().into_iter().enumerate() {
-            let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
-            let mut got: Vec<usize> = idx
-                .row(i)
-                .iter()
-                .map(|&j| j as usize)
-                .filter(|&j| enc.acts[[i, j]] > 0.0)
-                .collect();
-            want.sort_unstable();
-            got.sort_unstable();
-            assert_eq!(got, want, "{name}: token {i} TopK indices");
-        }
+        assert_topk_indices(name, acts, &enc.acts, &idx, false);
     }
 }
 

@@ -17,7 +17,8 @@ use rand_distr::{Distribution, StandardNormal};
 use tiller_export::train::data::Normalize;
 use tiller_export::train::{self, Control, Outcome, TrainConfig};
 use tiller_runtime::{Activation, Dictionary, Kind, SessionOptions};
-use train_common::{rel_err, synthetic, write_npy};
+use tiller_test_support::rel_err;
+use train_common::{synthetic, write_npy};
 
 const ROWS: usize = 12_000;
 const EVAL: usize = 2048;

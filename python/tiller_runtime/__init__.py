@@ -1,6 +1,6 @@
 """Tiller for Python: read sparse-dictionary features and steer activations in place.
 
-A thin ctypes binding of libtiller (the C ABI in `plugin-abi/include/tiller.h`): the same
+A thin ctypes binding of libtiller (the C ABI in `plugin-abi/c/include/tiller.h`): the same
 library C hosts load, with NumPy arrays passed by pointer, never copied.
 
     import numpy as np, tiller_runtime as tiller

@@ -4,7 +4,7 @@
 //! fuel on every call and limits on memory, tables and instances. A trap, running out of fuel,
 //! running out of memory, or a malformed answer cancels that call's effect, is counted in
 //! `tiller_policy_traps_total{policy,reason}`, and after `max_failures` consecutive failures the
-//! policy is disabled. The ABI is specified in `plugin-abi/POLICY_ABI.md`.
+//! policy is disabled. The ABI is specified in `plugin-abi/policy/POLICY_ABI.md`.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -19,34 +19,9 @@ use crate::config::PolicyConfig;
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
-/// The exported marker of ABI version 1.
-pub const ABI_MARKER: &str = "tiller_policy_abi_v1";
-/// Size of one action record in guest memory.
-pub const ACTION_SIZE: usize = 20;
-/// Most actions one answer may hold.
-pub const MAX_ACTIONS: usize = 64;
-/// Longest string (reason, profile name) an action may carry.
-pub const MAX_STRING: usize = 256;
-/// Largest number of `(feature, value)` pairs handed over in one call.
-pub const MAX_PAIRS: usize = 4096;
-
-/// Action codes (the `code` field of an action record).
-pub mod action {
-    /// Flag the request; the string is the reason.
-    pub const FLAG: u32 = 1;
-    /// Switch the request's steering profile; the string is the profile name.
-    pub const SWITCH_PROFILE: u32 = 2;
-    /// Ask the host to stop the request.
-    pub const STOP: u32 = 3;
-    /// Clamp `feature` to `value` for this request, from its next token.
-    pub const CLAMP: u32 = 4;
-    /// Ablate `feature` for this request, from its next token.
-    pub const ABLATE: u32 = 5;
-    /// Add `value` times `feature`'s decoder row for this request, from its next token.
-    pub const ADD: u32 = 6;
-    /// Remove the steering this policy added to the request.
-    pub const CLEAR: u32 = 7;
-}
+/// The ABI's constants, defined once in `tiller-policy-abi`: the version marker, the size of an
+/// action record, the limits, and the action codes (the `code` field of an action record).
+pub use tiller_policy_abi::{ABI_MARKER, ACTION_SIZE, MAX_ACTIONS, MAX_PAIRS, MAX_STRING, action};
 
 /// What a policy asked for, validated.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,12 +7,12 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::build_model;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
 use counting_alloc::counted;
+use tiller_test_support::write_dictionary;
 
 #[test]
 fn steady_state_steps_allocate_nothing() {
@@ -32,12 +32,7 @@ fn steady_state_steps_allocate_nothing() {
             Array1::zeros(d),
         )
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.path().join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.path().join("d.onnx"), &meta, &w);
     let features: Vec<String> = (0..64).map(|i| (i * 61).to_string()).collect();
     std::fs::write(
         dir.path().join("t.toml"),

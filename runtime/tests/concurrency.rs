@@ -8,24 +8,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use ndarray::{Array1, Array2};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
 
 #[path = "support/exposition.rs"]
 mod exposition;
 use exposition::sample;
+use tiller_test_support::{randn_seeded, write_dictionary};
 
 const D: usize = 32;
 const F: usize = 96;
-
-fn randn(seed: u64, shape: (usize, usize)) -> Array2<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let n = Normal::new(0.0f32, 1.0).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(&mut rng))
-}
 
 fn write_dict(dir: &Path, activation: Activation) -> (Meta, Weights) {
     let mut meta = Meta::new(Kind::Sae, activation, D, F, D);
@@ -35,18 +27,13 @@ fn write_dict(dir: &Path, activation: Activation) -> (Meta, Weights) {
     let w = Weights {
         apply_b_dec_to_input: true,
         ..Weights::new(
-            randn(1, (D, F)) * 0.3,
+            randn_seeded(1, (D, F)) * 0.3,
             Array1::from_elem(F, 0.02),
-            randn(2, (F, D)) * 0.3,
+            randn_seeded(2, (F, D)) * 0.3,
             Array1::zeros(D),
         )
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
     (meta, w)
 }
 
@@ -123,7 +110,7 @@ fn drive(rt: &Runtime, tid: u64, steps: usize) -> Vec<Vec<f32>> {
                 phase,
             })
             .collect();
-        let mut x = randn(tid * 10_000 + s as u64, (tokens.len(), D));
+        let mut x = randn_seeded(tid * 10_000 + s as u64, (tokens.len(), D));
         let mut step = rt.step(&tokens).unwrap();
         step.hook("blocks.2", ActivationsMut::F32(x.as_slice_mut().unwrap()))
             .unwrap();
@@ -277,7 +264,7 @@ fn overrides_and_bounded_labels() {
         Some(r#"{"steer": [{"dictionary": "res", "op": "clamp", "feature": 50, "value": 1.0}]}"#),
     )
     .unwrap();
-    let mut x = randn(77, (3, D));
+    let mut x = randn_seeded(77, (3, D));
     let f = reference::encode(&meta, &w, x.view());
     let mut want = x.mapv(f64::from);
     for t in 0..3 {
@@ -404,7 +391,7 @@ fn every_scrape_counts_every_ended_step_once() {
     let rt = Arc::new(Runtime::from_config_file(&cfg).unwrap());
     const THREADS: u64 = 4;
     const STEPS: u64 = 150;
-    let input = |t: u64, s: u64| randn(1000 + t * STEPS + s, (1, D));
+    let input = |t: u64, s: u64| randn_seeded(1000 + t * STEPS + s, (1, D));
     let registry_text = |rt: &Runtime| {
         let mut buf = Vec::new();
         prometheus::Encoder::encode(
@@ -528,7 +515,7 @@ fn a_scrape_counts_the_steps_left_in_a_buffer_in_use() {
     };
     // One thread: every step takes the same buffer. The first flushes at once, the next ones
     // (well within 10 ms) leave their counts in it.
-    let inputs: Vec<_> = (0..6).map(|s| randn(7000 + s, (1, D))).collect();
+    let inputs: Vec<_> = (0..6).map(|s| randn_seeded(7000 + s, (1, D))).collect();
     for x in &inputs {
         let mut x = x.clone();
         let mut step = rt.step(&[token]).unwrap();

@@ -24,6 +24,7 @@ use tiller_runtime::{
     Activation, ActivationsMut, Backend, Dictionary, DictionaryFile, InputNorm, Kind, Meta, Phase,
     Runtime, SessionOptions, Token, Weights,
 };
+use tiller_test_support::randn;
 
 const TOL: f64 = 1e-5;
 
@@ -33,11 +34,6 @@ mod counting_alloc;
 /// Runs `f` and returns how many heap allocations it made on this thread.
 fn allocations(f: impl FnOnce()) -> usize {
     counting_alloc::counted(f).1
-}
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), scale: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, scale).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
 }
 
 fn randv(rng: &mut StdRng, len: usize, scale: f32) -> Array1<f32> {

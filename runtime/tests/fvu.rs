@@ -14,18 +14,13 @@ use exposition::sample;
 use ndarray::{Array1, Array2, Axis, concatenate};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_test_support::{randn, write_dictionary};
 
 const D_IN: usize = 20;
 const D_OUT: usize = 28;
 const F: usize = 40;
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, s).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 fn write(
     dir: &Path,
@@ -51,12 +46,7 @@ fn write(
         randn(&mut rng, (F, lo * d_out), 0.3),
         randn(&mut rng, (1, lo * d_out), 0.1).row(0).to_owned(),
     );
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
     (meta, w)
 }
 

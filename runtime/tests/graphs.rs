@@ -5,7 +5,7 @@
 //! and reconstructions; TopK indices identical.
 #![allow(clippy::unwrap_used)]
 
-use ndarray::{Array1, Array2};
+use ndarray::Array1;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal, Uniform};
@@ -13,26 +13,13 @@ use tiller_runtime::dictionary::{Gated, build_model, reference};
 use tiller_runtime::{
     Activation, Dictionary, DictionaryFile, InputNorm, Kind, Meta, SessionOptions, Weights,
 };
+use tiller_test_support::{randn, rel_err};
 
 const TOL: f64 = 1e-5;
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), scale: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, scale).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 fn randv(rng: &mut StdRng, len: usize, scale: f32) -> Array1<f32> {
     let n = Normal::new(0.0f32, scale).unwrap();
     Array1::from_shape_simple_fn(len, || n.sample(rng))
-}
-
-fn rel_err(a: &Array2<f32>, b: &Array2<f64>) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
-        / scale
 }
 
 struct Case {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array1, Array2};
-use tiller_runtime::dictionary::build_model;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token};
+use tiller_test_support::write_dictionary;
 
 const D: usize = 8;
 const F: usize = 16;
@@ -75,12 +75,7 @@ fn write_dict(dir: &Path) {
         Array2::from_shape_fn((F, D), |(i, j)| ((i + j * 7) % 3) as f32 / 3.0 - 0.3),
         Array1::zeros(D),
     );
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
 }
 
 const GOOD: &str = "[[dictionary]]\nname = \"res\"\npath = \"d.onnx\"\n[[profile]]\nname = \"p\"\n";

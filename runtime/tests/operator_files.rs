@@ -6,13 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
+use ndarray::Array1;
 use serde_json::Value;
-use tiller_runtime::dictionary::build_model;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_test_support::{randn_seeded, write_dictionary};
 
 const D: usize = 16;
 const F: usize = 48;
@@ -45,12 +42,6 @@ fn operators_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/operators")
 }
 
-fn randn(seed: u64, shape: (usize, usize)) -> Array2<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let n = Normal::new(0.0f32, 1.0).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(&mut rng))
-}
-
 fn write_dict(dir: &Path) {
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, D, F, D);
     meta.hook_in = "blocks.1".into();
@@ -58,18 +49,13 @@ fn write_dict(dir: &Path) {
     let w = Weights {
         apply_b_dec_to_input: true,
         ..Weights::new(
-            randn(1, (D, F)) * 0.3,
+            randn_seeded(1, (D, F)) * 0.3,
             Array1::from_elem(F, 0.02),
-            randn(2, (F, D)) * 0.3,
+            randn_seeded(2, (F, D)) * 0.3,
             Array1::zeros(D),
         )
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
 }
 
 /// The text exposition of a runtime built from [`CONFIG`] that has run one step.
@@ -84,7 +70,7 @@ fn exposition() -> String {
         request: 1,
         phase: Phase::Prompt,
     }; 40];
-    let mut x = randn(3, (tokens.len(), D));
+    let mut x = randn_seeded(3, (tokens.len(), D));
     let mut step = rt.step(&tokens).unwrap();
     step.hook("blocks.1", ActivationsMut::F32(x.as_slice_mut().unwrap()))
         .unwrap();

@@ -12,20 +12,15 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{
     Activation, ActivationsMut, Error, Kind, Meta, Phase, Runtime, Token, Weights,
 };
+use tiller_test_support::{randn, write_dictionary};
 
 const D: usize = 24;
 const F: usize = 64;
 const HOOK: &str = "layer.3";
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, s).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 /// A ReLU SAE at `layer.3` in `dir/sae.onnx`, and two directions in `dir/dirs.npy`.
 fn setup(dir: &Path) -> (Meta, Weights) {
@@ -44,12 +39,7 @@ fn setup(dir: &Path) -> (Meta, Weights) {
         b_skip: None,
         apply_b_dec_to_input: true,
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("sae.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("sae.onnx"), &meta, &w);
     use ndarray_npy::WriteNpyExt;
     randn(&mut rng, (2, D), 1.0)
         .write_npy(std::fs::File::create(dir.join("dirs.npy")).unwrap())

@@ -11,8 +11,9 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_test_support::write_dictionary;
 
 const D: usize = 16;
 const F: usize = 32;
@@ -29,12 +30,7 @@ fn setup(dir: &Path) -> (Meta, Weights) {
         Array2::from_shape_simple_fn((F, D), || n.sample(&mut rng)),
         Array1::zeros(D),
     );
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
     (meta, w)
 }
 

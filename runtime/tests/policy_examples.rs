@@ -11,8 +11,9 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use tiller_policy_sdk::{Action, Harness};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_test_support::write_dictionary;
 
 fn wasm_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("TILLER_POLICY_WASM_DIR") {
@@ -43,12 +44,7 @@ fn wasm_examples_match_their_native_builds() {
         Array2::from_shape_simple_fn((f, d), || n.sample(&mut rng)),
         Array1::zeros(d),
     );
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.path().join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.path().join("d.onnx"), &meta, &w);
     let cfg = format!(
         r#"
 [runtime]

@@ -10,7 +10,6 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
 use tiller_runtime::dictionary::{probe_dictionary, reference, write_dictionary};
 use tiller_runtime::{
     Activation, ActivationsMut, Dictionary, DictionaryFile, Kind, Meta, Phase, Runtime,
@@ -20,16 +19,12 @@ use tiller_runtime::{
 #[path = "support/exposition.rs"]
 mod exposition;
 use exposition::sample;
+use tiller_test_support::randn;
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
 const OUT: usize = 3;
 const HOOK: &str = "model.layers.5";
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, s).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 /// Three read-outs `[OUT, D]` and their biases, scaled so the scores spread over (0, 1).
 fn readouts(seed: u64) -> (Array2<f32>, Array1<f32>) {

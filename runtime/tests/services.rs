@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array1, Array2};
-use tiller_runtime::dictionary::build_model;
 use tiller_runtime::{Activation, Kind, Meta, Runtime};
+use tiller_test_support::write_dictionary;
 
 fn setup(dir: &std::path::Path) {
     let mut meta = Meta::new(Kind::Sae, Activation::Relu, 8, 16, 8);
@@ -19,12 +19,7 @@ fn setup(dir: &std::path::Path) {
         Array2::from_shape_fn((16, 8), |(i, j)| ((i + j * 7) % 3) as f32 / 3.0 - 0.3),
         Array1::zeros(8),
     );
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
 }
 
 fn config(profile: &str) -> String {

@@ -9,18 +9,13 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_test_support::{randn, write_dictionary, write_gguf};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
 const F: usize = 64;
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, s).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 fn write_dict(
     dir: &Path,
@@ -56,12 +51,7 @@ fn write_dict(
         b_skip: None,
         apply_b_dec_to_input: kind == Kind::Sae,
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join(name),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join(name), &meta, &w);
     (meta, w)
 }
 
@@ -459,42 +449,6 @@ when = "tok"
     assert!(text.contains("tiller_dictionary_fvu{dictionary=\"res\"}"));
 }
 
-/// Writes a GGUF v3 control vector with float32 `direction.{layer}` tensors.
-fn write_gguf(path: &Path, directions: &[(usize, Vec<f32>)]) {
-    let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, v: &str| {
-        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
-        b.extend_from_slice(v.as_bytes());
-    };
-    b.extend_from_slice(b"GGUF");
-    b.extend_from_slice(&3u32.to_le_bytes());
-    b.extend_from_slice(&(directions.len() as u64).to_le_bytes());
-    b.extend_from_slice(&1u64.to_le_bytes());
-    s(&mut b, "general.architecture");
-    b.extend_from_slice(&8u32.to_le_bytes());
-    s(&mut b, "controlvector");
-    let mut offset = 0u64;
-    for (layer, v) in directions {
-        s(&mut b, &format!("direction.{layer}"));
-        b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&offset.to_le_bytes());
-        offset += (v.len() as u64 * 4).div_ceil(32) * 32;
-    }
-    while b.len() % 32 != 0 {
-        b.push(0);
-    }
-    for (_, v) in directions {
-        let start = b.len();
-        b.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-        while (b.len() - start) % 32 != 0 {
-            b.push(0);
-        }
-    }
-    std::fs::write(path, b).unwrap();
-}
-
 #[test]
 fn vector_and_project_cap_rules() {
     let dir = tempfile::tempdir().unwrap();
@@ -514,7 +468,7 @@ fn vector_and_project_cap_rules() {
         a.write_npy(std::fs::File::create(&npy).unwrap()).unwrap();
     }
     let gguf = dir.path().join("cv.gguf");
-    write_gguf(&gguf, &[(2, other.clone()), (3, u.clone())]);
+    write_gguf(&gguf, None, &[(2, other.clone()), (3, u.clone())]);
     let config = r#"
 [runtime]
 fvu_sample_rate = 0.0
@@ -643,12 +597,7 @@ fn layered(
         randn(&mut rng, (F, 3 * D), 0.3),
         randn(&mut rng, (1, 3 * D), 0.1).row(0).to_owned(),
     );
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join(name),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join(name), &meta, &w);
     (meta, w)
 }
 

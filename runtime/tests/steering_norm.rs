@@ -13,22 +13,17 @@ use ndarray::{Array1, Array2, ArrayView2, Axis, concatenate};
 use ndarray_npy::WriteNpyExt;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{
     Activation, ActivationsMut, InputNorm, Kind, Meta, Phase, Runtime, Token, Weights,
 };
+use tiller_test_support::{randn_around, write_dictionary};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
 const F: usize = 48;
 /// Tokens per request (one request per op).
 const T: usize = 3;
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), mean: f32, s: f32) -> Array2<f32> {
-    let n = Normal::new(mean, s).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 /// A dictionary's shape for one kind: its hooks in and out, input and output layers.
 struct Shape {
@@ -78,18 +73,15 @@ fn write_dict(dir: &Path, s: &Shape, norm: InputNorm, seed: u64) -> (Meta, Weigh
     meta.input_norm = norm;
     let (li, lo) = (meta.input_layers(), meta.output_layers());
     let mut w = Weights::new(
-        randn(&mut rng, (li * D, F), 0.0, 0.4),
+        randn_around(&mut rng, (li * D, F), 0.0, 0.4),
         Array1::from_elem(F, 0.05),
-        randn(&mut rng, (F, lo * D), 0.0, 0.3),
-        randn(&mut rng, (1, lo * D), 0.0, 0.1).row(0).to_owned(),
+        randn_around(&mut rng, (F, lo * D), 0.0, 0.3),
+        randn_around(&mut rng, (1, lo * D), 0.0, 0.1)
+            .row(0)
+            .to_owned(),
     );
     w.apply_b_dec_to_input = s.kind == Kind::Sae;
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join("d.onnx"),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join("d.onnx"), &meta, &w);
     (meta, w)
 }
 
@@ -198,7 +190,7 @@ fn check(kind: Kind, norm: InputNorm, seed: u64) -> f64 {
     let ins: Vec<Array2<f32>> = s
         .hooks_in
         .iter()
-        .map(|_| randn(&mut rng, (n, D), 0.7, 2.5))
+        .map(|_| randn_around(&mut rng, (n, D), 0.7, 2.5))
         .collect();
     let x = concatenate(Axis(1), &ins.iter().map(|a| a.view()).collect::<Vec<_>>()).unwrap();
     let acts = reference::encode(&meta, &w, x.view());
@@ -232,7 +224,7 @@ fn check(kind: Kind, norm: InputNorm, seed: u64) -> f64 {
     // another tensor (an MLP's output) for a transcoder or CLT.
     let edited_in: Array2<f32> = match s.hooks_in.iter().position(|h| *h == s.edited) {
         Some(l) => ins[l].clone(),
-        None => randn(&mut rng, (n, D), -0.3, 1.7),
+        None => randn_around(&mut rng, (n, D), -0.3, 1.7),
     };
     let mut step = rt.step(&tokens).unwrap();
     let mut got = edited_in.clone();
@@ -249,7 +241,7 @@ fn check(kind: Kind, norm: InputNorm, seed: u64) -> f64 {
     }
     for h in &s.hooks_out {
         if !s.hooks_in.contains(h) && *h != s.edited {
-            let mut a = randn(&mut rng, (n, D), 0.0, 1.0);
+            let mut a = randn_around(&mut rng, (n, D), 0.0, 1.0);
             let before = a.clone();
             step.hook(h, ActivationsMut::F32(a.as_slice_mut().unwrap()))
                 .unwrap();
@@ -360,7 +352,7 @@ fn raw_directions_are_untouched_by_a_normalising_dictionary() {
     let s = shape(Kind::Sae);
     write_dict(dir.path(), &s, InputNorm::LayerNorm, 7);
     let mut rng = StdRng::seed_from_u64(8);
-    let u = randn(&mut rng, (1, D), 0.0, 1.0);
+    let u = randn_around(&mut rng, (1, D), 0.0, 1.0);
     u.write_npy(std::fs::File::create(dir.path().join("u.npy")).unwrap())
         .unwrap();
     let config = "[runtime]\nfvu_sample_rate = 0.0\n[[dictionary]]\nname = \"d\"\npath = \"d.onnx\"\n\
@@ -370,7 +362,7 @@ fn raw_directions_are_untouched_by_a_normalising_dictionary() {
     let rt = Runtime::from_config_file(dir.path().join("t.toml")).unwrap();
     rt.begin_request(1, Some("v"), None).unwrap();
     rt.begin_request(2, Some("pc"), None).unwrap();
-    let x = randn(&mut rng, (4, D), 0.7, 2.5);
+    let x = randn_around(&mut rng, (4, D), 0.7, 2.5);
     let tokens: Vec<Token> = [1, 1, 2, 2]
         .iter()
         .map(|&r| Token {

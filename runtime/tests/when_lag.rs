@@ -11,9 +11,9 @@ use std::path::Path;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand_distr::{Distribution, Normal};
-use tiller_runtime::dictionary::{build_model, reference};
+use tiller_runtime::dictionary::reference;
 use tiller_runtime::{Activation, ActivationsMut, Kind, Meta, Phase, Runtime, Token, Weights};
+use tiller_test_support::{randn, write_dictionary};
 
 const TOL: f64 = 1e-5;
 const D: usize = 24;
@@ -25,11 +25,6 @@ const FIRE: usize = 4;
 /// The feature the monitors read and the one the rules clamp, to `VALUE`.
 const EDITED: usize = 9;
 const VALUE: f64 = 2.0;
-
-fn randn(rng: &mut StdRng, shape: (usize, usize), s: f32) -> Array2<f32> {
-    let n = Normal::new(0.0f32, s).unwrap();
-    Array2::from_shape_simple_fn(shape, || n.sample(rng))
-}
 
 /// A ReLU dictionary reading `hook_in` and writing `hook_out`, written to `dir/name`.
 fn write_dict(
@@ -55,12 +50,7 @@ fn write_dict(
         b_skip: None,
         apply_b_dec_to_input: kind == Kind::Sae,
     };
-    tiller_runtime::graph::write_model(
-        build_model(&meta, &w).unwrap(),
-        &dir.join(name),
-        usize::MAX,
-    )
-    .unwrap();
+    write_dictionary(&dir.join(name), &meta, &w);
     (meta, w)
 }
 

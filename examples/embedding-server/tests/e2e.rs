@@ -3,10 +3,11 @@
 //! embeddings, bad requests, SIGHUP reloads (good and broken files) and a graceful SIGTERM.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array1, Array2};
@@ -94,40 +95,6 @@ const TEXTS: [&str; 6] = [
     "She walked along the beach at sunset, listening to the waves.",
 ];
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(config: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_embedding-server"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .args(["--listen", "127.0.0.1:0", "--workers", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, addr }
-}
-
 /// One HTTP/1.1 exchange: (status, body).
 fn http(
     addr: &str,
@@ -164,7 +131,7 @@ fn serves_embeddings_with_monitoring_and_steering() {
     write_dictionary(&dir.path().join("l3.onnx"));
     let config = dir.path().join("tiller.toml");
     std::fs::write(&config, CONFIG).unwrap();
-    let server = start(&config);
+    let server = common::start(&config, 2);
     let addr = server.addr.clone();
 
     let (status, body) = http(&addr, "GET", "/healthz", &[], "");

@@ -5,9 +5,9 @@
 //! body over the server's limit; the server keeps serving, and an allowed override steers.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
@@ -73,42 +73,6 @@ hook = "encoder.layer.3"
 ops = ["add", "clamp", "ablate", "vector"]
 vectors = ["push"]
 "#;
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path) -> Server {
-    let path = dir.join("tiller.toml");
-    std::fs::write(&path, CONFIG).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_embedding-server"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, addr }
-}
 
 fn post(addr: &str, body: &str) -> (u16, Value) {
     let (status, text) =
@@ -176,7 +140,7 @@ fn openai_error(status: u16, v: &Value, want_status: u16) -> &serde_json::Map<St
 fn hostile_overrides_get_openai_errors_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     write_files(dir.path());
-    let server = start(dir.path());
+    let server = common::start_in(dir.path(), CONFIG);
     let addr = server.addr.as_str();
     let body = |overrides: &str| {
         format!(

@@ -11,9 +11,9 @@
 //!   `embedding_server_stopped_inputs_total` goes up by the number stopped.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
 
 use base64::Engine;
 use ndarray::{Array1, Array2};
@@ -56,79 +56,16 @@ fn write_dictionary(path: &Path) -> (Array2<f32>, Array1<f32>) {
     (w_enc, b_enc)
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, config: &str) -> Server {
-    let path = dir.join("tiller.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_embedding-server"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, addr }
-}
-
-/// `$TILLER_PYTHON`, else the workspace's `.venv` (where `scripts/test` installs the client).
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("TILLER_PYTHON") {
-        return p.into();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-}
-
-/// Runs `script` with `python()`, `input` on stdin; its stdout as JSON.
+/// Runs `script` with `$TILLER_PYTHON`, else the workspace's `.venv` (where `scripts/test`
+/// installs the client), `input` on stdin; its stdout as JSON.
 fn run_python(script: &Path, input: &Value) -> Value {
-    let mut child = Command::new(python())
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} ({e}); scripts/test makes .venv with numpy and openai, or set TILLER_PYTHON",
-                python().display()
-            )
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} {} failed (scripts/test installs numpy and openai into .venv): {}",
-        python().display(),
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    tiller_test_support::run_python_json(
+        &tiller_test_support::python(venv),
+        script,
+        input,
+        "scripts/test installs numpy and openai into .venv",
+    )
 }
 
 fn client(addr: &str, texts: &[&str]) -> Value {
@@ -180,7 +117,7 @@ fn official_client_gets_base64_and_float_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     write_dictionary(&dir.path().join("l3.onnx"));
     // A monitor that flags only: embeddings are the model's own.
-    let server = start(
+    let server = common::start_in(
         dir.path(),
         &format!(
             "{DICTIONARY}\n[[monitor]]\nname = \"watch\"\ndictionary = \"l3\"\nfeatures = [0, 1]\n\
@@ -333,7 +270,7 @@ fn stopped_inputs_get_no_embedding_and_are_counted() {
     let n_stopped = want_stopped.iter().filter(|&&s| s).count();
     assert!(n_stopped >= 2 && n_stopped <= TEXTS.len() - 2);
 
-    let server = start(
+    let server = common::start_in(
         dir.path(),
         &format!(
             "{DICTIONARY}\n[[monitor]]\nname = \"stopper\"\ndictionary = \"l3\"\nfeatures = [{feature}]\n\

@@ -4,9 +4,6 @@
 //! without an edit in the hook.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use serde_json::Value;
 use tiller_minilm::{Hidden, MiniLm, Options, provision};
 
@@ -21,36 +18,17 @@ const TEXTS: [&str; 8] = [
     "Unicode: naïve façade, 東京, emoji 🙂 and tabs\tinside.",
 ];
 
-fn python() -> String {
-    std::env::var("TILLER_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 fn reference(dir: &std::path::Path, layer: usize, edit: Option<&[f32]>) -> Value {
     let req = serde_json::json!({
         "model_dir": dir, "texts": TEXTS, "layer": layer, "edit": edit,
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference.py");
-    let mut child = Command::new(python())
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 (with numpy) runs the reference; set TILLER_PYTHON");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(req.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the NumPy reference failed (is numpy installed for {}?): {}",
-        python(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    tiller_test_support::run_python_json(
+        &tiller_test_support::python("python3"),
+        std::path::Path::new(script),
+        &req,
+        "the NumPy reference needs python3 with numpy",
+    )
 }
 
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {

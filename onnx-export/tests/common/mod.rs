@@ -9,6 +9,7 @@ pub mod torch;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::{Command, Output};
 
 use ndarray::{Array1, Array2, ArrayD};
 use rand::SeedableRng;
@@ -110,54 +111,61 @@ pub fn v1(t: &Tensors, name: &str) -> Array1<f64> {
     t[name].clone().into_dimensionality().unwrap()
 }
 
-/// Normwise relative error `max|a - b| / max|b|`.
-pub fn rel_err(a: &Array2<f32>, b: &Array2<f64>) -> f64 {
-    assert_eq!(a.shape(), b.shape(), "shapes differ");
-    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((f64::from(*x) - y).abs()))
-        / scale
+/// Each token's TopK indices that carry a positive activation in `acts` are exactly the latents
+/// the reference `want` activates; with `nonempty`, every token activates at least one.
+pub fn assert_topk_indices(
+    name: &str,
+    want: &Array2<f64>,
+    acts: &Array2<f32>,
+    idx: &Array2<i64>,
+    nonempty: bool,
+) {
+    for (i, row) in want.rows().into_iter().enumerate() {
+        let mut want: Vec<usize> = (0..row.len()).filter(|&j| row[j] > 0.0).collect();
+        let mut got: Vec<usize> = idx
+            .row(i)
+            .iter()
+            .map(|&j| j as usize)
+            .filter(|&j| acts[[i, j]] > 0.0)
+            .collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        if nonempty {
+            assert!(!want.is_empty(), "{name}: token {i} has no active latent");
+        }
+        assert_eq!(got, want, "{name}: token {i} TopK indices");
+    }
 }
 
-/// Writes a GGUF v3 control vector with float32 `direction.{layer}` tensors, as llama.cpp and
-/// repeng lay it out.
-pub fn write_gguf(path: &Path, directions: &[(usize, Vec<f32>)]) {
-    let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, v: &str| {
-        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
-        b.extend_from_slice(v.as_bytes());
-    };
-    b.extend_from_slice(b"GGUF");
-    b.extend_from_slice(&3u32.to_le_bytes());
-    b.extend_from_slice(&(directions.len() as u64).to_le_bytes());
-    b.extend_from_slice(&2u64.to_le_bytes());
-    s(&mut b, "general.architecture");
-    b.extend_from_slice(&8u32.to_le_bytes());
-    s(&mut b, "controlvector");
-    s(&mut b, "controlvector.model_hint");
-    b.extend_from_slice(&8u32.to_le_bytes());
-    s(&mut b, "llama");
-    let mut offset = 0u64;
-    for (layer, v) in directions {
-        s(&mut b, &format!("direction.{layer}"));
-        b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&offset.to_le_bytes());
-        offset += (v.len() as u64 * 4).div_ceil(32) * 32;
+/// `tiller-export import PATH --format FORMAT [--hookpoint HOOKPOINT] -o OUT`: the process's output.
+pub fn run_import(format: &str, path: &Path, out: &Path, hookpoint: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tiller-export"));
+    c.arg("import").arg(path).args(["--format", format]);
+    if let Some(h) = hookpoint {
+        c.args(["--hookpoint", h]);
     }
-    while b.len() % 32 != 0 {
-        b.push(0);
-    }
-    for (_, v) in directions {
-        let start = b.len();
-        b.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-        while (b.len() - start) % 32 != 0 {
-            b.push(0);
-        }
-    }
-    std::fs::write(path, b).unwrap();
+    c.arg("-o").arg(out).output().unwrap()
+}
+
+/// [`run_import`], which must succeed.
+pub fn import_ok(format: &str, path: &Path, out: &Path, hookpoint: Option<&str>) {
+    let o = run_import(format, path, out, hookpoint);
+    assert!(
+        o.status.success(),
+        "import of {} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// [`run_import`] without a hookpoint, which must fail as a handled error (exit 1, no panic);
+/// its stderr.
+pub fn import_err(format: &str, path: &Path, out: &Path) -> String {
+    let o = run_import(format, path, out, None);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert_eq!(o.status.code(), Some(1), "expected a handled error: {err}");
+    err
 }
 
 /// `tiller-export import PATH --format FORMAT -o OUT`, then the dictionary loaded by the runtime.

@@ -141,16 +141,3 @@ pub fn mmcs(dirs: &Array2<f32>, w_dec: &Array2<f32>) -> f64 {
     }
     total / dirs.nrows() as f64
 }
-
-/// Normwise relative error `max|a - b| / max|b|`.
-pub fn rel_err(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b
-        .iter()
-        .fold(0f64, |m, v| m.max(f64::from(v.abs())))
-        .max(1e-30);
-    a.iter()
-        .zip(b)
-        .fold(0f64, |m, (x, y)| m.max(f64::from((x - y).abs())))
-        / scale
-}

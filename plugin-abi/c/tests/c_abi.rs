@@ -156,7 +156,10 @@ fn write_fixtures(dir: &Path) {
 /// The folder comes from cargo's own artifact messages, so `CARGO_TARGET_DIR` and `--target-dir`
 /// set through the environment are honoured.
 fn build_library() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap();
     let out = Command::new(env!("CARGO"))
         .args([
             "build",

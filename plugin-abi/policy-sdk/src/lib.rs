@@ -1,4 +1,4 @@
-//! Guest SDK for Tiller policies (ABI v1, `plugin-abi/POLICY_ABI.md`).
+//! Guest SDK for Tiller policies (ABI v1, `plugin-abi/policy/POLICY_ABI.md`).
 //!
 //! Implement [`Policy`] (every callback has a no-op default) and export it with
 //! [`export_policy!`]; build for `wasm32-unknown-unknown`. On other targets the same code runs
@@ -27,23 +27,10 @@ use alloc::vec::Vec;
 #[cfg(target_arch = "wasm32")]
 pub use dlmalloc;
 
+/// The ABI's constants (action codes, names, limits), shared with the host.
+pub use tiller_policy_abi as abi;
 /// Action codes of ABI v1.
-pub mod code {
-    /// Flag the request (string: the reason).
-    pub const FLAG: u32 = 1;
-    /// Switch the request's profile (string: the profile).
-    pub const SWITCH_PROFILE: u32 = 2;
-    /// Stop the request.
-    pub const STOP: u32 = 3;
-    /// Clamp a feature to a value.
-    pub const CLAMP: u32 = 4;
-    /// Ablate a feature.
-    pub const ABLATE: u32 = 5;
-    /// Add a strength times a feature's decoder row.
-    pub const ADD: u32 = 6;
-    /// Remove the steering this policy added to the request.
-    pub const CLEAR: u32 = 7;
-}
+pub use tiller_policy_abi::action as code;
 
 /// One monitored feature of a token: its original id and its activation (> 0).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,7 +62,7 @@ pub enum Action {
 }
 
 /// The most actions one answer holds (the host's limit).
-pub const MAX_ACTIONS: usize = 64;
+pub use tiller_policy_abi::MAX_ACTIONS;
 
 /// The actions of one callback; the SDK lays them out as the ABI's records.
 #[derive(Debug, Default)]
@@ -86,7 +73,9 @@ pub struct Actions {
 impl Actions {
     /// Flags the request.
     pub fn flag(&mut self, reason: &str) {
-        self.push(Action::Flag(String::from(&reason[..reason.len().min(256)])));
+        self.push(Action::Flag(String::from(
+            &reason[..reason.len().min(abi::MAX_STRING)],
+        )));
     }
     /// Switches the request's steering profile from its next step.
     pub fn switch_profile(&mut self, profile: &str) {
@@ -356,7 +345,7 @@ macro_rules! export_policy {
                 let p = s.policy.get_or_insert_with(|| $ctor);
                 let r = f(p, &mut s.out);
                 let actions = s.out.take();
-                s.records.reserve(actions.len() * 20);
+                s.records.reserve(actions.len() * $crate::abi::ACTION_SIZE);
                 let total: usize = actions.iter().map(|a| match a {
                     $crate::Action::Flag(t) | $crate::Action::SwitchProfile(t) => t.len(),
                     _ => 0,

@@ -19,6 +19,6 @@ fn committed_header_matches_the_source() {
     let committed = std::fs::read(&path).unwrap_or_default();
     assert!(
         committed == generated,
-        "plugin-abi/include/tiller.h is out of date: run `TILLER_UPDATE_HEADER=1 cargo test -p tiller-capi --test header` and commit it"
+        "plugin-abi/c/include/tiller.h is out of date: run `TILLER_UPDATE_HEADER=1 cargo test -p tiller-capi --test header` and commit it"
     );
 }

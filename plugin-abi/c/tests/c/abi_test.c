@@ -2,7 +2,7 @@
  * The C ABI as a C host uses it: every exported function of tiller.h, its error paths, and the
  * steered activations against values computed here from the dictionary's weights.
  *
- * Run by plugin-abi/tests/c_abi.rs (plainly and under Valgrind) as `abi_test <fixtures>`, where
+ * Run by plugin-abi/c/tests/c_abi.rs (plainly and under Valgrind) as `abi_test <fixtures>`, where
  * <fixtures> holds what c_abi.rs writes: dict.onnx, weights.bin, tiller.toml, reload.toml and
  * bad.toml. Every check runs even after one fails; the program prints each mismatch with its line
  * and exits 1 if there was any.
