@@ -11,8 +11,8 @@ use crate::metrics::Metrics;
 use crate::{Error, Result};
 
 /// Computes dictionary `di`'s features for every token into `sc.pending[di]` (unspecified for
-/// non-finite tokens, which every reader skips); `needs_full` from [`super::hook::needs_full`]
-/// (a request's own rules name features outside the slice: then the full dictionary runs).
+/// non-finite tokens, which every reader skips); with `needs_full` (a request's own rules name
+/// features outside the slice) every feature, through the full dictionary.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn encode(
     metrics: &Metrics,

@@ -68,20 +68,19 @@ impl Request {
         self.overrides.replace && !self.switched
     }
 
-    /// Files the current tallies by name.
-    pub(super) fn archive_tallies(&mut self) {
-        for (i, run) in self.monitors.drain(..).enumerate() {
+    /// Adds the current tallies to `a`, by name.
+    fn add_tallies(&self, a: &mut Archive) {
+        for (i, run) in self.monitors.iter().enumerate() {
             if let Some(name) = self.names.monitors.get(i) {
-                self.archive.monitors.insert(name.clone(), run);
+                a.monitors.insert(name.clone(), run.clone());
             }
         }
-        for (di, stats) in self.features.drain(..).enumerate() {
+        for (di, stats) in self.features.iter().enumerate() {
             let Some((dname, feats)) = self.names.dicts.get(di) else {
                 continue;
             };
-            for (pos, s) in stats.into_iter().enumerate().filter(|(_, s)| s.count > 0) {
-                let e = self
-                    .archive
+            for (pos, s) in stats.iter().enumerate().filter(|(_, s)| s.count > 0) {
+                let e = a
                     .features
                     .entry(dname.clone())
                     .or_default()
@@ -95,15 +94,20 @@ impl Request {
             }
         }
         if let Some(c) = &self.compiled {
-            for (r, n) in c
-                .rules
-                .iter()
-                .zip(self.steering.drain(..))
-                .filter(|(_, n)| *n > 0)
-            {
-                *self.archive.steering.entry(r.name.clone()).or_default() += n;
+            for (r, n) in c.rules.iter().zip(&self.steering).filter(|(_, n)| **n > 0) {
+                *a.steering.entry(r.name.clone()).or_default() += n;
             }
         }
+    }
+
+    /// Files the current tallies by name, leaving none current.
+    pub(super) fn archive_tallies(&mut self) {
+        let mut a = std::mem::take(&mut self.archive);
+        self.add_tallies(&mut a);
+        self.archive = a;
+        self.monitors.clear();
+        self.features.clear();
+        self.steering.clear();
     }
 
     /// Brings the tallies and the compiled rules up to date with `state` (allocates only when the
@@ -216,36 +220,10 @@ impl Request {
         Ok(rules)
     }
 
+    /// What happened to the request so far.
     pub(super) fn summary(&self) -> RequestSummary {
         let mut a = self.archive.clone();
-        for (i, run) in self.monitors.iter().enumerate() {
-            if let Some(name) = self.names.monitors.get(i) {
-                a.monitors.insert(name.clone(), run.clone());
-            }
-        }
-        for (di, stats) in self.features.iter().enumerate() {
-            let Some((dname, feats)) = self.names.dicts.get(di) else {
-                continue;
-            };
-            for (pos, s) in stats.iter().enumerate().filter(|(_, s)| s.count > 0) {
-                let e = a
-                    .features
-                    .entry(dname.clone())
-                    .or_default()
-                    .entry(feats[pos])
-                    .or_insert(FeatureStats {
-                        max: s.max,
-                        count: 0,
-                    });
-                e.max = e.max.max(s.max);
-                e.count += s.count;
-            }
-        }
-        if let Some(c) = &self.compiled {
-            for (r, n) in c.rules.iter().zip(&self.steering).filter(|(_, n)| **n > 0) {
-                *a.steering.entry(r.name.clone()).or_default() += n;
-            }
-        }
+        self.add_tallies(&mut a);
         RequestSummary {
             request: self.id,
             profile: self.profile.clone(),

@@ -1,5 +1,5 @@
 //! The runtime's state for one config: its dictionaries, monitors and hooks, as built from the
-//! config ([`super::build`]) and swapped whole on a reload.
+//! config (see `build`) and swapped whole on a reload.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -192,38 +192,31 @@ impl Step<'_> {
         }
         // f32 host memory is read and edited where it lies; f16/bf16 go through an f32 buffer.
         let mut buf = std::mem::take(&mut sc.x);
-        let outcome = match &mut acts {
-            ActivationsMut::F32(host) => process(
-                &rt.metrics,
-                rt.fvu.as_ref(),
-                &state,
-                plan,
-                sc,
-                name,
-                width,
-                host,
-                &mut self.result,
-            ),
+        let converted = !matches!(acts, ActivationsMut::F32(_));
+        let x: &mut [f32] = match &mut acts {
+            ActivationsMut::F32(host) => host,
             other => {
                 buf.resize(n * width, 0.0);
                 other.read_into(&mut buf);
-                let r = process(
-                    &rt.metrics,
-                    rt.fvu.as_ref(),
-                    &state,
-                    plan,
-                    sc,
-                    name,
-                    width,
-                    &mut buf,
-                    &mut self.result,
-                );
-                for t in (0..n).filter(|&t| sc.edited[t]) {
-                    other.write_row(t * width, &buf[t * width..(t + 1) * width]);
-                }
-                r
+                &mut buf
             }
         };
+        let outcome = process(
+            &rt.metrics,
+            rt.fvu.as_ref(),
+            &state,
+            plan,
+            sc,
+            name,
+            width,
+            x,
+            &mut self.result,
+        );
+        if converted {
+            for t in (0..n).filter(|&t| sc.edited[t]) {
+                acts.write_row(t * width, &buf[t * width..(t + 1) * width]);
+            }
+        }
         sc.x = buf;
         plan.metrics
             .duration
