@@ -137,7 +137,8 @@ pub struct VectorConfig {
 
 impl Config {
     /// The features (original ids) requests may steer in dictionary `name`: `None` for any, an
-    /// empty set for none (see [`RequestDictionary::features`]).
+    /// empty set for none (see
+    /// [`RequestDictionary::features`](super::requests::RequestDictionary::features)).
     pub fn request_features(&self, name: &str) -> Option<std::collections::BTreeSet<u32>> {
         let listed = self.requests.dictionaries.iter().find(|d| d.name == name);
         if self.requests.dictionaries.is_empty() || listed.is_some_and(|d| d.features.is_none()) {

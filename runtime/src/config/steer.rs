@@ -1,4 +1,5 @@
-//! `[[profile]]` and its `[[profile.steer]]` rules, and the per-request overrides made of the same rules.
+//! `[[profile]]` and its `[[profile.steer]]` rules, and the per-request overrides made of the
+//! same rules.
 
 use std::path::PathBuf;
 
@@ -91,7 +92,8 @@ pub struct SteerConfig {
 }
 
 /// Per-request overrides, given as JSON at request begin. They come from end users: what they
-/// may change is the operator's `[requests]` ([`RequestsConfig`]), enforced when the request begins.
+/// may change is the operator's `[requests]` ([`crate::config::RequestsConfig`]), enforced when
+/// the request begins.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {

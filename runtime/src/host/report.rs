@@ -32,7 +32,7 @@ pub struct FeatureStats {
     pub count: u64,
 }
 
-/// What happened to a request, returned by [`Runtime::end_request`].
+/// What happened to a request, returned by [`crate::Runtime::end_request`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestSummary {
     /// The request id.

@@ -15,7 +15,7 @@ pub enum Phase {
 /// One token of a forward step: the request it belongs to and its phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
-    /// The request id given to [`Runtime::begin_request`].
+    /// The request id given to [`crate::Runtime::begin_request`].
     pub request: u64,
     /// Prompt or generated.
     pub phase: Phase,
