@@ -29,12 +29,14 @@
 //! - [`onnxruntime`]: loads ONNX Runtime once per process, downloading the pinned wheel from PyPI
 //!   into a cache on first use.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod dictionary;
 mod error;
 mod fvu;
 pub mod graph;
+mod host;
 pub(crate) mod kernels;
 mod logging;
 pub mod metrics;
@@ -42,7 +44,6 @@ mod native;
 pub mod onnxruntime;
 mod overrides;
 pub mod policy;
-mod runtime;
 mod service;
 mod session;
 pub mod steering;
@@ -50,7 +51,7 @@ pub mod vectors;
 
 pub use dictionary::{Activation, DictionaryFile, InputNorm, Kind, Meta, Weights};
 pub use error::{Error, Result};
-pub use runtime::{
+pub use host::{
     ActivationsMut, Event, FeatureStats, Phase, RequestSummary, Runtime, Step, StepResult, Token,
 };
 pub use service::Service;

@@ -142,7 +142,7 @@ pub struct Dictionary {
     /// The encode graph's sessions: built at load, or on first use when `native` encodes.
     encoder: Mutex<Option<Arc<Pool>>>,
     full: Mutex<Option<Arc<Pool>>>,
-    native: Option<FullEncoder>,
+    native: Option<Arc<FullEncoder>>,
     /// The native encoder's buffers, one per concurrent call.
     scratch: Mutex<Vec<Scratch>>,
 }
@@ -168,7 +168,7 @@ impl Dictionary {
     /// either way).
     pub fn from_file(file: DictionaryFile, opts: &SessionOptions) -> Result<Self> {
         let native = if opts.native {
-            FullEncoder::new(&file)?
+            FullEncoder::new(&file)?.map(Arc::new)
         } else {
             None
         };
@@ -221,9 +221,9 @@ impl Dictionary {
             .map_or(Backend::OnnxRuntime, |n| Backend::Native(n.dtype()))
     }
 
-    /// The native encoder, where it applies.
-    pub(crate) fn native(&self) -> Option<&FullEncoder> {
-        self.native.as_ref()
+    /// The native encoder, where it applies (shared: a runtime's hooks keep it in their plan).
+    pub(crate) fn native(&self) -> Option<Arc<FullEncoder>> {
+        self.native.clone()
     }
 
     /// The dictionary's metadata.
