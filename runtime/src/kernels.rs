@@ -18,9 +18,7 @@ pub const PANEL: usize = 32;
 /// An element type a packed encoder stores its weights in, widened to f32 in registers.
 pub trait Widen: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     /// Whether a lone token reads panels streamed from memory two at a time (see [`CACHED`]): f32
-    /// only. For 2304 × 16384 at batch 1, alternating runs: f16 one stream 2.04 ms, two 2.23 ms
-    /// (caches flushed before each call); bf16 one stream 2.07 ms, two 1.97 ms with the caches
-    /// flushed, but 1.49 to 1.58 ms against 1.65 to 1.74 ms warm (`--bench full_encode`).
+    /// only, as measured (docs/benchmarks.md#the-kernels-choices).
     const STREAM_PAIRS: bool;
 
     /// The value as f32, exactly.
@@ -109,8 +107,8 @@ fn panel_imp<E: Widen>(x: &[f32], n: usize, d: usize, w: &[E], m: usize, out: &m
     // the weights. Elsewhere (16 registers) 2 tokens × 4 vectors.
     let wide = multiversion::target::target_cfg_f!(target_feature = "avx512f");
     // The hardware prefetcher alone leaves bandwidth unused on a single stream: prefetching
-    // `PREFETCH` bytes ahead raised half-width weights from about 38 to 50 GB/s (Zen 5). The
-    // intrinsic is safe to call here, in a clone compiled with the feature it needs.
+    // `PREFETCH` bytes ahead reads half-width weights faster
+    // (docs/benchmarks.md#the-kernels-choices). The intrinsic is safe to call here, in a clone compiled with the feature it needs.
     let prefetch = |p: *const u8| {
         multiversion::target::match_target! {
             "x86_64+avx512f" => std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()),
@@ -136,10 +134,8 @@ const PREFETCH: usize = 16 << 10;
 /// load slots); larger weights stream from memory, where prefetching pays.
 ///
 /// A lone token (batch 1, or the odd one of a batch of cached weights) reads two panels at once:
-/// two streams read faster than one, from L2 (2304 × 64 f32: 2.6 against 3.4 µs, Zen 5) and from
-/// memory (2304 × 16384 f32, prefetching both streams: 3.48 to 3.69 ms against 3.53 to 4.19 ms
-/// over six alternating runs of `compare rust --quick`; half widths from memory excepted, see
-/// [`Widen::STREAM_PAIRS`]).
+/// two streams read faster than one, from L2 and from memory (half widths from memory excepted,
+/// see [`Widen::STREAM_PAIRS`]; measured in docs/benchmarks.md#the-kernels-choices).
 const CACHED: usize = 2 << 20;
 
 /// The body of [`panel_matmul`] for one instruction set (`wide`: 32 vector registers; `fma`:
@@ -226,7 +222,7 @@ fn panel_body<E: Widen>(
 /// One token against two panels `a` and `b` read side by side (two streams), `U` rows at a time:
 /// 2 with AVX-512's 32 registers (8 vectors of accumulators), 1 with 16. The rows are taken as
 /// arrays of fixed size: written over slices, the same loops kept the accumulators in memory for
-/// some element types and left bf16 scalar (2.5 times slower).
+/// some element types and left bf16 scalar.
 #[inline(always)]
 fn pgemv_pair<E: Widen, const U: usize>(
     x: &[f32],

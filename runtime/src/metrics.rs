@@ -1,4 +1,4 @@
-//! Prometheus metrics (design.md section 6), on a registry the runtime owns.
+//! Prometheus metrics (docs/design.md#6-metrics-and-events), on a registry the runtime owns.
 //!
 //! Every label value comes from a bounded set: hook, dictionary, monitor and rule names from the
 //! config, and the features the config names. Hot paths use children looked up once, when a config

@@ -1,6 +1,7 @@
-//! Steering rules compiled against a loaded config, and the edits of design.md section 4:
-//! every edit is `x ← x + c·d` with `d` a decoder row (or a raw direction), so the part of `x` the
-//! dictionary does not explain is never touched.
+//! Steering rules compiled against a loaded config, and the edits of
+//! docs/design.md#4-steering-edits-that-keep-the-dictionarys-error-term: every edit is `x ← x +
+//! c·d` with `d` a decoder row (or a raw direction), so the part of `x` the dictionary does not
+//! explain is never touched.
 
 use std::sync::Arc;
 

@@ -693,8 +693,10 @@ fn source_files() -> Vec<PathBuf> {
         for path in entries {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if path.is_dir() {
-                if !matches!(name, "target" | ".venv" | "fixtures" | "node_modules" | "__pycache__")
-                    && !name.ends_with(".egg-info")
+                if !matches!(
+                    name,
+                    "target" | ".venv" | "fixtures" | "node_modules" | "__pycache__"
+                ) && !name.ends_with(".egg-info")
                 {
                     walk(&path, out);
                 }
@@ -743,10 +745,18 @@ fn code_cites_docs_that_exist() {
     let mut problems = Vec::new();
     let mut checked = 0;
     for file in source_files() {
+        // This file names the forms it looks for.
+        if file == root.join("runtime/tests/docs.rs") {
+            continue;
+        }
         let Ok(text) = fs::read_to_string(&file) else {
             continue;
         };
-        let shown = file.strip_prefix(&root).unwrap_or(&file).display().to_string();
+        let shown = file
+            .strip_prefix(&root)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
         for (i, line) in text.lines().enumerate() {
             if line.contains("design.md section") {
                 problems.push(format!(
@@ -763,7 +773,10 @@ fn code_cites_docs_that_exist() {
                 };
                 let target = root.join(path);
                 let Ok(md) = fs::read_to_string(&target) else {
-                    problems.push(format!("{shown}:{}: `{cite}`: {path} does not exist", i + 1));
+                    problems.push(format!(
+                        "{shown}:{}: `{cite}`: {path} does not exist",
+                        i + 1
+                    ));
                     continue;
                 };
                 if let Some(anchor) = anchor
@@ -777,7 +790,10 @@ fn code_cites_docs_that_exist() {
             }
         }
     }
-    assert!(checked > 0, "no source file cites docs/: the scan found nothing");
+    assert!(
+        checked > 0,
+        "no source file cites docs/: the scan found nothing"
+    );
     assert!(
         problems.is_empty(),
         "{} citation(s) of the docs do not resolve:\n{}",

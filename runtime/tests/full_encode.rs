@@ -1,11 +1,11 @@
 //! The native full encode (every feature, `W_enc` packed and read at its stored width) against
-//! the float64 reference of design.md section 3, for f32, f16 and bf16 weights, every activation
-//! it supports, every input normalisation, batches 1, 7 and 64, and widths that are not multiples
-//! of any SIMD width or of the packing's panel. Half-width dictionaries are compared with the
-//! reference computed on the same rounded weights (what the file holds), and also run through
-//! ONNX Runtime (their graph reads the weights through a `Cast`). Then the choice of path: where
-//! the native encoder applies, `Dictionary` and `Runtime` use it, and elsewhere ONNX Runtime,
-//! with the same results.
+//! the float64 reference of docs/design.md#3-the-maths-the-reference-every-test-compares-with, for
+//! f32, f16 and bf16 weights, every activation it supports, every input normalisation, batches 1, 7
+//! and 64, and widths that are not multiples of any SIMD width or of the packing's panel.
+//! Half-width dictionaries are compared with the reference computed on the same rounded weights
+//! (what the file holds), and also run through ONNX Runtime (their graph reads the weights through
+//! a `Cast`). Then the choice of path: where the native encoder applies, `Dictionary` and `Runtime`
+//! use it, and elsewhere ONNX Runtime, with the same results.
 //!
 //! Tolerance: the normwise relative error `max|native - ref| / max|ref|` under 1e-5, TopK indices
 //! identical. A feature whose reference pre-activation lies within 1e-5 (normwise) of its

@@ -1,5 +1,6 @@
-//! Every kind, activation and input normalisation of design.md section 3, built as an ONNX graph,
-//! run through ONNX Runtime, and compared with the float64 reference.
+//! Every kind, activation and input normalisation of
+//! docs/design.md#3-the-maths-the-reference-every-test-compares-with, built as an ONNX graph, run
+//! through ONNX Runtime, and compared with the float64 reference.
 //!
 //! Tolerance: the normwise relative error `max|ort - ref| / max|ref|` under 1e-5 for activations
 //! and reconstructions; TopK indices identical.

@@ -1,5 +1,6 @@
-//! Steering and monitors through the host API, compared with a float64 reference of design.md
-//! section 4: for each token, `x' = x + c·d` with `c` from the reference feature activation.
+//! Steering and monitors through the host API, compared with a float64 reference of
+//! docs/design.md#4-steering-edits-that-keep-the-dictionarys-error-term: for each token,
+//! `x' = x + c·d` with `c` from the reference feature activation.
 //! Tolerance: normwise relative error of the edited activations under 1e-5 (f32 host memory);
 //! f16/bf16 host memory within their own rounding.
 #![allow(clippy::unwrap_used)]

@@ -1,5 +1,6 @@
-//! The TOML configuration (design.md section 8): `[runtime]`, `[[dictionary]]`, `[[monitor]]`,
-//! `[[profile]]` with `[[profile.steer]]` rules. Errors name the file, the line and the key.
+//! The TOML configuration (docs/design.md#8-configuration): `[runtime]`, `[[dictionary]]`,
+//! `[[monitor]]`, `[[profile]]` with `[[profile.steer]]` rules. Errors name the file, the line and
+//! the key.
 
 mod defaults;
 mod file;

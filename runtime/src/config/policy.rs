@@ -17,7 +17,7 @@ pub enum OnFailure {
     Closed,
 }
 
-/// `[[policy]]`: a WASM policy plugin (see `plugin-abi/POLICY_ABI.md`).
+/// `[[policy]]`: a WASM policy plugin (see `plugin-abi/policy/POLICY_ABI.md`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {

@@ -19,7 +19,7 @@ pub struct ProfileConfig {
     pub steer: Vec<SteerConfig>,
 }
 
-/// A steering op (design.md section 4).
+/// A steering op (docs/design.md#4-steering-edits-that-keep-the-dictionarys-error-term).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {

@@ -1,5 +1,6 @@
-//! The dictionary file, format v1 (design.md section 2): metadata, weights, the graph built from
-//! them, the reader that validates a file, and the float64 reference maths.
+//! The dictionary file, format v1 (docs/design.md#2-the-dictionary-file-format-v1): metadata,
+//! weights, the graph built from them, the reader that validates a file, and the float64 reference
+//! maths.
 
 mod build;
 mod file;
@@ -220,7 +221,7 @@ impl FromStr for InputNorm {
     }
 }
 
-/// Everything in a dictionary's `metadata_props` (design.md section 2).
+/// Everything in a dictionary's `metadata_props` (docs/design.md#2-the-dictionary-file-format-v1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Meta {
     /// `tiller.kind`.

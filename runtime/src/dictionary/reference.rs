@@ -1,5 +1,6 @@
-//! The float64 reference of design.md section 3, computed directly from [`Weights`]. Tests and
-//! `tiller-export verify` compare the ONNX graphs with it.
+//! The float64 reference of docs/design.md#3-the-maths-the-reference-every-test-compares-with,
+//! computed directly from [`Weights`]. Tests and `tiller-export verify` compare the ONNX graphs
+//! with it.
 
 use ndarray::{Array1, Array2, ArrayView2};
 

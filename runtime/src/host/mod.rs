@@ -1,5 +1,5 @@
-//! The host-facing runtime (design.md section 5): requests, forward steps, hooks, monitors,
-//! steering, metrics, reloads.
+//! The host-facing runtime (docs/design.md#5-the-runtime): requests, forward steps, hooks,
+//! monitors, steering, metrics, reloads.
 
 mod activations;
 mod backend;

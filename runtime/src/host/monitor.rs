@@ -133,8 +133,8 @@ pub(super) fn observe(state: &State, sc: &mut StepBuffers, di: usize, result: &m
 }
 
 /// The largest of `row[p]` for `p` in `positions` (NaN skipped; -inf when there is none), in
-/// four independent lanes: one chain of comparisons through 64 gathered values was 0.1 µs of a
-/// batch-1 hook.
+/// four independent lanes (one chain of comparisons through the gathered values is a serial
+/// dependency on the batch-1 hook's path).
 pub(super) fn max_at(row: &[f32], positions: &[usize]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 4];
     let chunks = positions.chunks_exact(4);
