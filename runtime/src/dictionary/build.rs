@@ -3,7 +3,7 @@
 use ndarray::{Array1, Array2};
 use onnx_protobuf::{ModelProto, tensor_proto::DataType};
 
-use super::{Activation, InputNorm, Kind, LAYER_NORM_EPS, Meta, WeightDtype};
+use super::meta::{Activation, InputNorm, Kind, LAYER_NORM_EPS, Meta, WeightDtype};
 use crate::graph::{Attr, Dim, EXTERNAL_DATA_THRESHOLD, ExternalSink, GraphBuilder, tensor_f32};
 use crate::{Error, Result};
 

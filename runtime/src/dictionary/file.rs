@@ -11,7 +11,7 @@ use onnx_protobuf::{
 };
 use protobuf::{Enum, Message};
 
-use super::{Activation, Kind, Meta, WeightDtype};
+use super::meta::{Activation, Kind, Meta, WeightDtype};
 use crate::graph::OPSET;
 use crate::{Error, Result};
 
@@ -454,8 +454,8 @@ impl DictionaryFile {
     }
 
     /// The weights of a dictionary written by Tiller, read back from its initializers (the inverse
-    /// of [`super::build_model`]).
-    pub fn weights(&self) -> Result<super::Weights> {
+    /// of [`super::build::build_model`]).
+    pub fn weights(&self) -> Result<super::build::Weights> {
         let m = &self.meta;
         let (li, lo) = (m.input_layers(), m.output_layers());
         let (_, w_enc) = self.tensor_f32("W_enc")?;
@@ -472,14 +472,14 @@ impl DictionaryFile {
         } else {
             Array1::zeros(0)
         };
-        let mut w = super::Weights::new(w_enc, b_enc, w_dec, b_dec);
+        let mut w = super::build::Weights::new(w_enc, b_enc, w_dec, b_dec);
         w.threshold = match m.activation {
             Activation::JumpRelu => Some(self.vector("threshold", m.d_sae)?),
             Activation::BatchTopK => Some(self.vector("threshold", 1)?),
             _ => None,
         };
         if gated {
-            w.gated = Some(super::Gated {
+            w.gated = Some(super::build::Gated {
                 r_mag: self.vector("r_mag", m.d_sae)?,
                 b_mag: self.vector("b_mag", m.d_sae)?,
             });

@@ -4,7 +4,8 @@
 
 use ndarray::{Array1, Array2, ArrayView2};
 
-use super::{Activation, InputNorm, LAYER_NORM_EPS, Meta, Weights};
+use super::build::Weights;
+use super::meta::{Activation, InputNorm, LAYER_NORM_EPS, Meta};
 
 fn to64(a: &Array2<f32>) -> Array2<f64> {
     a.mapv(f64::from)
