@@ -155,8 +155,8 @@ for i, (t, o) in enumerate([(b'[runtime]\nthreads = 1\n', b'{}'), (b'', b''), (c
     put("c_abi", f"w{i}", field(t) + field(o) + field(b"\x00\x01\x80\x81") + field(bytes(range(0, 256, 3))) + bytes([64, 200, 0, 16]))
 PY
 
-# The README's config example, the repository's own description of every key.
-awk '/^\[runtime\]/{p=1} p&&/^```/{exit} p' "$root/README.md" > "$corpus/config_toml/readme" || true
+# The config reference's whole-file example (docs/config.md), every section once.
+awk '/^\[runtime\]/{p=1} p&&/^```/{exit} p' "$root/docs/config.md" > "$corpus/config_toml/reference" || true
 
 # PyTorch checkpoints in every layout the importers read, and the hostile ones the tests refuse.
 python3 "$root/onnx-export/tests/fixtures/make_torch_fixtures.py" "$tmp/pt" >/dev/null 2>&1 || true

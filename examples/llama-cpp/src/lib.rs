@@ -2,8 +2,8 @@
 //! residual stream through llama.cpp's per-node eval callback, and `python/tiller_llama.py` does
 //! the same for `llama-cpp-python`. This crate builds them for the tests: llama.cpp comes from the
 //! pinned `llama-cpp-python` sdist on PyPI, built once with cmake (`provision.sh`), and the
-//! adapter is compiled against it and `libtiller` (`build.sh`). See the README's section
-//! "llama.cpp".
+//! adapter is compiled against it and `libtiller` (`build.sh`). See
+//! docs/integrations/llama-cpp.md.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
