@@ -56,3 +56,13 @@ pub use host::{
 };
 pub use service::Service;
 pub use session::{Backend, Dictionary, Encoded, SessionOptions};
+
+/// The Rust examples of `README.md`, compiled as doctests so that they follow the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;
+
+/// The Rust examples of `docs/runtime.md`, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/runtime.md")]
+struct RuntimeGuideExamples;
