@@ -15,7 +15,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::llama_scope::{D, hyperparams, lm_saes, s_in, tensors, write_checkpoint};
-use common::{Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, v1};
+use common::{
+    BadCheckpoint, Rng, Tensors, assert_bad_checkpoints, assert_topk_indices, import_ok, m2, v1,
+};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::{Value, json};
@@ -239,15 +241,6 @@ fn repository_folder() {
     }
 }
 
-/// A bad checkpoint: what is wrong with it, the folder it is written to, how, and what the
-/// import's message must name.
-struct BadCheckpoint {
-    what: &'static str,
-    folder: &'static str,
-    write: fn(&Path),
-    names: &'static [&'static str],
-}
-
 const BAD_CHECKPOINTS: [BadCheckpoint; 4] = [
     BadCheckpoint {
         what: "a missing tensor",
@@ -302,16 +295,5 @@ const BAD_CHECKPOINTS: [BadCheckpoint; 4] = [
 
 #[test]
 fn bad_checkpoints_name_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("d.onnx");
-    for case in &BAD_CHECKPOINTS {
-        let ckpt = dir.path().join(case.folder);
-        (case.write)(&ckpt);
-        let err = import_err(FORMAT, &ckpt, &out);
-        assert!(
-            case.names.iter().all(|n| err.contains(n)),
-            "{}: {err}",
-            case.what
-        );
-    }
+    assert_bad_checkpoints(FORMAT, &BAD_CHECKPOINTS);
 }

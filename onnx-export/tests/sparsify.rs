@@ -11,8 +11,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, run_import, stored, v1,
-    write_safetensors,
+    BadCheckpoint, Rng, Tensors, assert_bad_checkpoints, assert_topk_indices, import_ok, m2,
+    run_import, stored, v1, write_safetensors,
 };
 use ndarray::Array2;
 use safetensors::Dtype;
@@ -274,15 +274,6 @@ fn multi_hookpoint_run_all() {
     }
 }
 
-/// A bad checkpoint: what is wrong with it, the folder it is written to, how, and what the
-/// import's message must name.
-struct BadCheckpoint {
-    what: &'static str,
-    folder: &'static str,
-    write: fn(&Path),
-    names: &'static [&'static str],
-}
-
 const BAD_CHECKPOINTS: [BadCheckpoint; 5] = [
     BadCheckpoint {
         what: "a missing tensor",
@@ -348,18 +339,7 @@ const BAD_CHECKPOINTS: [BadCheckpoint; 5] = [
 
 #[test]
 fn bad_checkpoints_name_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("d.onnx");
-    for case in &BAD_CHECKPOINTS {
-        let ckpt = dir.path().join(case.folder);
-        (case.write)(&ckpt);
-        let err = import_err(FORMAT, &ckpt, &out);
-        assert!(
-            case.names.iter().all(|n| err.contains(n)),
-            "{}: {err}",
-            case.what
-        );
-    }
+    assert_bad_checkpoints(FORMAT, &BAD_CHECKPOINTS);
 }
 
 /// Several seeds per hookpoint (`layers.1/seed0`, `layers.1/seed1`): each is a dictionary of its
