@@ -65,13 +65,9 @@ fn dictionary(dir: &Path) -> PathBuf {
     out
 }
 
-#[test]
-fn external_data_escaping_its_folder_is_refused_before_onnx_runtime() {
-    let dir = tempfile::tempdir().unwrap();
-    let good = dictionary(dir.path());
-    let mut model =
-        onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(&good).unwrap()).unwrap();
-    // Point W_enc at a file outside the model's folder.
+/// `model` with `W_enc`'s data moved to an external file at `location`.
+fn w_enc_at(model: &onnx_protobuf::ModelProto, location: &str) -> Vec<u8> {
+    let mut model = model.clone();
     let g = model.graph.as_mut().unwrap();
     let t = g
         .initializer
@@ -83,16 +79,40 @@ fn external_data_escaping_its_folder_is_refused_before_onnx_runtime() {
         protobuf::EnumOrUnknown::new(onnx_protobuf::tensor_proto::DataLocation::EXTERNAL);
     let mut entry = onnx_protobuf::StringStringEntryProto::new();
     entry.key = "location".into();
-    entry.value = "../../etc/passwd".into();
+    entry.value = location.into();
     t.external_data = vec![entry];
-    let evil = dir.path().join("evil.onnx");
-    std::fs::write(&evil, model.write_to_bytes().unwrap()).unwrap();
+    model.write_to_bytes().unwrap()
+}
 
-    let err = fails(bin().arg("inspect").arg(&evil));
-    assert!(
-        err.contains("evil.onnx") && err.contains("../../etc/passwd") && err.contains("climbs out"),
-        "{err}"
-    );
+/// Where an external-data location points outside the model's folder, and what `inspect`'s
+/// message must name.
+const ESCAPING_LOCATIONS: [(&str, &[&str]); 3] = [
+    (
+        "../../etc/passwd",
+        &["evil.onnx", "../../etc/passwd", "climbs out"],
+    ),
+    ("/etc/passwd", &["is absolute"]),
+    // A symlink beside the model that leads outside it.
+    ("link.data", &["outside the model's folder"]),
+];
+
+#[test]
+fn external_data_escaping_its_folder_is_refused_before_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dictionary(dir.path());
+    let model =
+        onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(&good).unwrap()).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link.data")).unwrap();
+    let evil = dir.path().join("evil.onnx");
+    for (location, names) in ESCAPING_LOCATIONS {
+        std::fs::write(&evil, w_enc_at(&model, location)).unwrap();
+        let err = fails(bin().arg("inspect").arg(&evil));
+        assert!(names.iter().all(|n| err.contains(n)), "{location}: {err}");
+    }
+
+    // Encoding and the runtime API refuse it too, the runtime at validation, before a session
+    // exists.
+    std::fs::write(&evil, w_enc_at(&model, ESCAPING_LOCATIONS[0].0)).unwrap();
     let x = dir.path().join("x.npy");
     tiller_export::npy::write(&x, &ndarray::Array2::<f32>::zeros((2, 16))).unwrap();
     let err = fails(
@@ -105,189 +125,252 @@ fn external_data_escaping_its_folder_is_refused_before_onnx_runtime() {
             .arg(dir.path().join("a.npy")),
     );
     assert!(err.contains("climbs out"), "{err}");
-    // The runtime API refuses it too, at validation, before a session exists.
     let e = tiller_runtime::DictionaryFile::open(&evil)
         .unwrap_err()
         .to_string();
     assert!(e.contains("external data location"), "{e}");
-
-    // An absolute path and a symlink that leads outside are refused the same way.
-    let t = model
-        .graph
-        .as_mut()
-        .unwrap()
-        .initializer
-        .iter_mut()
-        .find(|t| t.name == "W_enc")
-        .unwrap();
-    t.external_data[0].value = "/etc/passwd".into();
-    std::fs::write(&evil, model.write_to_bytes().unwrap()).unwrap();
-    assert!(fails(bin().arg("inspect").arg(&evil)).contains("is absolute"));
-    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link.data")).unwrap();
-    let t = model
-        .graph
-        .as_mut()
-        .unwrap()
-        .initializer
-        .iter_mut()
-        .find(|t| t.name == "W_enc")
-        .unwrap();
-    t.external_data[0].value = "link.data".into();
-    std::fs::write(&evil, model.write_to_bytes().unwrap()).unwrap();
-    assert!(fails(bin().arg("inspect").arg(&evil)).contains("outside the model's folder"));
 }
+
+/// A dictionary file spoilt after import: what is wrong with it, the file it is written to, how
+/// the good file's bytes are changed, and what `inspect`'s message must name.
+struct CorruptDictionary {
+    what: &'static str,
+    file: &'static str,
+    corrupt: fn(&[u8]) -> Vec<u8>,
+    names: &'static [&'static str],
+}
+
+const CORRUPT_DICTIONARIES: [CorruptDictionary; 3] = [
+    CorruptDictionary {
+        what: "cut in half",
+        file: "cut.onnx",
+        corrupt: |bytes| bytes[..bytes.len() / 2].to_vec(),
+        names: &["cut.onnx", "not a valid ONNX protobuf"],
+    },
+    CorruptDictionary {
+        what: "a valid ONNX model that is not a Tiller dictionary",
+        file: "foreign.onnx",
+        corrupt: |bytes| {
+            let mut model = onnx_protobuf::ModelProto::parse_from_bytes(bytes).unwrap();
+            model.metadata_props.retain(|p| p.key != "tiller.format");
+            model.write_to_bytes().unwrap()
+        },
+        names: &["not a Tiller dictionary"],
+    },
+    CorruptDictionary {
+        what: "metadata that disagrees with the weights",
+        file: "lying.onnx",
+        corrupt: |bytes| {
+            let mut model = onnx_protobuf::ModelProto::parse_from_bytes(bytes).unwrap();
+            for p in &mut model.metadata_props {
+                if p.key == "tiller.d_sae" {
+                    p.value = "41".into();
+                }
+            }
+            model.write_to_bytes().unwrap()
+        },
+        names: &["lying.onnx", "41"],
+    },
+];
 
 #[test]
 fn corrupt_dictionary_files() {
     let dir = tempfile::tempdir().unwrap();
-    let good = dictionary(dir.path());
-    let bytes = std::fs::read(&good).unwrap();
-    let cut = dir.path().join("cut.onnx");
-    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let err = fails(bin().arg("inspect").arg(&cut));
-    assert!(
-        err.contains("cut.onnx") && err.contains("not a valid ONNX protobuf"),
-        "{err}"
-    );
-
-    // A valid ONNX model that is not a Tiller dictionary.
-    let mut model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
-    model.metadata_props.retain(|p| p.key != "tiller.format");
-    let foreign = dir.path().join("foreign.onnx");
-    std::fs::write(&foreign, model.write_to_bytes().unwrap()).unwrap();
-    assert!(fails(bin().arg("inspect").arg(&foreign)).contains("not a Tiller dictionary"));
-
-    // Metadata that disagrees with the weights.
-    let mut model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
-    for p in &mut model.metadata_props {
-        if p.key == "tiller.d_sae" {
-            p.value = "41".into();
-        }
+    let bytes = std::fs::read(dictionary(dir.path())).unwrap();
+    for case in &CORRUPT_DICTIONARIES {
+        let path = dir.path().join(case.file);
+        std::fs::write(&path, (case.corrupt)(&bytes)).unwrap();
+        let err = fails(bin().arg("inspect").arg(&path));
+        assert!(
+            case.names.iter().all(|n| err.contains(n)),
+            "{}: {err}",
+            case.what
+        );
     }
-    let lying = dir.path().join("lying.onnx");
-    std::fs::write(&lying, model.write_to_bytes().unwrap()).unwrap();
-    let err = fails(bin().arg("inspect").arg(&lying));
-    assert!(err.contains("lying.onnx") && err.contains("41"), "{err}");
 }
 
-#[test]
-fn truncated_safetensors() {
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = checkpoint(dir.path(), &cfg(), &tensors(16, 40));
+/// A bad SAELens checkpoint: what is wrong with it, the folder it is written to, how (nothing, for
+/// a folder that does not exist), and what the import's message must name.
+struct BadCheckpoint {
+    what: &'static str,
+    folder: &'static str,
+    write: fn(&Path),
+    names: &'static [&'static str],
+}
+
+/// A valid checkpoint in `ckpt` whose weights file is then replaced by `corrupt` of its bytes.
+fn with_weights(ckpt: &Path, corrupt: fn(Vec<u8>) -> Vec<u8>) {
+    write_saelens(ckpt, &cfg(), &tensors(16, 40), Dtype::F32);
     let w = ckpt.join("sae_weights.safetensors");
-    let bytes = std::fs::read(&w).unwrap();
-    std::fs::write(&w, &bytes[..bytes.len() - 100]).unwrap();
-    let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(
-        err.contains("sae_weights.safetensors") && err.contains("not a valid safetensors"),
-        "{err}"
-    );
-    // A header claiming a huge tensor in a tiny file.
-    let header =
-        br#"{"W_enc":{"dtype":"F32","shape":[100000,100000],"data_offsets":[0,40000000000]}}"#;
-    let mut f = (header.len() as u64).to_le_bytes().to_vec();
-    f.extend_from_slice(header);
-    f.extend_from_slice(&[0u8; 64]);
-    std::fs::write(&w, f).unwrap();
-    let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(err.contains("sae_weights.safetensors"), "{err}");
+    std::fs::write(&w, corrupt(std::fs::read(&w).unwrap())).unwrap();
 }
+
+const BAD_CHECKPOINTS: [BadCheckpoint; 8] = [
+    BadCheckpoint {
+        what: "truncated safetensors",
+        folder: "truncated",
+        write: |ckpt| with_weights(ckpt, |bytes| bytes[..bytes.len() - 100].to_vec()),
+        names: &["sae_weights.safetensors", "not a valid safetensors"],
+    },
+    BadCheckpoint {
+        what: "a header claiming a huge tensor in a tiny file",
+        folder: "huge",
+        write: |ckpt| {
+            with_weights(ckpt, |_| {
+                let header = br#"{"W_enc":{"dtype":"F32","shape":[100000,100000],"data_offsets":[0,40000000000]}}"#;
+                let mut f = (header.len() as u64).to_le_bytes().to_vec();
+                f.extend_from_slice(header);
+                f.extend_from_slice(&[0u8; 64]);
+                f
+            })
+        },
+        names: &["sae_weights.safetensors"],
+    },
+    BadCheckpoint {
+        what: "a config key missing",
+        folder: "no_d_sae",
+        write: |ckpt| {
+            let mut c = cfg();
+            c.as_object_mut().unwrap().remove("d_sae");
+            write_saelens(ckpt, &c, &tensors(16, 40), Dtype::F32);
+        },
+        names: &["cfg.json", "`d_sae` is missing"],
+    },
+    BadCheckpoint {
+        what: "an unknown architecture",
+        folder: "hyperbolic",
+        write: |ckpt| {
+            let mut c = cfg();
+            c["architecture"] = json!("hyperbolic");
+            write_saelens(ckpt, &c, &tensors(16, 40), Dtype::F32);
+        },
+        names: &["cfg.json", "`architecture` = `hyperbolic` is unknown"],
+    },
+    BadCheckpoint {
+        what: "a config that is not JSON",
+        folder: "not_json",
+        write: |ckpt| {
+            write_saelens(ckpt, &cfg(), &tensors(16, 40), Dtype::F32);
+            std::fs::write(ckpt.join("cfg.json"), "{ not json").unwrap();
+        },
+        names: &["not valid JSON"],
+    },
+    BadCheckpoint {
+        what: "a decoder wider than the config's d_in",
+        folder: "wide_decoder",
+        write: |ckpt| {
+            let mut t = tensors(16, 40);
+            t.insert("W_dec".into(), Rng::new(1).normal(&[40, 17], 0.3));
+            write_saelens(ckpt, &cfg(), &t, Dtype::F32);
+        },
+        names: &["sae_weights.safetensors", "`W_dec` has shape [40, 17]"],
+    },
+    BadCheckpoint {
+        what: "a missing tensor",
+        folder: "no_b_enc",
+        write: |ckpt| {
+            let mut t = tensors(16, 40);
+            t.remove("b_enc");
+            write_saelens(ckpt, &cfg(), &t, Dtype::F32);
+        },
+        names: &["`b_enc` is missing"],
+    },
+    BadCheckpoint {
+        what: "a folder that does not exist",
+        folder: "nowhere",
+        write: |_| {},
+        names: &["nowhere", "does not exist"],
+    },
+];
 
 #[test]
-fn config_errors_name_the_key() {
+fn bad_checkpoints_name_the_file_and_the_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cfg();
-    c.as_object_mut().unwrap().remove("d_sae");
-    let ckpt = checkpoint(dir.path(), &c, &tensors(16, 40));
-    let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(
-        err.contains("cfg.json") && err.contains("`d_sae` is missing"),
-        "{err}"
-    );
-
-    let mut c = cfg();
-    c["architecture"] = json!("hyperbolic");
-    let ckpt = checkpoint(dir.path(), &c, &tensors(16, 40));
-    let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(
-        err.contains("cfg.json") && err.contains("`architecture` = `hyperbolic` is unknown"),
-        "{err}"
-    );
-
-    std::fs::write(ckpt.join("cfg.json"), "{ not json").unwrap();
-    assert!(fails(&mut import(&ckpt, &dir.path().join("o.onnx"))).contains("not valid JSON"));
+    let out = dir.path().join("o.onnx");
+    for case in &BAD_CHECKPOINTS {
+        let ckpt = dir.path().join(case.folder);
+        (case.write)(&ckpt);
+        let err = fails(&mut import(&ckpt, &out));
+        assert!(
+            case.names.iter().all(|n| err.contains(n)),
+            "{}: {err}",
+            case.what
+        );
+    }
 }
 
-#[test]
-fn shapes_that_disagree_with_the_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut t = tensors(16, 40);
-    t.insert("W_dec".into(), Rng::new(1).normal(&[40, 17], 0.3));
-    let ckpt = checkpoint(dir.path(), &cfg(), &t);
-    let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(
-        err.contains("sae_weights.safetensors") && err.contains("`W_dec` has shape [40, 17]"),
-        "{err}"
-    );
-
-    let mut t = tensors(16, 40);
-    t.remove("b_enc");
-    let ckpt = checkpoint(dir.path(), &cfg(), &t);
-    let err = fails(&mut import(&ckpt, &dir.path().join("o.onnx")));
-    assert!(err.contains("`b_enc` is missing"), "{err}");
-
-    let err = fails(&mut import(
-        &dir.path().join("nowhere"),
-        &dir.path().join("o.onnx"),
-    ));
-    assert!(
-        err.contains("nowhere") && err.contains("does not exist"),
-        "{err}"
-    );
+/// A bad activation file: what is wrong with it, its path, how it is written, and what
+/// `encode`'s message must name.
+struct BadActivations {
+    what: &'static str,
+    file: &'static str,
+    write: fn(&Path),
+    names: &'static [&'static str],
 }
+
+/// An int32 `.npy` file of 2 × 16 zeros.
+fn int32_npy() -> Vec<u8> {
+    npy_bytes("<i4", (2, 16), &[0u8; 2 * 16 * 4])
+}
+
+const BAD_ACTIVATIONS: [BadActivations; 4] = [
+    BadActivations {
+        what: "rows wider than the dictionary's input",
+        file: "wide.npy",
+        write: |p| tiller_export::npy::write(p, &ndarray::Array2::<f32>::ones((3, 17))).unwrap(),
+        names: &["wide.npy", "width 17", "width 16"],
+    },
+    BadActivations {
+        what: "a NaN",
+        file: "nan.npy",
+        write: |p| {
+            let mut x = ndarray::Array2::<f32>::ones((5, 16));
+            x[[3, 2]] = f32::NAN;
+            tiller_export::npy::write(p, &x).unwrap();
+        },
+        names: &["nan.npy", "row 3", "NaN"],
+    },
+    BadActivations {
+        what: "an integer dtype",
+        file: "ints.npy",
+        write: |p| std::fs::write(p, int32_npy()).unwrap(),
+        names: &["ints.npy", "<i4"],
+    },
+    BadActivations {
+        what: "data shorter than the header's shape",
+        file: "short/ints.npy",
+        write: |p| {
+            let bytes = int32_npy();
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, &bytes[..bytes.len() - 8]).unwrap();
+        },
+        names: &["ints.npy"],
+    },
+];
 
 #[test]
 fn bad_activation_files() {
     let dir = tempfile::tempdir().unwrap();
     let dict = dictionary(dir.path());
     let out = dir.path().join("acts.npy");
-    let encode = |x: &Path| {
-        let mut c = bin();
-        c.arg("encode")
-            .arg(&dict)
-            .arg("--input")
-            .arg(x)
-            .arg("--output")
-            .arg(&out);
-        c
-    };
-    let wide = dir.path().join("wide.npy");
-    tiller_export::npy::write(&wide, &ndarray::Array2::<f32>::ones((3, 17))).unwrap();
-    let err = fails(&mut encode(&wide));
-    assert!(
-        err.contains("wide.npy") && err.contains("width 17") && err.contains("width 16"),
-        "{err}"
-    );
-
-    let mut x = ndarray::Array2::<f32>::ones((5, 16));
-    x[[3, 2]] = f32::NAN;
-    let nan = dir.path().join("nan.npy");
-    tiller_export::npy::write(&nan, &x).unwrap();
-    let err = fails(&mut encode(&nan));
-    assert!(
-        err.contains("nan.npy") && err.contains("row 3") && err.contains("NaN"),
-        "{err}"
-    );
-
-    let ints = dir.path().join("ints.npy");
-    let bytes = npy_bytes("<i4", (2, 16), &[0u8; 2 * 16 * 4]);
-    std::fs::write(&ints, &bytes).unwrap();
-    let err = fails(&mut encode(&ints));
-    assert!(err.contains("ints.npy") && err.contains("<i4"), "{err}");
-
-    std::fs::write(&ints, &bytes[..bytes.len() - 8]).unwrap();
-    let err = fails(&mut encode(&ints));
-    assert!(err.contains("ints.npy"), "{err}");
+    for case in &BAD_ACTIVATIONS {
+        let x = dir.path().join(case.file);
+        (case.write)(&x);
+        let err = fails(
+            bin()
+                .arg("encode")
+                .arg(&dict)
+                .arg("--input")
+                .arg(&x)
+                .arg("--output")
+                .arg(&out),
+        );
+        assert!(
+            case.names.iter().all(|n| err.contains(n)),
+            "{}: {err}",
+            case.what
+        );
+    }
 }
 
 /// A `.npy` file's bytes, written by hand for dtypes ndarray-npy does not write (float16, int32).

@@ -544,220 +544,253 @@ fn clt_clamp_lands_on_every_output_hook() {
 // ---------------------------------------------------------------------------------------------
 // Bad input.
 
-#[test]
-fn missing_files_are_named() {
-    let mut rng = Rng::new(31);
-    let dir = tempfile::tempdir().unwrap();
-    let set = dir.path().join("set");
-    for i in [0, 2] {
+/// A set of `layer_{i}.safetensors` files for `layers`, each a plain ReLU transcoder.
+fn relu_set(dir: &Path, rng: &mut Rng, layers: &[usize]) {
+    for i in layers {
         write_files(
-            &set,
+            dir,
             &[(
                 format!("layer_{i}.safetensors"),
-                plt_tensors(&mut rng, false, false),
+                plt_tensors(rng, false, false),
             )],
             Dtype::F32,
         );
     }
-    let e = import_err(&set, &[]);
-    assert!(
-        e.contains("layer_1.safetensors") && e.contains("missing"),
-        "{e}"
-    );
-    // One layer that exists can still be read alone.
+}
+
+/// A CLT of `l` layers, `change` applied to its files before they are written.
+fn clt_with(
+    dir: &Path,
+    rng: &mut Rng,
+    l: usize,
+    jump: bool,
+    change: impl FnOnce(&mut Vec<(String, Tensors)>, &mut Rng),
+) {
+    let mut files = clt_files(rng, l, jump);
+    change(&mut files, rng);
+    write_files(dir, &files, Dtype::F32);
+}
+
+/// A bad checkpoint: what is wrong with it, the folder it is written to, how, the import's extra
+/// arguments, and what its message must name.
+struct BadCheckpoint {
+    what: &'static str,
+    folder: &'static str,
+    write: fn(&Path, &mut Rng),
+    args: &'static [&'static str],
+    names: &'static [&'static str],
+}
+
+// The shapes the messages name below are written out for these sizes.
+const _: () = assert!(D == 16 && F == 48);
+
+const BAD_CHECKPOINTS: [BadCheckpoint; 16] = [
+    // Missing files.
+    BadCheckpoint {
+        what: "a set without its middle layer",
+        folder: "set_gap",
+        write: |set, rng| relu_set(set, rng, &[0, 2]),
+        args: &[],
+        names: &["layer_1.safetensors", "missing"],
+    },
+    BadCheckpoint {
+        what: "a CLT without one decoder file",
+        folder: "clt_no_w_dec",
+        write: |clt, rng| {
+            clt_with(clt, rng, 3, true, |files, _| {
+                files.retain(|(n, _)| n != "W_dec_2.safetensors");
+            });
+        },
+        args: &[],
+        names: &["W_dec_2.safetensors", "missing"],
+    },
+    BadCheckpoint {
+        what: "a CLT without one encoder file, one layer asked for",
+        folder: "clt_no_w_enc",
+        write: |clt, rng| {
+            clt_with(clt, rng, 3, true, |files, _| {
+                files.retain(|(n, _)| n != "W_enc_1.safetensors");
+            });
+        },
+        args: &["--layer", "0"],
+        names: &["W_enc_1.safetensors", "missing"],
+    },
+    BadCheckpoint {
+        what: "a folder that does not exist",
+        folder: "nothing-here",
+        write: |_, _| {},
+        args: &[],
+        names: &["nothing-here"],
+    },
+    // Wrong shapes.
+    BadCheckpoint {
+        what: "a set's encoder one column too wide",
+        folder: "set_w_enc",
+        write: |set, rng| {
+            let mut t = plt_tensors(rng, true, false);
+            t.insert("W_enc".into(), rng.normal(&[F, D + 1], 0.3));
+            write_files(set, &[("layer_0.safetensors".into(), t)], Dtype::F32);
+        },
+        args: &[],
+        names: &["layer_0.safetensors", "`W_enc`", "[48, 17]"],
+    },
+    BadCheckpoint {
+        what: "a set's threshold one feature short",
+        folder: "set_threshold",
+        write: |set, rng| {
+            let mut t = plt_tensors(rng, true, false);
+            t.insert(
+                "activation_function.threshold".into(),
+                rng.uniform(&[F - 1], 0.0, 0.4),
+            );
+            write_files(set, &[("layer_0.safetensors".into(), t)], Dtype::F32);
+        },
+        args: &[],
+        names: &["`activation_function.threshold`"],
+    },
+    BadCheckpoint {
+        what: "a CLT decoder reaching one layer too many",
+        folder: "clt_w_dec",
+        write: |clt, rng| {
+            clt_with(clt, rng, 3, true, |files, rng| {
+                for (name, t) in files {
+                    if name == "W_dec_1.safetensors" {
+                        t.insert("W_dec_1".into(), rng.normal(&[F, 3, D], 0.3));
+                    }
+                }
+            });
+        },
+        args: &[],
+        names: &["W_dec_1.safetensors", "`W_dec_1`", "[48, 2, 16]"],
+    },
+    BadCheckpoint {
+        what: "a CLT decoder bias of the wrong width, one layer asked for",
+        folder: "clt_b_dec",
+        write: |clt, rng| {
+            clt_with(clt, rng, 3, true, |files, rng| {
+                for (name, t) in files {
+                    if name == "W_enc_2.safetensors" {
+                        t.insert("b_dec_2".into(), rng.normal(&[D + 3], 0.3));
+                    }
+                }
+            });
+        },
+        args: &["--layer", "2"],
+        names: &["W_enc_2.safetensors", "`b_dec_2`"],
+    },
+    // A layer that does not exist.
+    BadCheckpoint {
+        what: "a CLT layer past the last",
+        folder: "clt_layer",
+        write: |clt, rng| clt_with(clt, rng, 3, false, |_, _| {}),
+        args: &["--layer", "3"],
+        names: &["--layer 3 does not exist", "0..=2"],
+    },
+    BadCheckpoint {
+        what: "a set layer past the last",
+        folder: "set_layer",
+        write: |set, rng| relu_set(set, rng, &[0, 1]),
+        args: &["--layer", "9"],
+        names: &["--layer 9 does not exist", "0, 1"],
+    },
+    // What Tiller cannot represent.
+    BadCheckpoint {
+        what: "a negative threshold: circuit-tracer's JumpReLU passes negative activations",
+        folder: "neg",
+        write: |clt, rng| {
+            clt_with(clt, rng, 2, true, |files, _| {
+                files[0].1.get_mut("threshold_0").unwrap()[[5]] = -0.1;
+            });
+        },
+        args: &[],
+        names: &["W_enc_0.safetensors", "`threshold_0`", "feature 5"],
+    },
+    BadCheckpoint {
+        what: "a skip connection in a CLT: circuit-tracer's load_clt never reads it",
+        folder: "skip",
+        write: |clt, rng| {
+            clt_with(clt, rng, 2, false, |files, rng| {
+                files[2]
+                    .1
+                    .insert("W_skip_1".into(), rng.normal(&[D, D], 0.1));
+            });
+        },
+        args: &[],
+        names: &["W_enc_1.safetensors", "`W_skip_1`"],
+    },
+    BadCheckpoint {
+        what: "a TopK set",
+        folder: "topk",
+        write: |set, rng| {
+            relu_set(set, rng, &[0]);
+            config(
+                set,
+                "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\nfeature_output_hook: mlp.hook_out\n\
+                 activation: topk\nk: 64\n",
+            );
+        },
+        args: &[],
+        names: &["config.yaml", "topk"],
+    },
+    BadCheckpoint {
+        what: "a config without the output hook",
+        folder: "no_output_hook",
+        write: |set, rng| {
+            relu_set(set, rng, &[0]);
+            config(
+                set,
+                "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n",
+            );
+        },
+        args: &[],
+        names: &["config.yaml", "`feature_output_hook`"],
+    },
+    BadCheckpoint {
+        what: "a config that disagrees with the files",
+        folder: "clt_config_on_a_set",
+        write: |set, rng| {
+            relu_set(set, rng, &[0]);
+            config(set, CLT_CONFIG);
+        },
+        args: &[],
+        names: &["config.yaml", "no `W_enc_{i}.safetensors`"],
+    },
+    BadCheckpoint {
+        what: "a tensor the layout does not name",
+        folder: "extra",
+        write: |set, rng| {
+            let mut t = plt_tensors(rng, false, false);
+            t.insert("log_thresholds".into(), rng.normal(&[F], 0.1));
+            write_files(set, &[("layer_0.safetensors".into(), t)], Dtype::F32);
+        },
+        args: &[],
+        names: &["layer_0.safetensors", "`log_thresholds`"],
+    },
+];
+
+#[test]
+fn bad_checkpoints_name_the_file_and_the_problem() {
+    let mut rng = Rng::new(31);
+    let dir = tempfile::tempdir().unwrap();
+    for case in &BAD_CHECKPOINTS {
+        let ckpt = dir.path().join(case.folder);
+        (case.write)(&ckpt, &mut rng);
+        let e = import_err(&ckpt, case.args);
+        assert!(
+            case.names.iter().all(|n| e.contains(n)),
+            "{}: {e}",
+            case.what
+        );
+    }
+}
+
+#[test]
+fn one_layer_of_a_set_with_a_missing_layer_is_still_read() {
+    let mut rng = Rng::new(35);
+    let dir = tempfile::tempdir().unwrap();
+    let set = dir.path().join("set");
+    relu_set(&set, &mut rng, &[0, 2]);
     let out = dir.path().join("one.onnx");
     import_ok(&set, &out, &["--layer", "2"]);
     assert!(out.exists());
-
-    let clt = dir.path().join("clt");
-    let files: Vec<(String, Tensors)> = clt_files(&mut rng, 3, true)
-        .into_iter()
-        .filter(|(n, _)| n != "W_dec_2.safetensors")
-        .collect();
-    write_files(&clt, &files, Dtype::F32);
-    let e = import_err(&clt, &[]);
-    assert!(
-        e.contains("W_dec_2.safetensors") && e.contains("missing"),
-        "{e}"
-    );
-
-    let clt = dir.path().join("clt2");
-    let files: Vec<(String, Tensors)> = clt_files(&mut rng, 3, true)
-        .into_iter()
-        .filter(|(n, _)| n != "W_enc_1.safetensors")
-        .collect();
-    write_files(&clt, &files, Dtype::F32);
-    let e = import_err(&clt, &["--layer", "0"]);
-    assert!(
-        e.contains("W_enc_1.safetensors") && e.contains("missing"),
-        "{e}"
-    );
-
-    let e = import_err(&dir.path().join("nothing-here"), &[]);
-    assert!(e.contains("nothing-here"), "{e}");
-}
-
-#[test]
-fn wrong_shapes_name_the_file_and_tensor() {
-    let mut rng = Rng::new(32);
-    let dir = tempfile::tempdir().unwrap();
-
-    let set = dir.path().join("set");
-    let mut t = plt_tensors(&mut rng, true, false);
-    t.insert("W_enc".into(), rng.normal(&[F, D + 1], 0.3));
-    write_files(&set, &[("layer_0.safetensors".into(), t)], Dtype::F32);
-    let e = import_err(&set, &[]);
-    assert!(
-        e.contains("layer_0.safetensors") && e.contains("`W_enc`"),
-        "{e}"
-    );
-    assert!(e.contains(&format!("[{F}, {}]", D + 1)), "{e}");
-
-    let set = dir.path().join("set2");
-    let mut t = plt_tensors(&mut rng, true, false);
-    t.insert(
-        "activation_function.threshold".into(),
-        rng.uniform(&[F - 1], 0.0, 0.4),
-    );
-    write_files(&set, &[("layer_0.safetensors".into(), t)], Dtype::F32);
-    let e = import_err(&set, &[]);
-    assert!(e.contains("`activation_function.threshold`"), "{e}");
-
-    let clt = dir.path().join("clt");
-    let mut files = clt_files(&mut rng, 3, true);
-    for (name, t) in &mut files {
-        if name == "W_dec_1.safetensors" {
-            t.insert("W_dec_1".into(), rng.normal(&[F, 3, D], 0.3));
-        }
-    }
-    write_files(&clt, &files, Dtype::F32);
-    let e = import_err(&clt, &[]);
-    assert!(
-        e.contains("W_dec_1.safetensors") && e.contains("`W_dec_1`"),
-        "{e}"
-    );
-    assert!(e.contains(&format!("[{F}, 2, {D}]")), "{e}");
-
-    let clt = dir.path().join("clt2");
-    let mut files = clt_files(&mut rng, 3, true);
-    for (name, t) in &mut files {
-        if name == "W_enc_2.safetensors" {
-            t.insert("b_dec_2".into(), rng.normal(&[D + 3], 0.3));
-        }
-    }
-    write_files(&clt, &files, Dtype::F32);
-    let e = import_err(&clt, &["--layer", "2"]);
-    assert!(
-        e.contains("W_enc_2.safetensors") && e.contains("`b_dec_2`"),
-        "{e}"
-    );
-}
-
-#[test]
-fn a_layer_that_does_not_exist_is_refused() {
-    let mut rng = Rng::new(33);
-    let dir = tempfile::tempdir().unwrap();
-    let clt = dir.path().join("clt");
-    write_files(&clt, &clt_files(&mut rng, 3, false), Dtype::F32);
-    let e = import_err(&clt, &["--layer", "3"]);
-    assert!(
-        e.contains("--layer 3 does not exist") && e.contains("0..=2"),
-        "{e}"
-    );
-
-    let set = dir.path().join("set");
-    for i in 0..2 {
-        write_files(
-            &set,
-            &[(
-                format!("layer_{i}.safetensors"),
-                plt_tensors(&mut rng, false, false),
-            )],
-            Dtype::F32,
-        );
-    }
-    let e = import_err(&set, &["--layer", "9"]);
-    assert!(
-        e.contains("--layer 9 does not exist") && e.contains("0, 1"),
-        "{e}"
-    );
-}
-
-#[test]
-fn what_tiller_cannot_represent_is_refused() {
-    let mut rng = Rng::new(34);
-    let dir = tempfile::tempdir().unwrap();
-
-    // A negative threshold: circuit-tracer's JumpReLU passes negative activations.
-    let clt = dir.path().join("neg");
-    let mut files = clt_files(&mut rng, 2, true);
-    let th = files[0].1.get_mut("threshold_0").unwrap();
-    th[[5]] = -0.1;
-    write_files(&clt, &files, Dtype::F32);
-    let e = import_err(&clt, &[]);
-    assert!(
-        e.contains("W_enc_0.safetensors") && e.contains("`threshold_0`") && e.contains("feature 5"),
-        "{e}"
-    );
-
-    // A skip connection in a CLT: circuit-tracer's load_clt never reads it.
-    let clt = dir.path().join("skip");
-    let mut files = clt_files(&mut rng, 2, false);
-    files[2]
-        .1
-        .insert("W_skip_1".into(), rng.normal(&[D, D], 0.1));
-    write_files(&clt, &files, Dtype::F32);
-    let e = import_err(&clt, &[]);
-    assert!(
-        e.contains("W_enc_1.safetensors") && e.contains("`W_skip_1`"),
-        "{e}"
-    );
-
-    // TopK sets.
-    let set = dir.path().join("topk");
-    write_files(
-        &set,
-        &[(
-            "layer_0.safetensors".into(),
-            plt_tensors(&mut rng, false, false),
-        )],
-        Dtype::F32,
-    );
-    config(
-        &set,
-        "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\nfeature_output_hook: mlp.hook_out\n\
-         activation: topk\nk: 64\n",
-    );
-    let e = import_err(&set, &[]);
-    assert!(e.contains("config.yaml") && e.contains("topk"), "{e}");
-
-    // A config without the output hook.
-    config(
-        &set,
-        "model_kind: transcoder_set\nfeature_input_hook: mlp.hook_in\n",
-    );
-    let e = import_err(&set, &[]);
-    assert!(
-        e.contains("config.yaml") && e.contains("`feature_output_hook`"),
-        "{e}"
-    );
-
-    // A config that disagrees with the files.
-    config(&set, CLT_CONFIG);
-    let e = import_err(&set, &[]);
-    assert!(
-        e.contains("config.yaml") && e.contains("no `W_enc_{i}.safetensors`"),
-        "{e}"
-    );
-
-    // A tensor the layout does not name.
-    let set = dir.path().join("extra");
-    let mut t = plt_tensors(&mut rng, false, false);
-    t.insert("log_thresholds".into(), rng.normal(&[F], 0.1));
-    write_files(&set, &[("layer_0.safetensors".into(), t)], Dtype::F32);
-    let e = import_err(&set, &[]);
-    assert!(
-        e.contains("layer_0.safetensors") && e.contains("`log_thresholds`"),
-        "{e}"
-    );
 }

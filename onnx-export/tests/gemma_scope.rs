@@ -10,7 +10,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Rng, Tensors, import_err, import_ok, m2, stored, v1, write_safetensors};
+use common::{
+    BadCheckpoint, Rng, Tensors, assert_bad_checkpoints, import_ok, m2, stored, v1,
+    write_safetensors,
+};
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::NpzWriter;
 use safetensors::Dtype;
@@ -286,15 +289,6 @@ fn gemma_scope_2_safetensors() {
     assert_eq!(dict.meta().kind, Kind::SkipTranscoder);
 }
 
-/// A bad checkpoint: what is wrong with it, the folder it is written to, how, and what the
-/// import's message must name.
-struct BadCheckpoint {
-    what: &'static str,
-    folder: &'static str,
-    write: fn(&Path),
-    names: &'static [&'static str],
-}
-
 const BAD_D: usize = 16;
 const BAD_D_SAE: usize = 40;
 
@@ -360,16 +354,5 @@ const BAD_CHECKPOINTS: [BadCheckpoint; 5] = [
 
 #[test]
 fn bad_checkpoints_name_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("d.onnx");
-    for case in &BAD_CHECKPOINTS {
-        let ckpt = dir.path().join(case.folder);
-        (case.write)(&ckpt);
-        let err = import_err(FORMAT, &ckpt, &out);
-        assert!(
-            case.names.iter().all(|n| err.contains(n)),
-            "{}: {err}",
-            case.what
-        );
-    }
+    assert_bad_checkpoints(FORMAT, &BAD_CHECKPOINTS);
 }

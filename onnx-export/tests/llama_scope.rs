@@ -15,7 +15,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::llama_scope::{D, hyperparams, lm_saes, s_in, tensors, write_checkpoint};
-use common::{Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, v1};
+use common::{
+    BadCheckpoint, Rng, Tensors, assert_bad_checkpoints, assert_topk_indices, import_ok, m2, v1,
+};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::{Value, json};
@@ -239,61 +241,59 @@ fn repository_folder() {
     }
 }
 
+const BAD_CHECKPOINTS: [BadCheckpoint; 4] = [
+    BadCheckpoint {
+        what: "a missing tensor",
+        folder: "missing",
+        write: |ckpt| {
+            let mut t = tensors(&mut Rng::new(60), false);
+            t.remove("decoder.bias");
+            write_checkpoint(ckpt, &hyperparams(json!({})), &t, Dtype::F32);
+        },
+        names: &["final.safetensors", "`decoder.bias` is missing"],
+    },
+    BadCheckpoint {
+        what: "d_sae in the config disagrees with the weights",
+        folder: "shape",
+        write: |ckpt| {
+            write_checkpoint(
+                ckpt,
+                &hyperparams(json!({"d_sae": 128})),
+                &tensors(&mut Rng::new(61), false),
+                Dtype::F32,
+            );
+        },
+        names: &["final.safetensors", "`encoder.weight` has shape [96, 32]"],
+    },
+    BadCheckpoint {
+        what: "dataset-wise normalisation without its averages",
+        folder: "norm",
+        write: |ckpt| {
+            let mut h = hyperparams(json!({}));
+            h.as_object_mut()
+                .unwrap()
+                .remove("dataset_average_activation_norm");
+            write_checkpoint(ckpt, &h, &tensors(&mut Rng::new(62), false), Dtype::F32);
+        },
+        names: &["hyperparams.json", "dataset_average_activation_norm"],
+    },
+    BadCheckpoint {
+        what: "only a torch pickle",
+        folder: "pickle",
+        write: |ckpt| {
+            std::fs::create_dir_all(ckpt.join("checkpoints")).unwrap();
+            std::fs::write(
+                ckpt.join("hyperparams.json"),
+                hyperparams(json!({})).to_string(),
+            )
+            .unwrap();
+            std::fs::write(ckpt.join("checkpoints/final.pt"), b"PK").unwrap();
+        },
+        names: &["final.pt", "safetensors"],
+    },
+];
+
 #[test]
 fn bad_checkpoints_name_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("d.onnx");
-
-    // A missing tensor.
-    let ckpt = dir.path().join("missing");
-    let mut t = tensors(&mut Rng::new(60), false);
-    t.remove("decoder.bias");
-    write_checkpoint(&ckpt, &hyperparams(json!({})), &t, Dtype::F32);
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("final.safetensors") && err.contains("`decoder.bias` is missing"),
-        "{err}"
-    );
-
-    // d_sae in the config disagrees with the weights.
-    let ckpt = dir.path().join("shape");
-    write_checkpoint(
-        &ckpt,
-        &hyperparams(json!({"d_sae": 128})),
-        &tensors(&mut Rng::new(61), false),
-        Dtype::F32,
-    );
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("final.safetensors") && err.contains("`encoder.weight` has shape [96, 32]"),
-        "{err}"
-    );
-
-    // Dataset-wise normalisation without its averages.
-    let ckpt = dir.path().join("norm");
-    let mut h = hyperparams(json!({}));
-    h.as_object_mut()
-        .unwrap()
-        .remove("dataset_average_activation_norm");
-    write_checkpoint(&ckpt, &h, &tensors(&mut Rng::new(62), false), Dtype::F32);
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("hyperparams.json") && err.contains("dataset_average_activation_norm"),
-        "{err}"
-    );
-
-    // Only a torch pickle.
-    let ckpt = dir.path().join("pickle");
-    std::fs::create_dir_all(ckpt.join("checkpoints")).unwrap();
-    std::fs::write(
-        ckpt.join("hyperparams.json"),
-        hyperparams(json!({})).to_string(),
-    )
-    .unwrap();
-    std::fs::write(ckpt.join("checkpoints/final.pt"), b"PK").unwrap();
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("final.pt") && err.contains("safetensors"),
-        "{err}"
-    );
+    assert_bad_checkpoints(FORMAT, &BAD_CHECKPOINTS);
 }

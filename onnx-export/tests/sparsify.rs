@@ -11,8 +11,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    Rng, Tensors, assert_topk_indices, import_err, import_ok, m2, run_import, stored, v1,
-    write_safetensors,
+    BadCheckpoint, Rng, Tensors, assert_bad_checkpoints, assert_topk_indices, import_ok, m2,
+    run_import, stored, v1, write_safetensors,
 };
 use ndarray::Array2;
 use safetensors::Dtype;
@@ -274,75 +274,72 @@ fn multi_hookpoint_run_all() {
     }
 }
 
+const BAD_CHECKPOINTS: [BadCheckpoint; 5] = [
+    BadCheckpoint {
+        what: "a missing tensor",
+        folder: "missing",
+        write: |ckpt| {
+            let mut t = tensors(&mut Rng::new(11), 16, 48, 16, false);
+            t.remove("W_dec");
+            write_hookpoint(ckpt, &cfg(16, 48, 4, false, false), &t, Dtype::F32);
+        },
+        names: &["sae.safetensors", "`W_dec` is missing"],
+    },
+    BadCheckpoint {
+        what: "the config says 64 latents, the encoder has 48",
+        folder: "shape",
+        write: |ckpt| {
+            write_hookpoint(
+                ckpt,
+                &cfg(16, 64, 4, false, false),
+                &tensors(&mut Rng::new(12), 16, 48, 16, false),
+                Dtype::F32,
+            );
+        },
+        names: &["sae.safetensors", "`encoder.weight` has shape [48, 16]"],
+    },
+    BadCheckpoint {
+        what: "a skip connection the file lacks",
+        folder: "skip",
+        write: |ckpt| {
+            write_hookpoint(
+                ckpt,
+                &cfg(16, 48, 4, true, true),
+                &tensors(&mut Rng::new(13), 16, 48, 16, false),
+                Dtype::F32,
+            );
+        },
+        names: &["sae.safetensors", "`W_skip` is missing"],
+    },
+    BadCheckpoint {
+        what: "an activation Tiller cannot represent",
+        folder: "groupmax",
+        write: |ckpt| {
+            let mut c = cfg(16, 48, 4, false, false);
+            c["activation"] = json!("groupmax");
+            let t = tensors(&mut Rng::new(14), 16, 48, 16, false);
+            write_hookpoint(ckpt, &c, &t, Dtype::F32);
+        },
+        names: &["cfg.json", "groupmax"],
+    },
+    BadCheckpoint {
+        what: "k larger than the number of latents",
+        folder: "k",
+        write: |ckpt| {
+            write_hookpoint(
+                ckpt,
+                &cfg(16, 48, 64, false, false),
+                &tensors(&mut Rng::new(15), 16, 48, 16, false),
+                Dtype::F32,
+            );
+        },
+        names: &["cfg.json", "`k` = 64"],
+    },
+];
+
 #[test]
 fn bad_checkpoints_name_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("d.onnx");
-    let mut rng = Rng::new(11);
-
-    // A missing tensor.
-    let ckpt = dir.path().join("missing");
-    let mut t = tensors(&mut rng, 16, 48, 16, false);
-    t.remove("W_dec");
-    write_hookpoint(&ckpt, &cfg(16, 48, 4, false, false), &t, Dtype::F32);
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("sae.safetensors") && err.contains("`W_dec` is missing"),
-        "{err}"
-    );
-
-    // The config says 64 latents, the encoder has 48.
-    let ckpt = dir.path().join("shape");
-    write_hookpoint(
-        &ckpt,
-        &cfg(16, 64, 4, false, false),
-        &tensors(&mut rng, 16, 48, 16, false),
-        Dtype::F32,
-    );
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("sae.safetensors") && err.contains("`encoder.weight` has shape [48, 16]"),
-        "{err}"
-    );
-
-    // A skip connection the file lacks.
-    let ckpt = dir.path().join("skip");
-    write_hookpoint(
-        &ckpt,
-        &cfg(16, 48, 4, true, true),
-        &tensors(&mut rng, 16, 48, 16, false),
-        Dtype::F32,
-    );
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("sae.safetensors") && err.contains("`W_skip` is missing"),
-        "{err}"
-    );
-
-    // An activation Tiller cannot represent.
-    let ckpt = dir.path().join("groupmax");
-    let mut c = cfg(16, 48, 4, false, false);
-    c["activation"] = json!("groupmax");
-    write_hookpoint(&ckpt, &c, &tensors(&mut rng, 16, 48, 16, false), Dtype::F32);
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("cfg.json") && err.contains("groupmax"),
-        "{err}"
-    );
-
-    // k larger than the number of latents.
-    let ckpt = dir.path().join("k");
-    write_hookpoint(
-        &ckpt,
-        &cfg(16, 48, 64, false, false),
-        &tensors(&mut rng, 16, 48, 16, false),
-        Dtype::F32,
-    );
-    let err = import_err(FORMAT, &ckpt, &out);
-    assert!(
-        err.contains("cfg.json") && err.contains("`k` = 64"),
-        "{err}"
-    );
+    assert_bad_checkpoints(FORMAT, &BAD_CHECKPOINTS);
 }
 
 /// Several seeds per hookpoint (`layers.1/seed0`, `layers.1/seed1`): each is a dictionary of its

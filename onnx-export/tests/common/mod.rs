@@ -185,3 +185,30 @@ pub fn import(ckpt: &Path, format: &str, out: &Path) -> Dictionary {
     );
     Dictionary::load(out, &SessionOptions::default()).unwrap()
 }
+
+/// A bad checkpoint: what is wrong with it, the folder it is written to, how, and what the
+/// import's message must name.
+pub struct BadCheckpoint {
+    pub what: &'static str,
+    pub folder: &'static str,
+    pub write: fn(&Path),
+    pub names: &'static [&'static str],
+}
+
+/// Writes each case into its folder of a fresh temporary folder and imports it as `format`: the
+/// import must fail as a handled error whose message names every one of the case's `names`; a
+/// failure names the case.
+pub fn assert_bad_checkpoints(format: &str, cases: &[BadCheckpoint]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.onnx");
+    for case in cases {
+        let ckpt = dir.path().join(case.folder);
+        (case.write)(&ckpt);
+        let err = import_err(format, &ckpt, &out);
+        assert!(
+            case.names.iter().all(|n| err.contains(n)),
+            "{}: {err}",
+            case.what
+        );
+    }
+}
