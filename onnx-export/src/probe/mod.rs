@@ -510,7 +510,7 @@ pub fn train_probe(cfg: &TrainProbeConfig) -> Result<ProbeReport> {
     if let Some(n) = &cfg.name {
         meta.labels.insert(0, n.clone());
     }
-    crate::import::write(&meta, &weights, &cfg.output)?;
+    crate::import::write::write(&meta, &weights, &cfg.output)?;
     let report = ProbeReport {
         output: cfg.output.display().to_string(),
         d_in: x.ncols(),
@@ -651,7 +651,7 @@ pub fn diffmeans(cfg: &DiffmeansConfig) -> Result<DiffmeansReport> {
     if let Some(n) = &cfg.name {
         meta.labels.insert(0, n.clone());
     }
-    crate::import::write(&meta, &weights, &cfg.output)?;
+    crate::import::write::write(&meta, &weights, &cfg.output)?;
     // What the runtime reads: the projection on the direction as written (float32).
     let project = |x: &Array2<f32>| -> Vec<f64> {
         x.rows()

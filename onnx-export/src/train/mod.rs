@@ -1112,7 +1112,7 @@ pub fn train(cfg: &TrainConfig, control: &Control) -> Result<Outcome> {
     {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    crate::import::write(&meta, &weights, &cfg.output)?;
+    crate::import::write::write(&meta, &weights, &cfg.output)?;
     if let Some(dir) = &cfg.export_saelens {
         export::write_saelens(dir, &meta, &weights)?;
     }

@@ -32,8 +32,8 @@ use ndarray::{Array1, Array2};
 use serde_json::{Map, Value};
 use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
-use crate::import::{ImportOptions, Imported};
-use crate::sparsify::{folder_name, json_object, read_json, select};
+use super::discover::{folder_name, json_object, read_json, select};
+use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 
@@ -69,7 +69,7 @@ fn is_checkpoint_dir(dir: &Path) -> bool {
 /// Whether `path` looks like a Llama Scope checkpoint folder, or a folder of them.
 pub fn detect(path: &Path) -> bool {
     is_checkpoint_dir(path)
-        || !crate::sparsify::find_dirs(path, is_checkpoint_dir, MAX_DEPTH).is_empty()
+        || !super::discover::find_dirs(path, is_checkpoint_dir, MAX_DEPTH).is_empty()
 }
 
 /// Imports the checkpoint folder at `path`, or those below it (all, or the one `opts.hookpoint`

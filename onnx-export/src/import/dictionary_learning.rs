@@ -43,7 +43,7 @@ use serde_json::Value;
 use tiller_runtime::dictionary::Gated;
 use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
-use crate::import::{ImportOptions, Imported};
+use super::imported::{ImportOptions, Imported};
 use crate::torch::{self, Checkpoint};
 use crate::{Error, Result};
 

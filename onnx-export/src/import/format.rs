@@ -1,56 +1,19 @@
-//! Recognising checkpoint formats and writing them as Tiller dictionaries.
+//! The `formats!` table: every checkpoint format `import` reads, one line each, and recognising
+//! which one a path holds.
 //!
 //! Every format module exposes `detect(path) -> bool` (does `path` look like one of its
 //! checkpoints?) and `import(path, &ImportOptions) -> Result<Vec<Imported>>` (one dictionary per
 //! hookpoint or layer read).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use tiller_runtime::{Meta, Weights};
 
-use crate::{Error, Result, saelens};
-
-/// Options some formats need.
-#[derive(Debug, Clone, Default)]
-pub struct ImportOptions {
-    /// A multi-hookpoint folder (sparsify): the hookpoint to read; all when `None`.
-    pub hookpoint: Option<String>,
-    /// A per-layer checkpoint (circuit-tracer, GGUF control vectors): the layer to read; all when
-    /// `None`.
-    pub layer: Option<usize>,
-    /// The host's hook name to store, overriding the checkpoint's; `{name}` is replaced by the
-    /// dictionary's name (a hookpoint or a layer).
-    pub hook: Option<String>,
-    /// Probes (`--format probe`): the `.npy` bias that goes with a `.npy` weight.
-    pub bias: Option<PathBuf>,
-    /// Probes: what each read-out outputs (a probability, or the logit).
-    pub probe_output: crate::probe::ProbeOutput,
-}
-
-/// One dictionary read from a checkpoint.
-#[derive(Debug, Clone)]
-pub struct Imported {
-    /// Distinguishes dictionaries read from one checkpoint (a hookpoint, `layer_3`); `None` when
-    /// the checkpoint holds one.
-    pub name: Option<String>,
-    /// Its metadata.
-    pub meta: Meta,
-    /// Its weights.
-    pub weights: Weights,
-}
-
-impl Imported {
-    /// A checkpoint's only dictionary.
-    pub fn single(meta: Meta, weights: Weights) -> Vec<Self> {
-        vec![Self {
-            name: None,
-            meta,
-            weights,
-        }]
-    }
-}
+use super::imported::{ImportOptions, Imported};
+use super::saelens;
+use crate::{Error, Result};
 
 macro_rules! formats {
     ($($(#[$m:meta])* $var:ident = $s:literal => $module:path),+ $(,)?) => {
@@ -68,7 +31,7 @@ macro_rules! formats {
             const ALL: &'static [Format] = &[$(Format::$var),+];
 
             fn detects(self, path: &Path) -> bool {
-                use $crate::import::Format::*;
+                use Format::*;
                 match self {
                     Auto => false,
                     $($var => { use $module as m; m::detect(path) })+
@@ -107,23 +70,23 @@ macro_rules! formats {
 
 formats! {
     /// SAELens: `cfg.json` + `sae_weights.safetensors`.
-    SaeLens = "saelens" => crate::saelens,
+    SaeLens = "saelens" => super::saelens,
     /// Steering directions: a GGUF control vector or a `.npy` of directions.
-    Vector = "vector" => crate::steering_vectors,
+    Vector = "vector" => super::steering_vectors,
     /// circuit-tracer: per-layer `layer_{i}.safetensors` or CLT `W_enc_{i}`/`W_dec_{i}` files.
-    CircuitTracer = "circuit-tracer" => crate::circuit_tracer,
+    CircuitTracer = "circuit-tracer" => super::circuit_tracer,
     /// EleutherAI sparsify: `cfg.json` + `sae.safetensors`, one folder per hookpoint.
-    Sparsify = "sparsify" => crate::sparsify,
+    Sparsify = "sparsify" => super::sparsify,
     /// Gemma Scope: `params.npz`; Gemma Scope 2: `params.safetensors`.
-    GemmaScope = "gemma-scope" => crate::gemma_scope,
+    GemmaScope = "gemma-scope" => super::gemma_scope,
     /// Llama Scope: `hyperparams.json` + `checkpoints/final.safetensors`.
-    LlamaScope = "llama-scope" => crate::llama_scope,
+    LlamaScope = "llama-scope" => super::llama_scope,
     /// saprmarks/dictionary_learning: a trainer folder with `ae.pt` + `config.json`.
-    DictionaryLearning = "dictionary-learning" => crate::dictionary_learning,
+    DictionaryLearning = "dictionary-learning" => super::dictionary_learning,
     /// openai/sparse_autoencoder: a `torch.save`d `Autoencoder` state dict (`.pt`).
-    OpenAi = "openai" => crate::openai,
+    OpenAi = "openai" => super::openai,
     /// Goodfire's released SAEs: a `torch.save`d state dict (`.pth`).
-    Goodfire = "goodfire" => crate::goodfire,
+    Goodfire = "goodfire" => super::goodfire,
     /// Linear probes: `weight`/`bias` or `coef_`/`intercept_` in `.safetensors`, `.npz`, `.npy`.
     Probe = "probe" => crate::probe::import,
 }
@@ -201,48 +164,4 @@ pub fn read(path: &Path, format: Format) -> Result<(Meta, Weights)> {
     }
     let one = all.remove(0);
     Ok((one.meta, one.weights))
-}
-
-/// Where dictionary `name` of a multi-dictionary checkpoint is written, given `-o OUT.onnx`:
-/// `OUT.<name>.onnx`.
-pub fn output_path(out: &Path, name: Option<&str>) -> PathBuf {
-    match name {
-        None => out.to_path_buf(),
-        Some(n) => {
-            let safe: String = n
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            let stem = out
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default();
-            out.with_file_name(format!("{stem}.{safe}.onnx"))
-        }
-    }
-}
-
-/// Builds the ONNX dictionary and writes it to `out` (weights past 2 GiB streamed to external data).
-pub fn write(meta: &Meta, weights: &Weights, out: &Path) -> Result<()> {
-    Ok(tiller_runtime::dictionary::write_dictionary(
-        meta, weights, out,
-    )?)
-}
-
-/// [`write()`] with `W_enc` and `W_dec` stored as `dtype` (f16, bf16: rounded to nearest).
-pub fn write_as(
-    meta: &Meta,
-    weights: &Weights,
-    out: &Path,
-    dtype: tiller_runtime::dictionary::WeightDtype,
-) -> Result<()> {
-    Ok(tiller_runtime::dictionary::write_dictionary_as(
-        meta, weights, out, dtype,
-    )?)
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use tiller_runtime::{Activation, Kind, Meta, Weights};
 
-use crate::import::{ImportOptions, Imported};
+use super::imported::{ImportOptions, Imported};
 use crate::torch;
 use crate::{Error, Result};
 

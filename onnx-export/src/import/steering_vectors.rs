@@ -10,7 +10,7 @@ use std::path::Path;
 use ndarray::Array2;
 use tiller_runtime::dictionary::vector_dictionary;
 
-use crate::import::{ImportOptions, Imported};
+use super::imported::{ImportOptions, Imported};
 use crate::{Error, Result};
 
 /// Whether `path` is a `.gguf` or `.npy` file.

@@ -25,7 +25,7 @@ use std::path::Path;
 
 use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
-use crate::import::{ImportOptions, Imported};
+use super::imported::{ImportOptions, Imported};
 use crate::torch;
 use crate::{Error, Result};
 

@@ -31,8 +31,8 @@ use py_literal::Value as PyValue;
 use serde_json::Value;
 use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
-use crate::import::{ImportOptions, Imported};
-use crate::sparsify::{read_json, select};
+use super::discover::{read_json, select};
+use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 
@@ -70,7 +70,7 @@ fn is_weights_file(path: &Path) -> bool {
 pub fn detect(path: &Path) -> bool {
     is_weights_file(path)
         || is_checkpoint_dir(path)
-        || !crate::sparsify::find_dirs(path, is_checkpoint_dir, MAX_DEPTH).is_empty()
+        || !super::discover::find_dirs(path, is_checkpoint_dir, MAX_DEPTH).is_empty()
 }
 
 /// Imports the checkpoint at `path`, or those below it (all, or the one `opts.hookpoint` names).

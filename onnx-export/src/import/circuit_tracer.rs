@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
 use tiller_runtime::{Activation, Kind, Meta, Weights};
 
-use crate::import::{ImportOptions, Imported};
+use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 

@@ -20,7 +20,7 @@ use serde_json::Value;
 use tiller_runtime::dictionary::Gated;
 use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
-use crate::import::{ImportOptions, Imported};
+use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
 use crate::{Error, Result};
 
