@@ -2,6 +2,11 @@
 //!
 //! Activations are read as float32; float16 files (and float64 ones) are widened or narrowed on
 //! the way in, since hosts commonly record activations at half precision.
+//!
+//! This is the offline tool's one reader of float `.npy` and `.npz` data (activations, Gemma Scope
+//! parameters, probe inputs). Byte order: both are read, since the descriptor says which one the
+//! data has (`<` and `=` little-endian, `>` big-endian, swapped as it is read); nothing is ever
+//! misread, and NumPy on a big-endian host writes `>` arrays by default.
 
 use std::io::Read;
 use std::path::Path;
@@ -12,7 +17,7 @@ use py_literal::Value as PyValue;
 
 use crate::{Error, Result};
 
-/// A float32 read from any float `.npy` dtype.
+/// A float32 read from a float16, float32 or float64 array of either byte order.
 #[derive(Debug, Clone, Copy, Default)]
 struct Widened(f32);
 
@@ -25,10 +30,13 @@ impl ReadableElement for Widened {
         let PyValue::String(desc) = type_desc else {
             return Err(ReadDataError::WrongDescriptor(type_desc.clone()));
         };
-        let width = match desc.as_str() {
-            "<f2" => 2,
-            "<f4" => 4,
-            "<f8" => 8,
+        let (big, width) = match desc.as_str() {
+            "<f2" | "=f2" => (false, 2),
+            "<f4" | "=f4" => (false, 4),
+            "<f8" | "=f8" => (false, 8),
+            ">f2" => (true, 2),
+            ">f4" => (true, 4),
+            ">f8" => (true, 8),
             _ => return Err(ReadDataError::WrongDescriptor(type_desc.clone())),
         };
         let bytes = len.checked_mul(width).ok_or(ReadDataError::MissingData)?;
@@ -41,31 +49,26 @@ impl ReadableElement for Widened {
         if reader.read(&mut probe)? != 0 {
             return Err(ReadDataError::ExtraBytes(1));
         }
-        Ok(match width {
-            2 => buf
-                .chunks_exact(2)
-                .map(|c| Widened(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
-                .collect(),
-            4 => buf
-                .chunks_exact(4)
-                .map(|c| Widened(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-            _ => buf
-                .chunks_exact(8)
-                .map(|c| {
-                    Widened(
-                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32,
-                    )
-                })
-                .collect(),
-        })
+        let value = |c: &[u8]| -> f32 {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            if big {
+                b[..c.len()].reverse();
+            }
+            match c.len() {
+                2 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                _ => f64::from_le_bytes(b) as f32,
+            }
+        };
+        Ok(buf.chunks_exact(width).map(|c| Widened(value(c))).collect())
     }
 }
 
 fn describe(e: ReadNpyError) -> String {
     match e {
         ReadNpyError::WrongDescriptor(d) => {
-            format!("dtype {d} is not float16, float32 or float64 (little-endian)")
+            format!("dtype {d} is not float16, float32 or float64")
         }
         ReadNpyError::MissingData => {
             "the file is truncated: it holds less data than its header declares".into()
@@ -181,6 +184,14 @@ pub fn read_npz_f32(path: &Path, name: &str) -> Result<ArrayD<f32>> {
         Error::format(path, format!("array `{name}`: {why}"))
     })?;
     Ok(a.mapv(|w| w.0))
+}
+
+/// Reads every float array of a `.npz` archive as float32, with its name (without `.npy`).
+pub fn read_npz_all(path: &Path) -> Result<Vec<(String, ArrayD<f32>)>> {
+    npz_names(path)?
+        .into_iter()
+        .map(|name| read_npz_f32(path, &name).map(|a| (name, a)))
+        .collect()
 }
 
 /// Reads a float `.npy` file of shape `[n, width]` as float32, checking the width and that every

@@ -22,12 +22,9 @@
 //! folder, e.g. `layer_20/width_16k/average_l0_71`).
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2, IxDyn, OwnedRepr};
-use ndarray_npy::{NpzReader, ReadDataError, ReadNpyError, ReadableElement};
-use py_literal::Value as PyValue;
+use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2};
 use serde_json::Value;
 use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
@@ -361,24 +358,10 @@ pub struct Params {
 impl Params {
     /// Reads every array of a `.npz` file (float16, float32 or float64).
     pub fn npz(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut npz = NpzReader::new(std::io::BufReader::new(file))
-            .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))?;
-        let names = npz
-            .names()
-            .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))?;
-        let mut arrays = BTreeMap::new();
-        for name in names {
-            let a: ndarray::ArrayBase<OwnedRepr<Widened>, IxDyn> =
-                npz.by_name(&name).map_err(|e| {
-                    let why = match e {
-                        ndarray_npy::ReadNpzError::Npy(e) => describe(e),
-                        other => other.to_string(),
-                    };
-                    Error::format(path, format!("array `{name}`: {why}"))
-                })?;
-            arrays.insert(name.to_lowercase(), (name, a.mapv(|w| w.0)));
-        }
+        let arrays = crate::npy::read_npz_all(path)?
+            .into_iter()
+            .map(|(name, a)| (name.to_lowercase(), (name, a)))
+            .collect();
         Ok(Self {
             path: path.to_path_buf(),
             arrays,
@@ -460,68 +443,6 @@ impl Params {
         let a = self.take(key, &[len])?;
         a.into_dimensionality::<Ix1>()
             .map_err(|e| self.err(format!("array `{key}`: {e}")))
-    }
-}
-
-/// A float32 read from a float16, float32 or float64 array of either byte order.
-#[derive(Debug, Clone, Copy, Default)]
-struct Widened(f32);
-
-impl ReadableElement for Widened {
-    fn read_to_end_exact_vec<R: Read>(
-        mut reader: R,
-        type_desc: &PyValue,
-        len: usize,
-    ) -> std::result::Result<Vec<Self>, ReadDataError> {
-        let PyValue::String(desc) = type_desc else {
-            return Err(ReadDataError::WrongDescriptor(type_desc.clone()));
-        };
-        let (big, width) = match desc.as_str() {
-            "<f2" | "=f2" => (false, 2),
-            "<f4" | "=f4" => (false, 4),
-            "<f8" | "=f8" => (false, 8),
-            ">f2" => (true, 2),
-            ">f4" => (true, 4),
-            ">f8" => (true, 8),
-            _ => return Err(ReadDataError::WrongDescriptor(type_desc.clone())),
-        };
-        let bytes = len.checked_mul(width).ok_or(ReadDataError::MissingData)?;
-        let mut buf = Vec::new();
-        (&mut reader).take(bytes as u64).read_to_end(&mut buf)?;
-        if buf.len() != bytes {
-            return Err(ReadDataError::MissingData);
-        }
-        let mut probe = [0u8; 1];
-        if reader.read(&mut probe)? != 0 {
-            return Err(ReadDataError::ExtraBytes(1));
-        }
-        let value = |c: &[u8]| -> f32 {
-            let mut b = [0u8; 8];
-            b[..c.len()].copy_from_slice(c);
-            if big {
-                b[..c.len()].reverse();
-            }
-            match c.len() {
-                2 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                _ => f64::from_le_bytes(b) as f32,
-            }
-        };
-        Ok(buf.chunks_exact(width).map(|c| Widened(value(c))).collect())
-    }
-}
-
-fn describe(e: ReadNpyError) -> String {
-    match e {
-        ReadNpyError::WrongDescriptor(d) => {
-            format!("dtype {d} is not float16, float32 or float64")
-        }
-        ReadNpyError::MissingData => {
-            "truncated: it holds less data than its header declares".into()
-        }
-        ReadNpyError::ExtraBytes(_) => "has bytes after the data its header declares".into(),
-        ReadNpyError::LengthOverflow => "the shape in its header is impossibly large".into(),
-        other => format!("not a valid .npy array: {other}"),
     }
 }
 
