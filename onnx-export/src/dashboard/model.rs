@@ -23,7 +23,7 @@ pub struct Options {
     pub dictionary: PathBuf,
     /// The folder of `shard-*.npy` + `shard-*.jsonl`.
     pub activations: PathBuf,
-    /// The HTML page to write; the JSON goes beside it (see [`json_path`]).
+    /// The HTML page to write; the JSON goes beside it (see [`json_path`](super::json_path)).
     pub output: PathBuf,
     /// Features to show (ids as the dictionary names them); `None`: the `top_features` densest.
     pub features: Option<Vec<u32>>,
