@@ -1,32 +1,5 @@
-//! Raw steering directions written by other tools: llama.cpp / repeng control vectors (GGUF) and
-//! NumPy `.npy` arrays. These feed the `vector` steering op (design.md section 4).
-//!
-//! Both readers treat the file as hostile (design.md section 10): every count, length, offset and
-//! shape is checked against the bytes that are actually left in the file before anything is
-//! allocated or read, and every failure is an [`Error::Invalid`] that names the file and what
-//! was wrong in it.
-//!
-//! # Layer indices in control vectors
-//!
-//! A control vector holds one tensor `direction.{N}` per steered layer. [`ControlVector`] keeps
-//! `N` exactly as the file spells it. What llama.cpp does with it:
-//! - `common_control_vector_load_one` refuses `N = 0` and stores `direction.N` at row `N - 1` of
-//!   a flat `n_embd`-wide buffer ("do not store data for layer 0").
-//! - `llama_adapter_cvec::apply` fills the vector of block `il` (0-based, `il = 1..n_layer`) from
-//!   row `il - 1` of that buffer, and every model graph adds it to that block's output
-//!   (`build_cvec(cur, il)` right before `l_out`).
-//!
-//! The two shifts cancel: `direction.N` is added to the residual stream after block `N`
-//! (0-based), i.e. Hugging Face's `hidden_states[N + 1]`. The first block's output (N = 0) can
-//! never be steered, and `N >= n_layer` is silently ignored by llama.cpp. repeng numbers the same
-//! way: its layer ids index `model.layers` and it trains on `hidden_states[layer + 1]`.
-//!
-//! Where this reader differs from llama.cpp, it is stricter or documents why: F16 directions are
-//! accepted (llama.cpp takes F32 only), two tensors naming the same layer (`direction.3` and
-//! `direction.03`) are an error (llama.cpp sums them), non-finite values are an error, and
-//! `controlvector.layer_count` is read past but not trusted, because writers disagree on it
-//! (repeng writes the number of directions, others the model's layer count) and llama.cpp
-//! ignores it.
+//! The reader of llama.cpp / repeng control vectors in GGUF; see the `vectors` module docs for
+//! how layer indices map to blocks and where this reader is stricter than llama.cpp.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Display;
@@ -34,22 +7,9 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use half::f16;
-use ndarray::Array2;
-
+use super::control_vector::ControlVector;
+use crate::npy::{Element, Kind, describe_non_finite};
 use crate::{Error, Result};
-
-/// A control vector read from a GGUF file: one direction per layer, all of one length.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ControlVector {
-    /// `controlvector.model_hint`: the model type the vector was made for, when the file says.
-    pub model_hint: Option<String>,
-    /// The direction of each layer, keyed by `N` of the tensor `direction.{N}` (1-based; see the
-    /// module docs for which block that is).
-    pub directions: BTreeMap<usize, Vec<f32>>,
-    /// The length of every direction (the model's hidden size).
-    pub n_embd: usize,
-}
 
 /// A GGUF key, tensor name or kept string value longer than this is refused; real ones are tens
 /// of bytes, and ggml itself caps tensor names at 63.
@@ -60,8 +20,6 @@ const MAX_ARRAY_DEPTH: u32 = 8;
 const MAX_DIMS: u32 = 4;
 /// `general.alignment` when the file does not set it.
 const DEFAULT_ALIGNMENT: u64 = 32;
-/// numpy's own default `max_header_size` is 10000; leave room above it.
-const MAX_NPY_HEADER: u64 = 1 << 16;
 
 // GGUF metadata value types.
 const T_U8: u32 = 0;
@@ -285,21 +243,21 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
     let mut directions = BTreeMap::new();
     for (layer, (info, start)) in layers {
         let name = info.name.as_str();
-        let float = if info.ggml_type == GGML_F16 {
-            Float::F16
-        } else {
-            Float::F32
+        let float = Element {
+            kind: Kind::Float,
+            size: if info.ggml_type == GGML_F16 { 2 } else { 4 },
+            big_endian: false,
         };
         src.seek_to(start)?;
         let bytes = src.bytes(
-            n_embd as u64 * float.size(),
+            (n_embd * float.size) as u64,
             format_args!("tensor `{name}`"),
         )?;
         let mut values = Vec::with_capacity(n_embd);
-        if let Some((j, v)) = decode(&bytes, float, &mut values) {
+        if let Some((j, v)) = float.decode_f32(&bytes, &mut values) {
             return Err(src.err(format!(
                 "tensor `{name}`: element {j} is {}",
-                describe_bad(v)
+                describe_non_finite(v)
             )));
         }
         directions.insert(layer, values);
@@ -309,91 +267,6 @@ pub fn read_gguf_control_vector(path: &Path) -> Result<ControlVector> {
         directions,
         n_embd,
     })
-}
-
-/// Reads `path`, a `.npy` holding one direction `[d]` (returned as `[1, d]`) or several `[n, d]`,
-/// float16, float32 or float64, little-endian, C order. Values must be finite.
-pub fn read_npy_vectors(path: &Path) -> Result<Array2<f32>> {
-    let mut src = Source::open(path, "vector file")?;
-    let magic = src.array::<6>("the magic")?;
-    if &magic != b"\x93NUMPY" {
-        return Err(src.err(format!(
-            "not a .npy file: it starts with {}, not \"\\x93NUMPY\"",
-            show_bytes(&magic)
-        )));
-    }
-    let [major, minor] = src.array::<2>("the format version")?;
-    let header_len = match major {
-        1 => u64::from(u16::from_le_bytes(src.array("the header length")?)),
-        2 | 3 => u64::from(u32::from_le_bytes(src.array("the header length")?)),
-        _ => {
-            return Err(src.err(format!(
-                ".npy format version {major}.{minor} is not supported (only 1, 2 and 3)"
-            )));
-        }
-    };
-    src.need(header_len, "the header")?;
-    if header_len > MAX_NPY_HEADER {
-        return Err(src.err(format!(
-            "the header is {header_len} bytes, over the {MAX_NPY_HEADER} allowed"
-        )));
-    }
-    let header = src.bytes(header_len, "the header")?;
-    let header =
-        String::from_utf8(header).map_err(|_| src.err("the header is not ASCII / UTF-8 text"))?;
-    let header = header.trim_end();
-    let (float, fortran, shape) =
-        npy_header(header).map_err(|m| src.err(format!("header `{header}`: {m}")))?;
-    if fortran {
-        return Err(src.err(
-            "the array is in Fortran order; only C order is supported \
-             (save np.ascontiguousarray(a))",
-        ));
-    }
-    let (rows, cols) = match shape[..] {
-        [d] => (1, d),
-        [n, d] => (n, d),
-        _ => {
-            return Err(src.err(format!(
-                "shape {shape:?}: want one direction [d] or several [n, d]"
-            )));
-        }
-    };
-    if rows == 0 || cols == 0 {
-        return Err(src.err(format!("shape {shape:?} holds no values")));
-    }
-    let row_bytes = cols.checked_mul(float.size());
-    let data_bytes = row_bytes.and_then(|r| r.checked_mul(rows));
-    match data_bytes {
-        Some(n) if n == src.remaining() => {}
-        Some(n) if n < src.remaining() => {
-            return Err(src.err(format!(
-                "{} bytes follow the data of shape {shape:?}",
-                src.remaining() - n
-            )));
-        }
-        _ => {
-            return Err(src.err(format!(
-                "truncated: shape {shape:?} of {} needs {} bytes of data but only {} follow \
-                 the header",
-                float.name(),
-                data_bytes.map_or_else(|| "over 2^64".to_string(), |n| n.to_string()),
-                src.remaining()
-            )));
-        }
-    }
-    // Bounded by the file size just checked.
-    let (rows, cols) = (rows as usize, cols as usize);
-    let mut row = vec![0u8; cols * float.size() as usize];
-    let mut values = Vec::with_capacity(rows * cols);
-    for r in 0..rows {
-        src.fill(&mut row, format_args!("row {r}"))?;
-        if let Some((c, v)) = decode(&row, float, &mut values) {
-            return Err(src.err(format!("row {r}: element {c} is {}", describe_bad(v))));
-        }
-    }
-    Array2::from_shape_vec((rows, cols), values)
-        .map_err(|e| src.err(format!("shape {shape:?}: {e}")))
 }
 
 /// One tensor info of a GGUF file.
@@ -655,265 +528,7 @@ fn ggml_type_name(ty: u32) -> String {
     }
 }
 
-/// A little-endian float encoding.
-#[derive(Clone, Copy)]
-enum Float {
-    F16,
-    F32,
-    F64,
-}
-
-impl Float {
-    fn size(self) -> u64 {
-        match self {
-            Self::F16 => 2,
-            Self::F32 => 4,
-            Self::F64 => 8,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::F16 => "float16",
-            Self::F32 => "float32",
-            Self::F64 => "float64",
-        }
-    }
-}
-
-/// Appends the floats in `bytes` to `out` as f32. Returns the index in `bytes` and the stored
-/// value of the first one that is not a finite f32, if any.
-fn decode(bytes: &[u8], float: Float, out: &mut Vec<f32>) -> Option<(usize, f64)> {
-    let start = out.len();
-    match float {
-        Float::F16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        Float::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
-        Float::F64 => {
-            for (j, c) in bytes.chunks_exact(8).enumerate() {
-                let v = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-                let x = v as f32;
-                if !x.is_finite() {
-                    return Some((j, v));
-                }
-                out.push(x);
-            }
-            return None;
-        }
-    }
-    out[start..]
-        .iter()
-        .position(|v| !v.is_finite())
-        .map(|j| (j, f64::from(out[start + j])))
-}
-
-fn describe_bad(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:e}, outside the float32 range")
-    } else {
-        format!("{v}, not finite")
-    }
-}
-
 /// Shows raw bytes from a file, printable ASCII as is and the rest escaped.
 fn show_bytes(bytes: &[u8]) -> String {
     format!("\"{}\"", bytes.escape_ascii())
-}
-
-/// The parts of a `.npy` header this reader uses: dtype, Fortran order, shape.
-fn npy_header(text: &str) -> std::result::Result<(Float, bool, Vec<u64>), String> {
-    let mut lit = PyLit {
-        s: text.as_bytes(),
-        i: 0,
-    };
-    let mut descr = None;
-    let mut fortran = None;
-    let mut shape = None;
-    lit.require(b'{')?;
-    loop {
-        if lit.eat(b'}') {
-            break;
-        }
-        let key = lit.string()?;
-        if !matches!(key.as_str(), "descr" | "fortran_order" | "shape") {
-            return Err(format!("unexpected key `{key}`"));
-        }
-        lit.require(b':')?;
-        let value = lit.value()?;
-        let slot_taken = match (key.as_str(), value) {
-            ("descr", PyValue::Str(s)) => descr.replace(s).is_some(),
-            ("fortran_order", PyValue::Bool(b)) => fortran.replace(b).is_some(),
-            ("shape", PyValue::Tuple(t)) => shape.replace(t).is_some(),
-            (_, v) => {
-                return Err(format!(
-                    "`{key}` has the wrong kind of value ({})",
-                    v.kind()
-                ));
-            }
-        };
-        if slot_taken {
-            return Err(format!("key `{key}` appears twice"));
-        }
-        if lit.eat(b',') {
-            continue;
-        }
-        lit.require(b'}')?;
-        break;
-    }
-    lit.ws();
-    if lit.i != lit.s.len() {
-        return Err(format!("unexpected text after the dictionary at {}", lit.i));
-    }
-    let descr = descr.ok_or("no `descr`")?;
-    let fortran = fortran.ok_or("no `fortran_order`")?;
-    let shape = shape.ok_or("no `shape`")?;
-    let float = match descr.as_str() {
-        "<f2" => Float::F16,
-        "<f4" => Float::F32,
-        "<f8" => Float::F64,
-        d if d.starts_with('>') => {
-            return Err(format!(
-                "dtype `{d}` is big-endian; only little-endian '<f2', '<f4', '<f8' are supported"
-            ));
-        }
-        d => {
-            return Err(format!(
-                "dtype `{d}` is not supported (only float16, float32, float64, \
-                 little-endian: '<f2', '<f4', '<f8')"
-            ));
-        }
-    };
-    Ok((float, fortran, shape))
-}
-
-/// A value in a `.npy` header, which is a Python dict literal.
-enum PyValue {
-    Str(String),
-    Bool(bool),
-    Tuple(Vec<u64>),
-}
-
-impl PyValue {
-    fn kind(&self) -> &'static str {
-        match self {
-            Self::Str(_) => "a string",
-            Self::Bool(_) => "a bool",
-            Self::Tuple(_) => "a tuple",
-        }
-    }
-}
-
-/// A cursor over the few Python literals numpy writes in a `.npy` header.
-struct PyLit<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl PyLit<'_> {
-    fn ws(&mut self) {
-        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, c: u8) -> bool {
-        self.ws();
-        if self.s.get(self.i) == Some(&c) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn require(&mut self, c: u8) -> std::result::Result<(), String> {
-        if self.eat(c) {
-            Ok(())
-        } else {
-            Err(format!("expected `{}` at {}", c as char, self.i))
-        }
-    }
-
-    fn string(&mut self) -> std::result::Result<String, String> {
-        self.ws();
-        let quote = match self.s.get(self.i) {
-            Some(&q @ (b'\'' | b'"')) => q,
-            _ => return Err(format!("expected a string at {}", self.i)),
-        };
-        self.i += 1;
-        let start = self.i;
-        loop {
-            match self.s.get(self.i) {
-                Some(&c) if c == quote => break,
-                Some(b'\\') => {
-                    return Err(format!("escapes in strings are not supported ({})", self.i));
-                }
-                Some(_) => self.i += 1,
-                None => return Err("unterminated string".to_string()),
-            }
-        }
-        let text = String::from_utf8_lossy(&self.s[start..self.i]).into_owned();
-        self.i += 1;
-        Ok(text)
-    }
-
-    fn value(&mut self) -> std::result::Result<PyValue, String> {
-        self.ws();
-        match self.s.get(self.i) {
-            Some(b'\'' | b'"') => Ok(PyValue::Str(self.string()?)),
-            Some(b'(') => {
-                self.i += 1;
-                let mut items = Vec::new();
-                loop {
-                    if self.eat(b')') {
-                        break;
-                    }
-                    items.push(self.int()?);
-                    if self.eat(b',') {
-                        continue;
-                    }
-                    self.require(b')')?;
-                    break;
-                }
-                Ok(PyValue::Tuple(items))
-            }
-            _ => {
-                let start = self.i;
-                while self.s.get(self.i).is_some_and(u8::is_ascii_alphanumeric) {
-                    self.i += 1;
-                }
-                match &self.s[start..self.i] {
-                    b"True" => Ok(PyValue::Bool(true)),
-                    b"False" => Ok(PyValue::Bool(false)),
-                    _ => Err(format!("unsupported value at {start}")),
-                }
-            }
-        }
-    }
-
-    fn int(&mut self) -> std::result::Result<u64, String> {
-        self.ws();
-        let start = self.i;
-        while self.s.get(self.i).is_some_and(u8::is_ascii_digit) {
-            self.i += 1;
-        }
-        let digits = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
-        if digits.is_empty() {
-            return Err(format!("expected an integer at {start}"));
-        }
-        // Python 2 wrote longs as `3L`.
-        if self.s.get(self.i) == Some(&b'L') {
-            self.i += 1;
-        }
-        digits
-            .parse()
-            .map_err(|_| format!("dimension {digits} is too large"))
-    }
 }
