@@ -58,6 +58,8 @@ pub struct Shard {
     pub width: usize,
     /// Layers per row: the middle dimension of a `[n, layers, d]` array, else 1.
     pub layers: usize,
+    /// Whether its elements are stored most significant byte first (a `>` `.npy`).
+    pub big_endian: bool,
 }
 
 fn shape_of(path: &Path, shape: &[u64]) -> Result<(u64, usize, usize)> {
@@ -78,10 +80,11 @@ impl Shard {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let is_npy = path.extension().is_some_and(|e| e == "npy");
-        let (offset, dtype, shape) = if is_npy {
-            npy_header(path, &mut file)?
+        let (offset, dtype, big_endian, shape) = if is_npy {
+            npy_header(path, &mut file, size)?
         } else {
-            safetensors_header(path, &mut file, size, tensor)?
+            let (offset, dtype, shape) = safetensors_header(path, &mut file, size, tensor)?;
+            (offset, dtype, false, shape)
         };
         let (rows, width, layers) = shape_of(path, &shape)?;
         let need = rows
@@ -106,6 +109,7 @@ impl Shard {
             rows,
             width,
             layers,
+            big_endian,
         })
     }
 
@@ -132,6 +136,11 @@ impl Shard {
         let mut buf = vec![0u8; n * size];
         file.read_exact(&mut buf)
             .map_err(|e| Error::io(&self.path, e))?;
+        if self.big_endian {
+            for c in buf.chunks_exact_mut(size) {
+                c.reverse();
+            }
+        }
         match self.dtype {
             DType::F16 => {
                 for (o, c) in out.iter_mut().zip(buf.chunks_exact(2)) {
@@ -168,76 +177,24 @@ impl Shard {
     }
 }
 
-fn npy_header(path: &Path, file: &mut File) -> Result<(u64, DType, Vec<u64>)> {
-    let bad = |m: &str| Error::format(path, format!("not a valid .npy file: {m}"));
-    let mut pre = [0u8; 12];
-    file.read_exact(&mut pre[..10])
-        .map_err(|_| bad("shorter than its header"))?;
-    if &pre[..6] != b"\x93NUMPY" {
-        return Err(bad("the magic string is missing"));
-    }
-    let (len, start) = if pre[6] == 1 {
-        (u64::from(u16::from_le_bytes([pre[8], pre[9]])), 10)
-    } else {
-        file.read_exact(&mut pre[10..12])
-            .map_err(|_| bad("shorter than its header"))?;
-        (
-            u64::from(u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]])),
-            12,
-        )
+/// Reads the header of a `.npy` activation shard through the project's one `.npy` reader: where
+/// the data starts, its element type and byte order, and its shape.
+fn npy_header(path: &Path, file: &mut File, size: u64) -> Result<(u64, DType, bool, Vec<u64>)> {
+    let header = tiller_runtime::npy::read_header(&mut std::io::BufReader::new(file), size)
+        .map_err(|e| crate::npy::lift(path, e))?;
+    let element = header.float().map_err(|e| crate::npy::lift(path, e))?;
+    let dtype = match element.size {
+        2 => DType::F16,
+        4 => DType::F32,
+        _ => DType::F64,
     };
-    if len > 1 << 20 {
-        return Err(bad("its header is impossibly long"));
-    }
-    let mut h = vec![0u8; len as usize];
-    file.read_exact(&mut h)
-        .map_err(|_| bad("shorter than its header"))?;
-    let text = String::from_utf8_lossy(&h);
-    let value: py_literal::Value = text
-        .trim()
-        .parse()
-        .map_err(|e| bad(&format!("its header does not parse: {e}")))?;
-    let py_literal::Value::Dict(items) = value else {
-        return Err(bad("its header is not a dict"));
-    };
-    let get = |k: &str| {
-        items.iter().find_map(|(key, v)| match key {
-            py_literal::Value::String(s) if s == k => Some(v),
-            _ => None,
-        })
-    };
-    let dtype = match get("descr") {
-        Some(py_literal::Value::String(d)) => match d.as_str() {
-            "<f2" => DType::F16,
-            "<f4" => DType::F32,
-            "<f8" => DType::F64,
-            other => {
-                return Err(Error::format(
-                    path,
-                    format!("dtype {other} is not float16, float32 or float64 (little-endian)"),
-                ));
-            }
-        },
-        _ => return Err(bad("`descr` is missing")),
-    };
-    if let Some(py_literal::Value::Boolean(true)) = get("fortran_order") {
+    if header.fortran_order {
         return Err(Error::format(
             path,
             "is stored in Fortran order; rows cannot be streamed (save it C-contiguous)",
         ));
     }
-    let shape = match get("shape") {
-        Some(py_literal::Value::Tuple(dims)) => dims
-            .iter()
-            .map(|d| match d {
-                py_literal::Value::Integer(i) => i.to_string().parse::<u64>().ok(),
-                _ => None,
-            })
-            .collect::<Option<Vec<u64>>>()
-            .ok_or_else(|| bad("`shape` is not a tuple of sizes"))?,
-        _ => return Err(bad("`shape` is missing")),
-    };
-    Ok((start + len, dtype, shape))
+    Ok((header.data_offset, dtype, element.big_endian, header.shape))
 }
 
 fn safetensors_header(
