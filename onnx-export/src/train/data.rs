@@ -203,21 +203,8 @@ fn safetensors_header(
     size: u64,
     tensor: Option<&str>,
 ) -> Result<(u64, DType, Vec<u64>)> {
-    let bad = |m: String| Error::format(path, format!("not a valid safetensors file: {m}"));
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100_000_000 || n + 8 > size {
-        return Err(bad(format!(
-            "its header claims {n} bytes, the file has {size}"
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| Error::io(path, e))?;
-    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("its header is not valid: {e}")))?;
+    let header = crate::tensors::Header::read(path, file, size)?;
+    let meta = &header.metadata;
     let tensors = meta.tensors();
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
@@ -265,14 +252,8 @@ fn safetensors_header(
         }
     };
     let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
-    let (s, e) = info.data_offsets;
-    let elements: u64 = shape.iter().product();
-    if (e - s) as u64 != elements * dtype.size() as u64 {
-        return Err(bad(format!(
-            "tensor `{name}`: data offsets [{s}, {e}) do not fit shape {shape:?}"
-        )));
-    }
-    Ok((8 + n + s as u64, dtype, shape))
+    // The crate checked that the offsets fit the shape and dtype.
+    Ok((header.data_start + info.data_offsets.0 as u64, dtype, shape))
 }
 
 /// One input: a file or a folder of shards, all of one width.

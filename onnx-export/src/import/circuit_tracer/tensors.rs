@@ -1,7 +1,6 @@
 //! Taking tensors from the checkpoint's safetensors files with their shapes checked.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
@@ -112,41 +111,11 @@ pub(super) fn leftovers(st: &TensorFile, expected: &str) -> Result<()> {
 
 /// The tensor shapes of a safetensors file, read from its header alone.
 pub(super) fn header(path: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
-    let bad = |m: String| Error::format(path, format!("not a valid safetensors file: {m}"));
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 || n > size.saturating_sub(8) {
-        return Err(bad(format!(
-            "header length {n} is larger than the file or 100 MiB"
-        )));
-    }
-    let mut buf = vec![0u8; n as usize];
-    f.read_exact(&mut buf)
-        .map_err(|e| bad(format!("reading the header: {e}")))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&buf).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object".into()))?;
-    let mut out = BTreeMap::new();
-    for (k, t) in obj {
-        if k == "__metadata__" {
-            continue;
-        }
-        let shape = t
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|s| {
-                s.iter()
-                    .map(|d| d.as_u64().map(|d| d as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .ok_or_else(|| bad(format!("tensor `{k}` has no valid shape")))?;
-        out.insert(k.clone(), shape);
-    }
+    let (header, _) = crate::tensors::Header::open(path)?;
+    let out = header
+        .tensors
+        .into_iter()
+        .map(|(name, info)| (name, info.shape))
+        .collect();
     Ok(out)
 }

@@ -1,7 +1,6 @@
-//! Reading safetensors checkpoints with every shape and dtype checked.
+//! The tensors of one safetensors file, read on demand as float32.
 //!
-//! The header is parsed (by the `safetensors` crate's own types) and checked against the file
-//! when it is opened; each tensor is read from disk only when it is taken, and converted to
+//! The header is read and validated by [`Header`] when the file is opened; each tensor is read from disk only when it is taken, and converted to
 //! float32 as it is read, so importing holds one copy of the weights in memory.
 
 use std::collections::BTreeMap;
@@ -11,12 +10,11 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use safetensors::Dtype;
-use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::tensor::TensorInfo;
+
+use super::header::Header;
 
 use crate::{Error, Result};
-
-/// The largest header accepted (the `safetensors` crate's own limit).
-const MAX_HEADER: u64 = 100_000_000;
 
 /// The tensors of one safetensors file, read on demand as float32.
 #[derive(Debug)]
@@ -32,58 +30,12 @@ impl TensorFile {
     /// Opens `path` and checks its header: a truncated file, a header that claims more bytes than
     /// the file has, or overlapping tensors are errors naming the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let err = |m: String| Error::format(path, format!("not a valid safetensors file: {m}"));
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len)
-            .map_err(|_| err("shorter than its 8-byte header length".into()))?;
-        let n = u64::from_le_bytes(len);
-        if n > MAX_HEADER || n + 8 > size {
-            return Err(err(format!(
-                "its header claims {n} bytes, the file has {size}"
-            )));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact(&mut header)
-            .map_err(|e| Error::io(path, e))?;
-        let meta: Metadata = serde_json::from_slice(&header)
-            .map_err(|e| err(format!("its header is not valid: {e}")))?;
-        let data_start = 8 + n;
-        // The tensors must tile the data section exactly, each the size its dtype and shape imply.
-        let mut infos: Vec<(String, TensorInfo)> = meta
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.clone()))
-            .collect();
-        infos.sort_by_key(|(_, i)| i.data_offsets);
-        let mut end = 0usize;
-        for (name, info) in &infos {
-            let (s, e) = info.data_offsets;
-            let elements = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-            let bytes = elements
-                .and_then(|n| n.checked_mul(info.dtype.bitsize()))
-                .map(|b| b / 8);
-            if s != end || e < s || bytes != Some(e - s) {
-                return Err(err(format!(
-                    "tensor `{name}`: data offsets [{s}, {e}) do not fit shape {:?} of {:?}",
-                    info.shape, info.dtype
-                )));
-            }
-            end = e;
-        }
-        if data_start + end as u64 != size {
-            return Err(err(format!(
-                "its header describes {} bytes of data, the file holds {}",
-                end,
-                size.saturating_sub(data_start)
-            )));
-        }
+        let (header, file) = Header::open(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            data_start,
-            infos: infos.into_iter().collect(),
+            data_start: header.data_start,
+            infos: header.tensors.into_iter().collect(),
         })
     }
 

@@ -1,0 +1,9 @@
+//! Reading safetensors checkpoints with every shape and dtype checked: the header reader shared
+//! by every importer and the trainer's activation shards ([`Header`]), and the tensors of one
+//! file read on demand as float32 ([`TensorFile`]).
+
+mod file;
+mod header;
+
+pub use file::TensorFile;
+pub use header::Header;
