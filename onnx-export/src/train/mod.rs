@@ -15,8 +15,10 @@ pub mod checkpoint;
 pub mod data;
 pub mod export;
 pub mod model;
+pub mod norm;
 pub mod optim;
 pub mod report;
+pub mod shard;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
