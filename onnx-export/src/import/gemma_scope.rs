@@ -24,13 +24,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2};
+use ndarray::{ArrayD, Axis};
 use serde_json::Value;
 use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use super::discover::{read_json, select};
 use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 /// Gemma Scope's weights file.
@@ -387,62 +388,40 @@ impl Params {
         Error::format(&self.path, message)
     }
 
-    /// The names of all arrays, as the file spells them.
-    pub fn names(&self) -> Vec<&str> {
-        self.arrays.values().map(|(n, _)| n.as_str()).collect()
-    }
-
-    /// Whether the file has the array `key` (any case).
-    pub fn has(&self, key: &str) -> bool {
-        self.arrays.contains_key(key)
-    }
-
-    /// The shape of the array `key`, if present.
-    pub fn shape(&self, key: &str) -> Option<&[usize]> {
-        self.arrays.get(key).map(|(_, a)| a.shape())
-    }
-
+    /// The array `key` as the file spells it.
     fn name(&self, key: &str) -> String {
         self.arrays
             .get(key)
             .map_or_else(|| key.to_string(), |(n, _)| n.clone())
     }
+}
 
-    fn missing(&self, key: &str) -> Error {
-        self.err(format!(
-            "array `{key}` is missing (the file has: {})",
-            self.names().join(", ")
-        ))
+/// Arrays are looked up by their lowercased names; taking one checks that it is finite.
+impl Tensors for Params {
+    fn path(&self) -> &Path {
+        &self.path
     }
 
-    fn take(&mut self, key: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+    fn names(&self) -> Vec<&str> {
+        self.arrays.values().map(|(n, _)| n.as_str()).collect()
+    }
+
+    fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.arrays.get(key).map(|(_, a)| a.shape())
+    }
+
+    fn take_any(&mut self, key: &str) -> Result<ArrayD<f32>> {
         let Some((name, a)) = self.arrays.remove(key) else {
             return Err(self.missing(key));
         };
-        if a.shape() != shape {
-            return Err(self.err(format!(
-                "array `{name}` has shape {:?}, but `w_enc` implies {shape:?}",
-                a.shape()
-            )));
-        }
         if a.iter().any(|v| !v.is_finite()) {
             return Err(self.err(format!("array `{name}` contains NaN or infinite values")));
         }
         Ok(a)
     }
 
-    /// Removes and returns a matrix of the given shape.
-    pub fn take2(&mut self, key: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
-        let a = self.take(key, &[rows, cols])?;
-        a.into_dimensionality::<Ix2>()
-            .map_err(|e| self.err(format!("array `{key}`: {e}")))
-    }
-
-    /// Removes and returns a vector of the given length.
-    pub fn take1(&mut self, key: &str, len: usize) -> Result<Array1<f32>> {
-        let a = self.take(key, &[len])?;
-        a.into_dimensionality::<Ix1>()
-            .map_err(|e| self.err(format!("array `{key}`: {e}")))
+    fn noun(&self) -> &'static str {
+        "array"
     }
 }
 

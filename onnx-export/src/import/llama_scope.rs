@@ -35,6 +35,7 @@ use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 use super::discover::{folder_name, json_object, read_json, select};
 use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 /// The SAE's config file.

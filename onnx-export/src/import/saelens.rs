@@ -22,6 +22,7 @@ use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 /// The config file name.

@@ -23,6 +23,7 @@ use tiller_runtime::{Activation, Kind, Meta, Weights};
 use super::discover::{find_dirs, folder_name, json_object, select};
 use super::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 /// The config file name.

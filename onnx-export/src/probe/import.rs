@@ -23,6 +23,7 @@ use tiller_runtime::dictionary::probe_dictionary;
 
 use crate::import::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 /// The `(weight, bias)` names tried, in order.

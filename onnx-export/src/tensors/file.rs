@@ -8,10 +8,11 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 
+use super::container::Tensors;
 use super::header::Header;
 
 use crate::{Error, Result};
@@ -38,51 +39,24 @@ impl TensorFile {
             infos: header.tensors.into_iter().collect(),
         })
     }
+}
 
-    /// The file.
-    pub fn path(&self) -> &Path {
+impl Tensors for TensorFile {
+    fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Whether the file has a tensor `name` (not taken yet).
-    pub fn has(&self, name: &str) -> bool {
-        self.infos.contains_key(name)
-    }
-
-    /// The names of all tensors not taken yet.
-    pub fn names(&self) -> Vec<&str> {
+    fn names(&self) -> Vec<&str> {
         self.infos.keys().map(String::as_str).collect()
     }
 
-    /// The shape of the tensor `name`, if present.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+    fn shape(&self, name: &str) -> Option<&[usize]> {
         self.infos.get(name).map(|i| i.shape.as_slice())
     }
 
-    /// Reads and returns the tensor `name` as float32, checking its shape.
-    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
-        if let Some(have) = self.shape(name)
-            && have != shape
-        {
-            return Err(Error::format(
-                &self.path,
-                format!("tensor `{name}` has shape {have:?}, but the config implies {shape:?}"),
-            ));
-        }
-        self.take_any(name)
-    }
-
     /// Reads and returns the tensor `name` as float32, whatever its shape.
-    pub fn take_any(&mut self, name: &str) -> Result<ArrayD<f32>> {
-        let info = self.infos.remove(name).ok_or_else(|| {
-            Error::format(
-                &self.path,
-                format!(
-                    "tensor `{name}` is missing (the file has: {})",
-                    self.names().join(", ")
-                ),
-            )
-        })?;
+    fn take_any(&mut self, name: &str) -> Result<ArrayD<f32>> {
+        let info = self.infos.remove(name).ok_or_else(|| self.missing(name))?;
         let width = match info.dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
@@ -131,20 +105,6 @@ impl TensorFile {
             left -= chunk.len();
         }
         ArrayD::from_shape_vec(IxDyn(&info.shape), values)
-            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
-    }
-
-    /// Reads and returns a matrix of the given shape.
-    pub fn take2(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
-        let a = self.take(name, &[rows, cols])?;
-        a.into_dimensionality()
-            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
-    }
-
-    /// Reads and returns a vector of the given length.
-    pub fn take1(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
-        let a = self.take(name, &[len])?;
-        a.into_dimensionality()
             .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
     }
 }

@@ -13,6 +13,7 @@ use super::dtype::*;
 use super::elements::*;
 use super::limits::*;
 use super::objects::*;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 /// What the pickle says about one tensor, before its storage is read.
@@ -89,26 +90,6 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 }
 
 impl Checkpoint {
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Whether it has a tensor `name` (not taken yet).
-    pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
-    /// The names of all tensors not taken yet.
-    pub fn names(&self) -> Vec<&str> {
-        self.tensors.keys().map(String::as_str).collect()
-    }
-
-    /// The shape of the tensor `name`, if present.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|t| t.shape.as_slice())
-    }
-
     /// The dtype and shape of the tensor `name`, if present.
     pub fn info(&self, name: &str) -> Option<TensorInfo> {
         self.tensors.get(name).map(|t| TensorInfo {
@@ -120,27 +101,6 @@ impl Checkpoint {
     /// A plain value.
     pub fn value(&self, name: &str) -> Option<&Value> {
         self.values.get(name)
-    }
-
-    pub(super) fn missing(&self, name: &str) -> Error {
-        Error::format(
-            &self.path,
-            format!(
-                "tensor `{name}` is missing (the checkpoint has: {})",
-                self.names().join(", ")
-            ),
-        )
-    }
-
-    pub(super) fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
-        match self.shape(name) {
-            None => Err(self.missing(name)),
-            Some(have) if have != shape => Err(Error::format(
-                &self.path,
-                format!("tensor `{name}` has shape {have:?}, but {shape:?} was expected"),
-            )),
-            Some(_) => Ok(()),
-        }
     }
 
     /// Reads the float tensor `name` with its axes in the order `perm`; removes it when `take`.
@@ -191,19 +151,6 @@ impl Checkpoint {
         }
     }
 
-    /// Reads and removes the float tensor `name`, checking its shape.
-    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
-        self.check_shape(name, shape)?;
-        self.take_any(name)
-    }
-
-    /// Reads and removes the float tensor `name` whatever its shape.
-    pub fn take_any(&mut self, name: &str) -> Result<ArrayD<f32>> {
-        let rank = self.shape(name).map_or(0, <[usize]>::len);
-        let identity: Vec<usize> = (0..rank).collect();
-        self.read_float(name, &identity, true)
-    }
-
     /// Reads and removes the float tensor `name` of shape `shape` with its axes permuted:
     /// axis `i` of the result is axis `perm[i]` of the tensor (as `torch.permute`).
     pub fn take_permuted(
@@ -231,13 +178,6 @@ impl Checkpoint {
         self.read_float(name, perm, true)
     }
 
-    /// Reads and removes a matrix of the given shape.
-    pub fn take2(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
-        let a = self.take(name, &[rows, cols])?;
-        a.into_dimensionality()
-            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
-    }
-
     /// Reads and removes a `[rows, cols]` matrix as its transpose, `[cols, rows]` (an `nn.Linear`
     /// weight as the `x W` matrix), without a second copy.
     pub fn take2_transposed(
@@ -247,13 +187,6 @@ impl Checkpoint {
         cols: usize,
     ) -> Result<Array2<f32>> {
         let a = self.take_permuted(name, &[rows, cols], &[1, 0])?;
-        a.into_dimensionality()
-            .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
-    }
-
-    /// Reads and removes a vector of the given length.
-    pub fn take1(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
-        let a = self.take(name, &[len])?;
         a.into_dimensionality()
             .map_err(|e| Error::format(&self.path, format!("tensor `{name}`: {e}")))
     }
@@ -318,5 +251,70 @@ impl Checkpoint {
         }
         keep(&mut self.tensors, &p);
         keep(&mut self.values, &p);
+    }
+}
+
+impl Tensors for Checkpoint {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.tensors.keys().map(String::as_str).collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// Streams a densely laid-out tensor straight into its array (see [`Checkpoint`]).
+    fn take_any(&mut self, name: &str) -> Result<ArrayD<f32>> {
+        let rank = self.shape(name).map_or(0, <[usize]>::len);
+        let identity: Vec<usize> = (0..rank).collect();
+        self.read_float(name, &identity, true)
+    }
+}
+
+/// The [`Tensors`] lookup, also as inherent methods so that callers need not import the trait
+/// (the public API of `torch::Checkpoint` before the trait existed).
+impl Checkpoint {
+    /// The file.
+    pub fn path(&self) -> &Path {
+        Tensors::path(self)
+    }
+
+    /// Whether it has a tensor `name` (not taken yet).
+    pub fn has(&self, name: &str) -> bool {
+        Tensors::has(self, name)
+    }
+
+    /// The names of all tensors not taken yet.
+    pub fn names(&self) -> Vec<&str> {
+        Tensors::names(self)
+    }
+
+    /// The shape of the tensor `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        Tensors::shape(self, name)
+    }
+
+    /// Reads and removes the float tensor `name`, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+        Tensors::take(self, name, shape)
+    }
+
+    /// Reads and removes the float tensor `name` whatever its shape.
+    pub fn take_any(&mut self, name: &str) -> Result<ArrayD<f32>> {
+        Tensors::take_any(self, name)
+    }
+
+    /// Reads and removes a matrix of the given shape.
+    pub fn take2(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
+        Tensors::take2(self, name, rows, cols)
+    }
+
+    /// Reads and removes a vector of the given length.
+    pub fn take1(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
+        Tensors::take1(self, name, len)
     }
 }

@@ -10,6 +10,7 @@ use super::files::*;
 use super::tensors::*;
 use crate::import::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 pub(super) fn import_set(

@@ -6,17 +6,12 @@ use std::path::Path;
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
 
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 pub(super) fn vector_len(st: &TensorFile, name: &str) -> Result<usize> {
     match st.shape(name) {
-        None => Err(Error::format(
-            st.path(),
-            format!(
-                "tensor `{name}` is missing (the file has: {})",
-                st.names().join(", ")
-            ),
-        )),
+        None => Err(st.missing(name)),
         Some(&[n]) if n > 0 => Ok(n),
         Some(s) => Err(Error::format(
             st.path(),
