@@ -119,17 +119,9 @@ pub fn write<D: ndarray::Dimension>(path: &Path, a: &ndarray::Array<f32, D>) -> 
 mod tests {
     use super::*;
 
-    /// A `.npy` (format 1.0) of `descr` and shape `[rows, cols]` holding `data`.
-    fn npy(descr: &str, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
-        let mut h =
-            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
-        while (10 + h.len() + 1) % 64 != 0 {
-            h.push(' ');
-        }
-        h.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
-        out.extend_from_slice(h.as_bytes());
+    /// A `.npy` of `descr` and shape `[rows, cols]` holding `data`.
+    fn npy(descr: &str, rows: u64, cols: u64, data: &[u8]) -> Vec<u8> {
+        let mut out = tiller_runtime::npy::header_bytes(descr, false, &[rows, cols]);
         out.extend_from_slice(data);
         out
     }

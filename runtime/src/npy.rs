@@ -251,6 +251,38 @@ fn take(r: &mut impl Read, pos: &mut u64, size: u64, n: u64, what: &str) -> NpyR
     Ok(buf)
 }
 
+/// The bytes of a `.npy` header (format 1.0, or 2.0 when longer), padded as NumPy pads it (the data starts at a
+/// multiple of 64 bytes): for writing arrays NumPy's writers here do not (another byte order,
+/// another element type), and for tests of this reader.
+pub fn header_bytes(descr: &str, fortran_order: bool, shape: &[u64]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+    let shape = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let order = if fortran_order { "True" } else { "False" };
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
+    // Format 1.0 has a 2-byte header length; longer headers need 2.0 and its 4-byte one.
+    let (version, prefix) = if dict.len() + 10 + 64 <= usize::from(u16::MAX) {
+        (1u8, 10)
+    } else {
+        (2, 12)
+    };
+    let mut h = dict;
+    while (prefix + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut out = b"\x93NUMPY".to_vec();
+    out.extend_from_slice(&[version, 0]);
+    match u16::try_from(h.len()) {
+        Ok(n) if version == 1 => out.extend_from_slice(&n.to_le_bytes()),
+        _ => out.extend_from_slice(&(h.len() as u32).to_le_bytes()),
+    }
+    out.extend_from_slice(h.as_bytes());
+    out
+}
+
 /// Reads the header of a `.npy` of `size` bytes from `r`, leaving `r` at the data.
 pub fn read_header(r: &mut impl Read, size: u64) -> NpyResult<Header> {
     let mut pos = 0;
@@ -549,17 +581,9 @@ impl PyLit<'_> {
 mod tests {
     use super::*;
 
-    /// A `.npy` (format 1.0) of `descr`, `shape` and raw `data`.
-    fn npy(descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
-        let order = if fortran { "True" } else { "False" };
-        let mut h = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
-        while (10 + h.len() + 1) % 64 != 0 {
-            h.push(' ');
-        }
-        h.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
-        out.extend_from_slice(h.as_bytes());
+    /// A `.npy` of `descr`, `shape` and raw `data`.
+    fn npy(descr: &str, fortran: bool, shape: &[u64], data: &[u8]) -> Vec<u8> {
+        let mut out = header_bytes(descr, fortran, shape);
         out.extend_from_slice(data);
         out
     }
@@ -573,15 +597,15 @@ mod tests {
         let v = [1.5f32, -2.25, 3.0e-7, 65504.0, -0.0, 7.0];
         let le: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         let be: Vec<u8> = v.iter().flat_map(|x| x.to_be_bytes()).collect();
-        let a = read(&npy("<f4", false, "(2, 3)", &le)).unwrap();
-        let b = read(&npy(">f4", false, "(2, 3)", &be)).unwrap();
+        let a = read(&npy("<f4", false, &[2, 3], &le)).unwrap();
+        let b = read(&npy(">f4", false, &[2, 3], &be)).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.as_slice().unwrap(), &v);
 
         let le: Vec<u8> = v.iter().flat_map(|&x| f64::from(x).to_le_bytes()).collect();
         let be: Vec<u8> = v.iter().flat_map(|&x| f64::from(x).to_be_bytes()).collect();
-        let c = read(&npy("<f8", false, "(2, 3)", &le)).unwrap();
-        let d = read(&npy(">f8", false, "(2, 3)", &be)).unwrap();
+        let c = read(&npy("<f8", false, &[2, 3], &le)).unwrap();
+        let d = read(&npy(">f8", false, &[2, 3], &be)).unwrap();
         assert_eq!(c, d);
         assert_eq!(c, a);
 
@@ -589,7 +613,7 @@ mod tests {
             .iter()
             .flat_map(|&x| f16::from_f32(x).to_be_bytes())
             .collect();
-        let e = read(&npy(">f2", false, "(2, 3)", &h)).unwrap();
+        let e = read(&npy(">f2", false, &[2, 3], &h)).unwrap();
         assert_eq!(e[[0, 0]], 1.5);
         assert_eq!(e[[1, 0]], 65504.0);
     }
@@ -610,14 +634,14 @@ mod tests {
         // [[1, 2, 3], [4, 5, 6]] stored column by column.
         let v = [1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0];
         let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let a = read(&npy("<f4", true, "(2, 3)", &data)).unwrap();
+        let a = read(&npy("<f4", true, &[2, 3], &data)).unwrap();
         assert_eq!(a.as_slice().unwrap(), &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     }
 
     #[test]
     fn header_only_read_stops_at_the_data() {
         let data = [0u8; 24];
-        let bytes = npy("<f4", false, "(2, 3)", &data);
+        let bytes = npy("<f4", false, &[2, 3], &data);
         let mut r = &bytes[..];
         let h = read_header(&mut r, bytes.len() as u64).unwrap();
         assert_eq!(h.shape, vec![2, 3]);
@@ -628,7 +652,7 @@ mod tests {
     #[test]
     fn bad_lengths_are_refused() {
         let data = [0u8; 24];
-        let good = npy("<f4", false, "(2, 3)", &data);
+        let good = npy("<f4", false, &[2, 3], &data);
         let e = read(&good[..good.len() - 1]).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
         let mut extra = good.clone();
@@ -640,7 +664,7 @@ mod tests {
         long.splice(8..10, u32::MAX.to_le_bytes());
         let e = read(&long).unwrap_err().to_string();
         assert!(e.contains("over the 65536 allowed"), "{e}");
-        let e = read(&npy("<i4", false, "(2, 3)", &data))
+        let e = read(&npy("<i4", false, &[2, 3], &data))
             .unwrap_err()
             .to_string();
         assert!(e.contains("dtype `<i4` is not supported"), "{e}");
