@@ -3,7 +3,7 @@
 //!
 //! Both readers treat the file as hostile (design.md section 10): every count, length, offset and
 //! shape is checked against the bytes that are actually left in the file before anything is
-//! allocated or read, and every failure is an [`Error::Invalid`] that names the file and what
+//! allocated or read, and every failure is an [`Error::Invalid`](crate::Error::Invalid) that names the file and what
 //! was wrong in it.
 //!
 //! # Layer indices in control vectors

@@ -161,7 +161,7 @@ pub struct StepOptions<'a, T> {
     /// For gradient checks: the residual the AuxK loss predicts, held fixed (by default it is the
     /// step's own `y - ŷ`, with no gradient through it).
     pub aux_target: Option<ArrayView2<'a, T>>,
-    /// Remove the radial part of each decoder row's gradient ([`DecoderNorm::Unit`]).
+    /// Remove the radial part of each decoder row's gradient ([`DecoderNorm::Unit`](super::DecoderNorm::Unit)).
     pub project: bool,
     /// BatchTopK at inference: a scalar threshold instead of the batch selection.
     pub infer_threshold: Option<T>,
