@@ -2,25 +2,22 @@
 //!
 //! The binary `tiller-export` wraps these modules; see the README for its commands.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
-pub mod circuit_tracer;
 pub mod dashboard;
-pub mod dictionary_learning;
 mod error;
-pub mod gemma_scope;
-pub mod goodfire;
 pub mod import;
-pub mod llama_scope;
 pub mod npy;
-pub mod openai;
 pub mod probe;
-pub mod saelens;
 pub mod slice;
-pub mod sparsify;
-pub mod steering_vectors;
 pub mod tensors;
 pub mod torch;
 pub mod train;
 pub mod verify;
 
 pub use error::{Error, Result};
+// The formats were modules of the crate root before they moved under `import`.
+pub use import::{
+    circuit_tracer, dictionary_learning, gemma_scope, goodfire, llama_scope, openai, saelens,
+    sparsify, steering_vectors,
+};

@@ -2,185 +2,64 @@
 //!
 //! Activations are read as float32; float16 files (and float64 ones) are widened or narrowed on
 //! the way in, since hosts commonly record activations at half precision.
+//!
+//! The reading is the project's one `.npy`/`.npz` reader, [`tiller_runtime::npy`], shared with
+//! the runtime's steering-vector files; this module puts the file's path on its errors and adds
+//! the offline tool's shape and finiteness checks. Byte order: both are read, since the
+//! descriptor says which one the data has (`<` and `=` little-endian, `>` big-endian, swapped as
+//! it is read); nothing is ever misread, and NumPy on a big-endian host writes `>` arrays by
+//! default. Writing is little-endian float32.
 
-use std::io::Read;
 use std::path::Path;
 
 use ndarray::{Array2, ArrayD, Ix2};
-use ndarray_npy::{ReadDataError, ReadNpyError, ReadNpyExt, ReadableElement, WriteNpyExt};
-use py_literal::Value as PyValue;
+use ndarray_npy::WriteNpyExt;
+use tiller_runtime::npy::{NpyError, Npz};
 
 use crate::{Error, Result};
 
-/// A float32 read from any float `.npy` dtype.
-#[derive(Debug, Clone, Copy, Default)]
-struct Widened(f32);
-
-impl ReadableElement for Widened {
-    fn read_to_end_exact_vec<R: Read>(
-        mut reader: R,
-        type_desc: &PyValue,
-        len: usize,
-    ) -> std::result::Result<Vec<Self>, ReadDataError> {
-        let PyValue::String(desc) = type_desc else {
-            return Err(ReadDataError::WrongDescriptor(type_desc.clone()));
-        };
-        let width = match desc.as_str() {
-            "<f2" => 2,
-            "<f4" => 4,
-            "<f8" => 8,
-            _ => return Err(ReadDataError::WrongDescriptor(type_desc.clone())),
-        };
-        let bytes = len.checked_mul(width).ok_or(ReadDataError::MissingData)?;
-        let mut buf = Vec::new();
-        (&mut reader).take(bytes as u64).read_to_end(&mut buf)?;
-        if buf.len() != bytes {
-            return Err(ReadDataError::MissingData);
-        }
-        let mut probe = [0u8; 1];
-        if reader.read(&mut probe)? != 0 {
-            return Err(ReadDataError::ExtraBytes(1));
-        }
-        Ok(match width {
-            2 => buf
-                .chunks_exact(2)
-                .map(|c| Widened(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
-                .collect(),
-            4 => buf
-                .chunks_exact(4)
-                .map(|c| Widened(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-            _ => buf
-                .chunks_exact(8)
-                .map(|c| {
-                    Widened(
-                        f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32,
-                    )
-                })
-                .collect(),
-        })
-    }
-}
-
-fn describe(e: ReadNpyError) -> String {
+/// The error `e`, met reading `path`, as the tool's error.
+pub(crate) fn lift(path: &Path, e: NpyError) -> Error {
     match e {
-        ReadNpyError::WrongDescriptor(d) => {
-            format!("dtype {d} is not float16, float32 or float64 (little-endian)")
-        }
-        ReadNpyError::MissingData => {
-            "the file is truncated: it holds less data than its header declares".into()
-        }
-        ReadNpyError::ExtraBytes(_) => {
-            "the file has bytes after the data its header declares".into()
-        }
-        ReadNpyError::LengthOverflow => "the shape in its header is impossibly large".into(),
-        other => format!("not a valid .npy file: {other}"),
-    }
-}
-
-/// Longest `.npy` header accepted (NumPy itself refuses more than 10 000 bytes by default).
-const MAX_NPY_HEADER: u64 = 1 << 16;
-
-/// Why the first 12 bytes `head` of a `.npy` of `size` bytes declare a header that cannot be
-/// there. `ndarray-npy` allocates the header length it reads before reading the header (up to
-/// 4 GiB in format 2 and 3), so this is checked before it sees the bytes.
-fn header_overrun(head: &[u8], size: u64) -> Option<String> {
-    if head.len() < 12 || !head.starts_with(b"\x93NUMPY") {
-        return None;
-    }
-    let (start, len) = match head[6] {
-        1 => (10, u64::from(u16::from_le_bytes([head[8], head[9]]))),
-        2 | 3 => (
-            12,
-            u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])),
-        ),
-        _ => return None,
-    };
-    if len > MAX_NPY_HEADER {
-        Some(format!(
-            "its header is {len} bytes, over the {MAX_NPY_HEADER} allowed"
-        ))
-    } else if start + len > size {
-        Some(format!(
-            "the file is truncated: its header ends at byte {}, the file has {size}",
-            start + len
-        ))
-    } else {
-        None
+        NpyError::Io(e) => Error::io(path, e),
+        NpyError::Format(m) => Error::format(path, m),
     }
 }
 
 /// Reads a float `.npy` file of any shape as float32.
 pub fn read_f32_dyn(path: &Path) -> Result<ArrayD<f32>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut reader = std::io::BufReader::new(file);
-    // `ndarray-npy` allocates the header length it reads before reading the header: a length
-    // larger than the file (up to 4 GiB in format 2 and 3) must be refused before it sees it.
-    let mut head = Vec::with_capacity(12);
-    (&mut reader)
-        .take(12)
-        .read_to_end(&mut head)
-        .map_err(|e| Error::io(path, e))?;
-    if let Some(why) = header_overrun(&head, size) {
-        return Err(Error::format(path, why));
-    }
-    let a = ArrayD::<Widened>::read_npy(std::io::Cursor::new(head).chain(reader))
-        .map_err(|e| Error::format(path, describe(e)))?;
-    Ok(a.mapv(|w| w.0))
-}
-
-fn open_npz(path: &Path) -> Result<ndarray_npy::NpzReader<std::io::BufReader<std::fs::File>>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    ndarray_npy::NpzReader::new(std::io::BufReader::new(file))
-        .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))
+    tiller_runtime::npy::read_f32_file(path).map_err(|e| lift(path, e))
 }
 
 /// The names of the arrays in a `.npz` archive (without `.npy`, as NumPy names them).
 pub fn npz_names(path: &Path) -> Result<Vec<String>> {
-    open_npz(path)?
-        .names()
-        .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))
+    Npz::open(path)
+        .and_then(|z| z.names())
+        .map_err(|e| lift(path, e))
 }
 
-/// Checks the header of member `name` (or `name.npy`) of a `.npz` before `ndarray-npy` reads it.
-fn check_npz_member(path: &Path, name: &str) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let bad = |e: String| Error::format(path, format!("array `{name}`: {e}"));
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| Error::format(path, format!("not a valid .npz archive: {e}")))?;
-    let member = match zip.index_for_name(name) {
-        Some(i) => i,
-        None => match zip.index_for_name(&format!("{name}.npy")) {
-            Some(i) => i,
-            // Not there: `ndarray-npy` says so.
-            None => return Ok(()),
-        },
-    };
-    let mut entry = zip.by_index(member).map_err(|e| bad(e.to_string()))?;
-    let size = entry.size();
-    let mut head = Vec::with_capacity(12);
-    // A member that cannot even be read this far is reported by `ndarray-npy`.
-    if (&mut entry).take(12).read_to_end(&mut head).is_err() {
-        return Ok(());
-    }
-    match header_overrun(&head, size) {
-        Some(why) => Err(bad(why)),
-        None => Ok(()),
-    }
+/// Reads the float array `name` of an open `.npz` archive at `path` as float32.
+fn read_member(path: &Path, npz: &mut Npz, name: &str) -> Result<ArrayD<f32>> {
+    npz.read_f32(name).map_err(|e| match e {
+        NpyError::Io(e) => Error::io(path, e),
+        NpyError::Format(m) => Error::format(path, format!("array `{name}`: {m}")),
+    })
 }
 
 /// Reads the float array `name` of a `.npz` archive as float32.
 pub fn read_npz_f32(path: &Path, name: &str) -> Result<ArrayD<f32>> {
-    check_npz_member(path, name)?;
-    let a: ArrayD<Widened> = open_npz(path)?.by_name(name).map_err(|e| {
-        let why = match e {
-            ndarray_npy::ReadNpzError::Npy(e) => describe(e),
-            other => other.to_string(),
-        };
-        Error::format(path, format!("array `{name}`: {why}"))
-    })?;
-    Ok(a.mapv(|w| w.0))
+    let mut npz = Npz::open(path).map_err(|e| lift(path, e))?;
+    read_member(path, &mut npz, name)
+}
+
+/// Reads every float array of a `.npz` archive as float32, with its name (without `.npy`).
+pub fn read_npz_all(path: &Path) -> Result<Vec<(String, ArrayD<f32>)>> {
+    let mut npz = Npz::open(path).map_err(|e| lift(path, e))?;
+    let names = npz.names().map_err(|e| lift(path, e))?;
+    names
+        .into_iter()
+        .map(|name| read_member(path, &mut npz, &name).map(|a| (name, a)))
+        .collect()
 }
 
 /// Reads a float `.npy` file of shape `[n, width]` as float32, checking the width and that every
@@ -234,4 +113,52 @@ pub fn write<D: ndarray::Dimension>(path: &Path, a: &ndarray::Array<f32, D>) -> 
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     a.write_npy(std::io::BufWriter::new(file))
         .map_err(|e| Error::format(path, format!("cannot write .npy: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `.npy` of `descr` and shape `[rows, cols]` holding `data`.
+    fn npy(descr: &str, rows: u64, cols: u64, data: &[u8]) -> Vec<u8> {
+        let mut out = tiller_runtime::npy::header_bytes(descr, false, &[rows, cols]);
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn big_endian_activations_read_as_little_endian_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let v: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.375).collect();
+        let files: [(&str, &str, Vec<u8>); 3] = [
+            (
+                "le4.npy",
+                "<f4",
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            (
+                "be4.npy",
+                ">f4",
+                v.iter().flat_map(|x| x.to_be_bytes()).collect(),
+            ),
+            (
+                "be8.npy",
+                ">f8",
+                v.iter().flat_map(|&x| f64::from(x).to_be_bytes()).collect(),
+            ),
+        ];
+        let mut read = Vec::new();
+        for (name, descr, data) in files {
+            let path = dir.path().join(name);
+            std::fs::write(&path, npy(descr, 3, 4, &data)).unwrap();
+            read.push(read_activations(&path, 4).unwrap());
+            let shard = crate::train::data::Shard::open(&path, None).unwrap();
+            let mut rows = vec![0f32; 8];
+            shard.read(1, 2, &mut rows).unwrap();
+            assert_eq!(rows, v[4..], "{name}");
+        }
+        assert_eq!(read[0].as_slice().unwrap(), &v[..]);
+        assert_eq!(read[0], read[1]);
+        assert_eq!(read[0], read[2]);
+    }
 }

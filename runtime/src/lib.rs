@@ -41,6 +41,7 @@ pub(crate) mod kernels;
 mod logging;
 pub mod metrics;
 mod native;
+pub mod npy;
 pub mod onnxruntime;
 mod overrides;
 pub mod policy;

@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2, ArrayD, Ix2};
 use tiller_runtime::dictionary::probe_dictionary;
 
-use crate::import::{ImportOptions, Imported};
+use crate::import::imported::{ImportOptions, Imported};
 use crate::tensors::TensorFile;
+use crate::tensors::Tensors;
 use crate::{Error, Result};
 
 /// The `(weight, bias)` names tried, in order.

@@ -24,8 +24,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix2};
-use ndarray_npy::{ReadDataError, ReadNpyError, ReadNpyExt, ReadableElement};
-use py_literal::Value as PyValue;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -75,84 +73,39 @@ impl fmt::Display for ProbeOutput {
     }
 }
 
-/// One label read from any numeric or boolean `.npy` dtype.
-#[derive(Debug, Clone, Copy, Default)]
-struct Label(f64);
-
-impl ReadableElement for Label {
-    fn read_to_end_exact_vec<R: Read>(
-        mut reader: R,
-        type_desc: &PyValue,
-        len: usize,
-    ) -> std::result::Result<Vec<Self>, ReadDataError> {
-        let PyValue::String(desc) = type_desc else {
-            return Err(ReadDataError::WrongDescriptor(type_desc.clone()));
-        };
-        let (order, rest) = desc.split_at(desc.len().min(1));
-        let (kind, width) = rest.split_at(rest.len().min(1));
-        let width: usize = width
-            .parse()
-            .map_err(|_| ReadDataError::WrongDescriptor(type_desc.clone()))?;
-        let ok = matches!(
-            (kind, width),
-            ("b" | "i" | "u", 1) | ("i" | "u", 2 | 4 | 8) | ("f", 2 | 4 | 8)
-        );
-        // Big-endian data is refused rather than misread (one-byte types have no order).
-        if !ok || (order == ">" && width > 1) {
-            return Err(ReadDataError::WrongDescriptor(type_desc.clone()));
-        }
-        let bytes = len.checked_mul(width).ok_or(ReadDataError::MissingData)?;
-        let mut buf = Vec::new();
-        (&mut reader).take(bytes as u64).read_to_end(&mut buf)?;
-        if buf.len() != bytes {
-            return Err(ReadDataError::MissingData);
-        }
-        let mut extra = [0u8; 1];
-        if reader.read(&mut extra)? != 0 {
-            return Err(ReadDataError::ExtraBytes(1));
-        }
-        let value = |c: &[u8]| -> f64 {
-            let mut b = [0u8; 8];
-            b[..c.len()].copy_from_slice(c);
-            match (kind, c.len()) {
-                ("f", 2) => f64::from(half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                ("f", 4) => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                ("f", _) => f64::from_le_bytes(b),
-                ("i", 1) => f64::from(b[0] as i8),
-                ("i", 2) => f64::from(i16::from_le_bytes([b[0], b[1]])),
-                ("i", 4) => f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                ("i", _) => i64::from_le_bytes(b) as f64,
-                (_, 1) => f64::from(b[0]),
-                (_, 2) => f64::from(u16::from_le_bytes([b[0], b[1]])),
-                (_, 4) => f64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                _ => u64::from_le_bytes(b) as f64,
-            }
-        };
-        Ok(buf.chunks_exact(width).map(|c| Label(value(c))).collect())
-    }
-}
-
 /// Reads a `.npy` of 0/1 labels, `[n]` or `[n, 1]`: booleans, integers or floats. Anything but
 /// 0 and 1 is an error naming the row.
 pub fn read_labels(path: &Path) -> Result<Vec<bool>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let a = ArrayD::<Label>::read_npy(std::io::BufReader::new(file)).map_err(|e| {
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut reader = std::io::BufReader::new(file);
+    let header = tiller_runtime::npy::read_header(&mut reader, size)
+        .map_err(|e| crate::npy::lift(path, e))?;
+    let element = header.element().ok_or_else(|| {
         Error::format(
             path,
-            match e {
-                ReadNpyError::WrongDescriptor(d) => format!(
-                    "dtype {d} is not bool, a little-endian integer or a float: labels are 0 or 1"
-                ),
-                ReadNpyError::MissingData => {
-                    "the file is truncated: it holds less data than its header declares".into()
-                }
-                ReadNpyError::ExtraBytes(_) => {
-                    "the file has bytes after the data its header declares".into()
-                }
-                other => format!("not a valid .npy file: {other}"),
-            },
+            format!(
+                "dtype {} is not bool, an integer or a float: labels are 0 or 1",
+                header.descr
+            ),
         )
     })?;
+    header
+        .check_data_len(element, size)
+        .map_err(|e| crate::npy::lift(path, e))?;
+    let mut bytes = Vec::new();
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    let labels: Vec<f64> = bytes
+        .chunks_exact(element.size)
+        .map(|c| element.to_f64(c))
+        .collect();
+    let a = ArrayD::from_shape_vec(
+        header.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(),
+        labels,
+    )
+    .map_err(|e| Error::format(path, e.to_string()))?;
     let shape = a.shape().to_vec();
     if !(shape.len() == 1 || (shape.len() == 2 && shape[1] == 1)) {
         return Err(Error::format(
@@ -162,7 +115,7 @@ pub fn read_labels(path: &Path) -> Result<Vec<bool>> {
     }
     a.iter()
         .enumerate()
-        .map(|(i, l)| match l.0 {
+        .map(|(i, &l)| match l {
             0.0 => Ok(false),
             1.0 => Ok(true),
             v => Err(Error::format(
@@ -510,7 +463,7 @@ pub fn train_probe(cfg: &TrainProbeConfig) -> Result<ProbeReport> {
     if let Some(n) = &cfg.name {
         meta.labels.insert(0, n.clone());
     }
-    crate::import::write(&meta, &weights, &cfg.output)?;
+    crate::import::write::write(&meta, &weights, &cfg.output)?;
     let report = ProbeReport {
         output: cfg.output.display().to_string(),
         d_in: x.ncols(),
@@ -651,7 +604,7 @@ pub fn diffmeans(cfg: &DiffmeansConfig) -> Result<DiffmeansReport> {
     if let Some(n) = &cfg.name {
         meta.labels.insert(0, n.clone());
     }
-    crate::import::write(&meta, &weights, &cfg.output)?;
+    crate::import::write::write(&meta, &weights, &cfg.output)?;
     // What the runtime reads: the projection on the direction as written (float32).
     let project = |x: &Array2<f32>| -> Vec<f64> {
         x.rows()

@@ -11,7 +11,8 @@ use tiller_runtime::{Activation, InputNorm, Kind, Meta, Weights};
 
 use super::data::{Norm, Normalize};
 use super::model::{Arch, Params};
-use crate::{Error, Result, saelens};
+use crate::import::saelens;
+use crate::{Error, Result};
 
 /// Where the dictionary reads and writes, and the model it was trained on.
 #[derive(Debug, Clone, Default)]
