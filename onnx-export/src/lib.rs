@@ -1,6 +1,6 @@
 //! The offline side of Tiller: import dictionaries trained elsewhere, inspect and run them.
 //!
-//! The binary `tiller-export` wraps these modules; see the README for its commands.
+//! The binary `tiller-export` wraps these modules; its commands are in docs/cli.md.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 

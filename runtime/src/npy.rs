@@ -1,10 +1,10 @@
 //! The project's one reader of NumPy `.npy` files and `.npz` archives: steering vectors in the
 //! runtime, activations, labels and checkpoint parameters in the offline tool.
 //!
-//! Every file is treated as hostile (design.md section 10): the header length is capped before
-//! anything is allocated for it, the header is parsed by a small parser of the few Python
-//! literals NumPy writes (a dict of `descr`, `fortran_order` and `shape`), and the bytes the
-//! shape needs are checked against the bytes that are actually there before any data is read.
+//! Every file is treated as hostile (docs/design.md#10-bad-input): the header length is capped
+//! before anything is allocated for it, the header is parsed by a small parser of the few Python
+//! literals NumPy writes (a dict of `descr`, `fortran_order` and `shape`), and the bytes the shape
+//! needs are checked against the bytes that are actually there before any data is read.
 //!
 //! # Byte order
 //!
@@ -251,9 +251,9 @@ fn take(r: &mut impl Read, pos: &mut u64, size: u64, n: u64, what: &str) -> NpyR
     Ok(buf)
 }
 
-/// The bytes of a `.npy` header (format 1.0, or 2.0 when longer), padded as NumPy pads it (the data starts at a
-/// multiple of 64 bytes): for writing arrays NumPy's writers here do not (another byte order,
-/// another element type), and for tests of this reader.
+/// The bytes of a `.npy` header (format 1.0, or 2.0 when longer), padded as NumPy pads it (the data
+/// starts at a multiple of 64 bytes): for writing arrays NumPy's writers here do not (another byte
+/// order, another element type), and for tests of this reader.
 pub fn header_bytes(descr: &str, fortran_order: bool, shape: &[u64]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
     let shape = match dims.len() {

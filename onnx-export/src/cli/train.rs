@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-/// `tiller-export train`: see the README section "Training".
+/// `tiller-export train`: see docs/cli.md#train.
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Input activations: a .npy/.safetensors file or a folder of shards; one per layer for a

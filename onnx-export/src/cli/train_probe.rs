@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-/// `tiller-export train-probe`: see the README section "Probes and difference-in-means".
+/// `tiller-export train-probe`: see docs/probes.md.
 #[derive(clap::Args)]
 pub struct TrainProbeArgs {
     /// `[n, d]` activations (.npy, float16/32/64).

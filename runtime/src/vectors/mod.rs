@@ -1,10 +1,11 @@
 //! Raw steering directions written by other tools: llama.cpp / repeng control vectors (GGUF) and
-//! NumPy `.npy` arrays. These feed the `vector` steering op (design.md section 4).
+//! NumPy `.npy` arrays. These feed the `vector` steering op
+//! (docs/design.md#4-steering-edits-that-keep-the-dictionarys-error-term).
 //!
-//! Both readers treat the file as hostile (design.md section 10): every count, length, offset and
-//! shape is checked against the bytes that are actually left in the file before anything is
-//! allocated or read, and every failure is an [`Error::Invalid`](crate::Error::Invalid) that names the file and what
-//! was wrong in it.
+//! Both readers treat the file as hostile (docs/design.md#10-bad-input): every count, length,
+//! offset and shape is checked against the bytes that are actually left in the file before anything
+//! is allocated or read, and every failure is an [`Error::Invalid`](crate::Error::Invalid) that
+//! names the file and what was wrong in it.
 //!
 //! # Layer indices in control vectors
 //!
