@@ -55,7 +55,7 @@ class _Scratch:
     every step of the thread (the library copies what it keeps), so a step allocates no ctypes
     objects on the hot path. The step functions take them by address (`*_addr`, plain ints):
     ctypes converts an int argument in a fraction of the time it takes to convert an array or a
-    `byref` (about 0.4 µs less per step, open and close together)."""
+    `byref` (measured in docs/benchmarks.md#the-python-binding)."""
 
     __slots__ = (
         "cap", "ids", "ph", "stop", "out", "n",
@@ -451,9 +451,9 @@ def _host_activations(a: Any, n: int) -> Tuple[int, int, int]:
 def _address(a: np.ndarray, code: int) -> int:
     """The address of a validated array's first element, taken without a copy.
 
-    Through the buffer protocol (about 0.2 µs) rather than `a.ctypes.data` (over 1 µs); bfloat16
-    arrays are exported as their uint16 view (NumPy cannot put ml_dtypes' dtype in a buffer), and
-    empty arrays (which export no byte to point at) through the array interface.
+    Through the buffer protocol rather than `a.ctypes.data`, which takes several times longer;
+    bfloat16 arrays are exported as their uint16 view (NumPy cannot put ml_dtypes' dtype in a
+    buffer), and empty arrays (which export no byte to point at) through the array interface.
     """
     if a.size == 0:
         return a.__array_interface__["data"][0]
