@@ -33,30 +33,28 @@
 
 pub mod config;
 pub mod dictionary;
+mod encode;
 mod error;
 mod fvu;
 pub mod graph;
 mod host;
-pub(crate) mod kernels;
 mod logging;
 pub mod metrics;
-mod native;
 pub mod npy;
 pub mod onnxruntime;
 mod overrides;
 pub mod policy;
 mod service;
-mod session;
 pub mod steering;
 pub mod vectors;
 
 pub use dictionary::{Activation, DictionaryFile, InputNorm, Kind, Meta, Weights};
+pub use encode::session::{Backend, Dictionary, Encoded, SessionOptions};
 pub use error::{Error, Result};
 pub use host::{
     ActivationsMut, Event, FeatureStats, Phase, RequestSummary, Runtime, Step, StepResult, Token,
 };
 pub use service::Service;
-pub use session::{Backend, Dictionary, Encoded, SessionOptions};
 
 /// The Rust examples of `README.md`, compiled as doctests so that they follow the API.
 #[cfg(doctest)]

@@ -64,7 +64,7 @@ impl Rule {
             Op::Scale => (self.param - 1.0) * f,
             Op::Cap => f.min(self.param) - f,
             Op::ProjectCap => {
-                let p = crate::kernels::dot(x, &self.direction);
+                let p = crate::encode::kernels::dot(x, &self.direction);
                 -(p.max(self.param) - self.param)
             }
         };
@@ -93,7 +93,7 @@ impl Rule {
         {
             return false;
         }
-        crate::kernels::axpy(c, d, x);
+        crate::encode::kernels::axpy(c, d, x);
         *bound = if grown.is_finite() {
             grown
         } else {

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::native::{FullEncoder, SlicedEncoder};
-use crate::session::Dictionary;
+use crate::encode::native::{FullEncoder, SlicedEncoder};
+use crate::encode::session::Dictionary;
 
 /// One way of computing features.
 #[derive(Clone)]

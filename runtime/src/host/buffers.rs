@@ -26,7 +26,7 @@ pub(super) struct StepBuffers {
     pub(super) edited: Vec<bool>,
     pub(super) enc_in: Vec<f32>,
     pub(super) enc_scratch: Vec<f32>,
-    pub(super) full_scratch: crate::native::Scratch,
+    pub(super) full_scratch: crate::encode::native::Scratch,
     /// By dictionary index: the activations computed at its input hook during this step.
     pub(super) pending: Vec<Pending>,
     /// By dictionary index: the rows sampled for its FVU at its input hook during this step,

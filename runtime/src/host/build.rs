@@ -12,10 +12,10 @@ use super::state::{
 };
 use crate::config::{Config, Op, SteerConfig};
 use crate::dictionary::{Activation, DictionaryFile, Kind, split_hooks};
+use crate::encode::native::SlicedEncoder;
+use crate::encode::session::{Dictionary, SessionOptions};
 use crate::fvu::{Meter, Sampler};
 use crate::metrics::{DictionaryMetrics, FeatureMetrics, HookMetrics, Metrics};
-use crate::native::SlicedEncoder;
-use crate::session::{Dictionary, SessionOptions};
 use crate::{Error, Result};
 
 impl State {

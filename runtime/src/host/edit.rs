@@ -90,8 +90,8 @@ pub(super) fn edit(
 /// Edits `x += c·d` of one token waiting to be applied in one pass.
 #[derive(Default)]
 pub(super) struct Waiting<'a> {
-    pub(super) c: [f32; crate::kernels::AXPY_MANY],
-    pub(super) d: [&'a [f32]; crate::kernels::AXPY_MANY],
+    pub(super) c: [f32; crate::encode::kernels::AXPY_MANY],
+    pub(super) d: [&'a [f32]; crate::encode::kernels::AXPY_MANY],
     pub(super) len: usize,
 }
 
@@ -107,7 +107,7 @@ impl<'a> Waiting<'a> {
 
     pub(super) fn apply(&mut self, row: &mut [f32]) {
         if self.len > 0 {
-            crate::kernels::axpy_many(&self.c[..self.len], &self.d[..self.len], row);
+            crate::encode::kernels::axpy_many(&self.c[..self.len], &self.d[..self.len], row);
             self.len = 0;
         }
     }

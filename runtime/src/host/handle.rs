@@ -9,9 +9,9 @@ use super::buffers::{Locals, StepBuffers};
 use super::request::Request;
 use super::state::State;
 use crate::config::Config;
+use crate::encode::session::Backend;
 use crate::fvu::Worker;
 use crate::metrics::Metrics;
-use crate::session::Backend;
 use crate::{Error, Result};
 
 /// The runtime: shared by all of the host's threads (`Send + Sync`).

@@ -114,7 +114,7 @@ pub(super) fn input_stats(plan: &HookPlan, sc: &mut StepBuffers, width: usize, x
         return;
     }
     for r in x.chunks_exact(width.max(1)).take(n) {
-        let (m, finite) = crate::kernels::row_stats(r);
+        let (m, finite) = crate::encode::kernels::row_stats(r);
         sc.finite.push(finite);
         sc.bound.push(m);
     }

@@ -9,9 +9,9 @@ use ndarray::Array2;
 use super::backend::Encoder;
 use crate::config::{Action, Aggregate, ApplyTo, Config, SteerConfig, Window};
 use crate::dictionary::Meta;
+use crate::encode::session::Dictionary;
 use crate::fvu::{Meter, Sampler};
 use crate::metrics::{FeatureMetrics, HookMetrics};
-use crate::session::Dictionary;
 
 pub(super) struct State {
     pub(super) config: Config,

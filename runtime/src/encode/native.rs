@@ -13,7 +13,7 @@ use onnx_protobuf::tensor_proto::DataType;
 use protobuf::Enum;
 
 use crate::dictionary::{Activation, DictionaryFile, InputNorm, Kind, LAYER_NORM_EPS, WeightDtype};
-use crate::kernels::{PANEL, Widen, pack_panels, panel_matmul};
+use crate::encode::kernels::{PANEL, Widen, pack_panels, panel_matmul};
 use crate::{Error, Result};
 
 /// What follows the product: the bias and the activation function, per feature.

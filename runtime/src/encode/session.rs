@@ -11,8 +11,8 @@ use ort::value::TensorRef;
 use protobuf::Message;
 
 use crate::dictionary::{Activation, DictionaryFile, Kind, Meta, WeightDtype};
+use crate::encode::native::{FullEncoder, Scratch};
 use crate::graph::prune;
-use crate::native::{FullEncoder, Scratch};
 use crate::{Error, Result};
 
 /// How sessions are built. Defaults are tuned for latency inside a server: one intra-op thread, no
