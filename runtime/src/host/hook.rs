@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::buffers::StepBuffers;
 use super::edit::edit;
-use super::encode::encode;
+use super::features::encode;
 use super::monitor::observe;
 use super::policies::run_policies;
 use super::report::StepResult;

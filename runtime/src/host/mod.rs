@@ -6,7 +6,7 @@ mod backend;
 mod buffers;
 mod build;
 mod edit;
-mod encode;
+mod features;
 mod handle;
 mod hook;
 mod monitor;
