@@ -5,6 +5,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
+use tiller_export::tensors::Tensors;
 
 fuzz_target!(|data: &[u8]| {
     let path = common::scratch_file("in.safetensors", data);
