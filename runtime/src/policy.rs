@@ -22,6 +22,7 @@ use crate::{Error, Result};
 /// The ABI's constants, defined once in `tiller-policy-abi`: the version marker, the size of an
 /// action record, the limits, and the action codes (the `code` field of an action record).
 pub use tiller_policy_abi::{ABI_MARKER, ACTION_SIZE, MAX_ACTIONS, MAX_PAIRS, MAX_STRING, action};
+use tiller_policy_abi::{IMPORT_MODULE, export, import};
 
 /// What a policy asked for, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,8 +133,8 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>> {
     let mut l = Linker::new(engine);
     let err = |e: wasmtime::Error| Error::invalid("policy linker", e.to_string());
     l.func_wrap(
-        "tiller",
-        "log",
+        IMPORT_MODULE,
+        import::LOG,
         |mut caller: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
             if let Some(text) = read_string(&mut caller, ptr, len) {
                 let policy = &caller.data().policy;
@@ -151,11 +152,14 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>> {
     )
     .map_err(err)?;
     l.func_wrap(
-        "tiller",
-        "config",
+        IMPORT_MODULE,
+        import::CONFIG,
         |mut caller: Caller<'_, HostState>, ptr: i32, cap: i32| -> i32 {
             let config = caller.data().config.clone();
-            let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+            let Some(memory) = caller
+                .get_export(export::MEMORY)
+                .and_then(|e| e.into_memory())
+            else {
                 return -1;
             };
             let n = config.len().min(cap.max(0) as usize);
@@ -170,8 +174,8 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>> {
     )
     .map_err(err)?;
     l.func_wrap(
-        "tiller",
-        "counter_add",
+        IMPORT_MODULE,
+        import::COUNTER_ADD,
         |caller: Caller<'_, HostState>, index: i32, delta: i64| {
             if let Some(c) = usize::try_from(index)
                 .ok()
@@ -187,7 +191,7 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>> {
 }
 
 fn read_string(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Option<String> {
-    let memory = caller.get_export("memory")?.into_memory()?;
+    let memory = caller.get_export(export::MEMORY)?.into_memory()?;
     let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
     if len > MAX_STRING * 16 {
         return None;
@@ -497,7 +501,7 @@ fn instantiate(
         ));
     }
     let memory = instance
-        .get_memory(&mut store, "memory")
+        .get_memory(&mut store, export::MEMORY)
         .ok_or_else(|| Error::invalid(what, "does not export its `memory`"))?;
     let typed = |store: &mut Store<HostState>, name: &str| -> Result<()> {
         if instance.get_func(&mut *store, name).is_none() {
@@ -506,10 +510,10 @@ fn instantiate(
         Ok(())
     };
     for name in [
-        "tiller_alloc",
-        "tiller_on_request_begin",
-        "tiller_on_features",
-        "tiller_on_request_end",
+        export::ALLOC,
+        export::ON_REQUEST_BEGIN,
+        export::ON_FEATURES,
+        export::ON_REQUEST_END,
     ] {
         typed(&mut store, name)?;
     }
@@ -517,16 +521,16 @@ fn instantiate(
         Error::invalid(what, format!("an export has the wrong signature: {e}"))
     };
     let alloc = instance
-        .get_typed_func::<i32, i32>(&mut store, "tiller_alloc")
+        .get_typed_func::<i32, i32>(&mut store, export::ALLOC)
         .map_err(sig)?;
     let begin = instance
-        .get_typed_func::<(i64, i32, i32), i64>(&mut store, "tiller_on_request_begin")
+        .get_typed_func::<(i64, i32, i32), i64>(&mut store, export::ON_REQUEST_BEGIN)
         .map_err(sig)?;
     let features = instance
-        .get_typed_func::<(i64, i64, i32, i32, i32), i64>(&mut store, "tiller_on_features")
+        .get_typed_func::<(i64, i64, i32, i32, i32), i64>(&mut store, export::ON_FEATURES)
         .map_err(sig)?;
     let end = instance
-        .get_typed_func::<i64, i64>(&mut store, "tiller_on_request_end")
+        .get_typed_func::<i64, i64>(&mut store, export::ON_REQUEST_END)
         .map_err(sig)?;
     let buf_len = MAX_PAIRS * 8;
     store
