@@ -31,6 +31,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("steering_tokens_total", "counter"),
     ("dictionary_l0", "gauge"),
     ("dictionary_fvu", "gauge"),
+    ("fvu_samples_total", "counter"),
     ("nonfinite_tokens_total", "counter"),
     ("errors_total", "counter"),
     ("policy_traps_total", "counter"),

@@ -814,3 +814,58 @@ fn citations_are_found_in_code_lines() {
     );
     assert!(doc_citations("target/docs/x.md").is_empty());
 }
+
+/// The `` `word` `` spans of a Markdown file, as a set.
+fn code_spans(text: &str) -> BTreeSet<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn design_names_every_metric_and_metadata_key() {
+    let root = repo_root();
+    let design = fs::read_to_string(root.join("docs/design.md")).expect("docs/design.md");
+    let spans = code_spans(&design);
+    let mut missing = Vec::new();
+    // Every metric family the runtime exports (the operator files' test checks that the list is
+    // the registry's).
+    for (name, ty) in tiller_runtime::metrics::METRICS {
+        if !spans.contains(&format!("tiller_{name}")) {
+            missing.push(format!("metric `tiller_{name}` ({ty})"));
+        }
+    }
+    // Every `tiller.*` metadata key the dictionary code reads or writes.
+    let mut sources = Vec::new();
+    files_under(&root.join("runtime/src/dictionary"), "rs", &mut sources);
+    let mut keys = BTreeSet::new();
+    for file in &sources {
+        let text = fs::read_to_string(file).expect("dictionary source");
+        for quoted in text.split('"').skip(1).step_by(2) {
+            if let Some(key) = quoted.strip_prefix("tiller.")
+                && !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                keys.insert(format!("tiller.{key}"));
+            }
+        }
+    }
+    assert!(
+        keys.len() > 10,
+        "found only {keys:?} in runtime/src/dictionary"
+    );
+    for key in &keys {
+        if !spans.contains(key) {
+            missing.push(format!("metadata key `{key}`"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/design.md does not name:\n{}",
+        missing.join("\n")
+    );
+}
