@@ -15,7 +15,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use ndarray::{Array2, ArrayView2};
 
@@ -172,28 +173,67 @@ enum Job {
     Flush(SyncSender<()>),
 }
 
-/// The background worker that measures sampled tokens; it stops when this handle drops and its
-/// queue is empty.
+/// The background worker that measures sampled tokens. Dropping the handle stops it: the worker
+/// measures what is already queued, without resting, and the drop waits for its thread to end, so
+/// that no measurement is still inside ONNX Runtime when the host tears the process down (a
+/// detached worker could be, and crashed there at exit).
 #[derive(Debug)]
 pub(crate) struct Worker {
-    tx: SyncSender<Job>,
+    tx: Option<SyncSender<Job>>,
+    stop: Arc<Stop>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Set when the worker's handle drops: its rests end at once.
+#[derive(Debug, Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stop {
+    /// Rests for `d`, or less when the worker is stopped meanwhile.
+    fn rest(&self, d: std::time::Duration) {
+        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = self
+            .wake
+            .wait_timeout_while(stopped, d, |stopped| !*stopped)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    fn set(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
 }
 
 impl Worker {
     /// Starts the worker thread.
     pub(crate) fn start() -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(QUEUE);
-        std::thread::Builder::new()
+        let stop = Arc::new(Stop::default());
+        let thread = std::thread::Builder::new()
             .name("tiller-fvu".into())
-            .spawn(move || run(&rx))?;
-        Ok(Self { tx })
+            .spawn({
+                let stop = stop.clone();
+                move || run(&rx, &stop)
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Queues `sample` without waiting; when the queue is full (or the worker is gone) its tokens
     /// are counted as dropped.
     pub(crate) fn submit(&self, sample: Sample) {
+        let Some(tx) = &self.tx else {
+            sample.source.meter().dropped(sample.n);
+            return;
+        };
         if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
-            self.tx.try_send(Job::Measure(sample))
+            tx.try_send(Job::Measure(sample))
             && let Job::Measure(s) = job
         {
             s.source.meter().dropped(s.n);
@@ -202,16 +242,30 @@ impl Worker {
 
     /// Waits until every measurement queued before this call is done.
     pub(crate) fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
         let (done, wait) = sync_channel(1);
-        if self.tx.send(Job::Flush(done)).is_ok() {
+        if tx.send(Job::Flush(done)).is_ok() {
             let _ = wait.recv();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.set();
+        // Closing the queue ends the worker's loop once it has taken what is queued.
+        self.tx = None;
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
         }
     }
 }
 
 /// The worker's loop: takes whatever has queued up, and measures consecutive samples of one
 /// dictionary in one batch (its weights are then read once for all of them).
-fn run(rx: &Receiver<Job>) {
+fn run(rx: &Receiver<Job>, stop: &Stop) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < QUEUE {
@@ -242,7 +296,7 @@ fn run(rx: &Receiver<Job>) {
         // A flush is waited for: no rest after one.
         if !flushed {
             let rest = started.elapsed().mul_f64(1.0 / DUTY - 1.0);
-            std::thread::sleep(rest.min(MAX_REST));
+            stop.rest(rest.min(MAX_REST));
         }
     }
 }
@@ -385,5 +439,50 @@ mod tests {
         w.submit(sample(&g, 5));
         w.flush();
         assert_eq!(g.meter.gauges.measured.get(), 1 + 2 * QUEUE as u64 + 5);
+    }
+
+    /// Dropping the worker waits for its thread: what was queued is measured by the time the drop
+    /// returns, and nothing runs on after it (a detached worker was still inside ONNX Runtime when
+    /// a test process exited, and crashed there).
+    #[test]
+    fn dropping_the_worker_waits_for_its_thread() {
+        let metrics = Metrics::new("t", &Default::default()).expect("metrics");
+        let (release, gate) = std::sync::mpsc::channel();
+        let (started, running) = std::sync::mpsc::channel();
+        let g = Arc::new(Gate {
+            meter: Meter::new(DictionaryMetrics {
+                l0: metrics.l0.with_label_values(&["d"]),
+                fvu: metrics.fvu.with_label_values(&["d"]),
+                measured: metrics.fvu_samples.with_label_values(&["d", "measured"]),
+                dropped: metrics.fvu_samples.with_label_values(&["d", "dropped"]),
+            }),
+            gate: Mutex::new(Some(gate)),
+            started: Mutex::new(Some(started)),
+            batches: Mutex::default(),
+            panics_at: AtomicUsize::new(0),
+        });
+        let w = Worker::start().expect("worker");
+        w.submit(sample(&g, 1));
+        running.recv().expect("the first measurement runs");
+        w.submit(sample(&g, 2));
+        // Released only after the drop has begun: the drop must wait for both measurements.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            release.send(()).expect("release");
+        });
+        drop(w);
+        // Checked before the releaser is joined: a drop that did not wait would return at once,
+        // with the first measurement still held at the gate.
+        assert_eq!(
+            g.meter.gauges.measured.get(),
+            3,
+            "queued samples measured before the drop returned"
+        );
+        assert_eq!(
+            Arc::strong_count(&g),
+            1,
+            "the worker's thread has ended and let go of its samples"
+        );
+        releaser.join().expect("releaser");
     }
 }
