@@ -30,21 +30,21 @@ fn fixture_dir() -> &'static CString {
     static DIR: OnceLock<CString> = OnceLock::new();
     DIR.get_or_init(|| {
         let (d, f) = (16usize, 32usize);
-        let mut meta = tiller_runtime::Meta::new(tiller_runtime::Kind::Sae, tiller_runtime::Activation::Relu, d, f, d);
+        let mut meta = ::tiller_runtime::Meta::new(::tiller_runtime::Kind::Sae, ::tiller_runtime::Activation::Relu, d, f, d);
         meta.hook_in = "model.layers.0".into();
         meta.hook_out = "model.layers.0".into();
         // Deterministic weights: a small integer pattern, scaled.
         let w_dec = ndarray::Array2::from_shape_fn((f, d), |(i, j)| {
             ((i * 7 + j * 3) % 11) as f32 / 11.0 - 0.45
         });
-        let weights = tiller_runtime::Weights::new(
+        let weights = ::tiller_runtime::Weights::new(
             w_dec.t().to_owned(),
             ndarray::Array1::from_elem(f, -0.1),
             w_dec,
             ndarray::Array1::zeros(d),
         );
         let path = common::scratch_file("d.onnx", b"");
-        tiller_runtime::dictionary::write_dictionary(&meta, &weights, &path).expect("fixture dictionary");
+        ::tiller_runtime::dictionary::write_dictionary(&meta, &weights, &path).expect("fixture dictionary");
         let dir = path.parent().expect("scratch folder").to_string_lossy().into_owned();
         CString::new(dir).expect("a path without NUL")
     })
