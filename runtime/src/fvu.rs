@@ -397,11 +397,13 @@ mod tests {
         }
     }
 
-    /// A full queue refuses at once (the hook never waits) and counts the tokens dropped; what
-    /// queued up behind a busy worker is measured in one batch; a panicking measurement leaves
-    /// the worker running.
-    #[test]
-    fn a_full_queue_drops_and_counts_without_waiting() {
+    /// A [`Gate`] on fresh metrics, the sender that releases its first reconstruction, and the
+    /// receiver told when that reconstruction has started.
+    fn gated() -> (
+        Arc<Gate>,
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<()>,
+    ) {
         let metrics = Metrics::new("t", &Default::default()).expect("metrics");
         let (release, gate) = std::sync::mpsc::channel();
         let (started, running) = std::sync::mpsc::channel();
@@ -417,6 +419,15 @@ mod tests {
             batches: Mutex::default(),
             panics_at: AtomicUsize::new(0),
         });
+        (g, release, running)
+    }
+
+    /// A full queue refuses at once (the hook never waits) and counts the tokens dropped; what
+    /// queued up behind a busy worker is measured in one batch; a panicking measurement leaves
+    /// the worker running.
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        let (g, release, running) = gated();
         let w = Worker::start().expect("worker");
         w.submit(sample(&g, 1));
         running.recv().expect("the first measurement runs");
@@ -446,21 +457,7 @@ mod tests {
     /// a test process exited, and crashed there).
     #[test]
     fn dropping_the_worker_waits_for_its_thread() {
-        let metrics = Metrics::new("t", &Default::default()).expect("metrics");
-        let (release, gate) = std::sync::mpsc::channel();
-        let (started, running) = std::sync::mpsc::channel();
-        let g = Arc::new(Gate {
-            meter: Meter::new(DictionaryMetrics {
-                l0: metrics.l0.with_label_values(&["d"]),
-                fvu: metrics.fvu.with_label_values(&["d"]),
-                measured: metrics.fvu_samples.with_label_values(&["d", "measured"]),
-                dropped: metrics.fvu_samples.with_label_values(&["d", "dropped"]),
-            }),
-            gate: Mutex::new(Some(gate)),
-            started: Mutex::new(Some(started)),
-            batches: Mutex::default(),
-            panics_at: AtomicUsize::new(0),
-        });
+        let (g, release, running) = gated();
         let w = Worker::start().expect("worker");
         w.submit(sample(&g, 1));
         running.recv().expect("the first measurement runs");
