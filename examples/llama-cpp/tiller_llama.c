@@ -28,6 +28,8 @@ struct tiller_llama {
     uint8_t *seq_bound;
     uint8_t *seq_prompted; /* its prompt has been decoded */
     uint8_t *seq_stopped;  /* a monitor stopped its request: its tokens are refused */
+    size_t *seq_prompt;    /* its prompt's length when the host gave it (else SIZE_MAX) */
+    size_t *seq_decoded;   /* its tokens decoded since tiller_llama_seq_begin */
     size_t seq_cap;
 
     /* The decode in progress. */
@@ -139,6 +141,8 @@ void tiller_llama_free(tiller_llama *a) {
     free(a->seq_bound);
     free(a->seq_prompted);
     free(a->seq_stopped);
+    free(a->seq_prompt);
+    free(a->seq_decoded);
     free(a->ids);
     free(a->seqs);
     free(a->phases);
@@ -185,6 +189,20 @@ static int grow_seqs(tiller_llama *a, size_t need) {
         return -1;
     }
     a->seq_stopped = st;
+    size_t *pl = realloc(a->seq_prompt, cap * sizeof *pl);
+    if (pl == NULL) {
+        return -1;
+    }
+    a->seq_prompt = pl;
+    size_t *dec = realloc(a->seq_decoded, cap * sizeof *dec);
+    if (dec == NULL) {
+        return -1;
+    }
+    a->seq_decoded = dec;
+    memset(a->seq_decoded + a->seq_cap, 0, (cap - a->seq_cap) * sizeof *dec);
+    for (size_t k = a->seq_cap; k < cap; k++) {
+        a->seq_prompt[k] = SIZE_MAX;
+    }
     memset(a->seq_request + a->seq_cap, 0, (cap - a->seq_cap) * sizeof *r);
     memset(a->seq_bound + a->seq_cap, 0, cap - a->seq_cap);
     memset(a->seq_prompted + a->seq_cap, 0, cap - a->seq_cap);
@@ -210,6 +228,27 @@ int tiller_llama_seq_begin(tiller_llama *a, llama_seq_id seq, uint64_t request_i
     a->seq_bound[seq] = 1;
     a->seq_prompted[seq] = 0;
     a->seq_stopped[seq] = 0;
+    a->seq_prompt[seq] = SIZE_MAX;
+    a->seq_decoded[seq] = 0;
+    return 0;
+}
+
+int tiller_llama_seq_prompt(tiller_llama *a, llama_seq_id seq, size_t n_prompt) {
+    if (a == NULL) {
+        set_error("tiller_llama_seq_prompt: NULL adapter");
+        return -1;
+    }
+    if (seq < 0 || (size_t)seq >= a->seq_cap || !a->seq_bound[seq]) {
+        set_error("tiller_llama_seq_prompt: sequence %d carries no request", seq);
+        return -1;
+    }
+    if (a->seq_decoded[seq] != 0) {
+        set_error("tiller_llama_seq_prompt: sequence %d has decoded %zu tokens already; give its "
+                  "prompt's length before its first decode",
+                  seq, a->seq_decoded[seq]);
+        return -1;
+    }
+    a->seq_prompt[seq] = n_prompt;
     return 0;
 }
 
@@ -383,6 +422,13 @@ static int grow_scratch(tiller_llama *a, size_t n) {
     return 0;
 }
 
+/* Takes back the decoded-token count of the first `n` tokens of the batch being opened. */
+static void uncount(tiller_llama *a, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        a->seq_decoded[a->seqs[i]]--;
+    }
+}
+
 int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_ubatch) {
     last_error[0] = '\0';
     if (a == NULL) {
@@ -416,17 +462,20 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
     }
     for (size_t i = 0; i < n; i++) {
         if (batch.n_seq_id[i] < 1 || batch.seq_id[i] == NULL) {
+            uncount(a, i);
             set_error("tiller_llama_begin: token %zu has no sequence id", i);
             return -1;
         }
         llama_seq_id s = batch.seq_id[i][0];
         if (s < 0 || (size_t)s >= a->seq_cap || !a->seq_bound[s]) {
+            uncount(a, i);
             set_error("tiller_llama_begin: token %zu belongs to sequence %d, which carries no "
                       "request (call tiller_llama_seq_begin)",
                       i, s);
             return -1;
         }
         if (a->seq_stopped[s]) {
+            uncount(a, i);
             /* A stop is a stop: a host that missed it must not decode the sequence further. */
             set_error("tiller_llama_begin: token %zu belongs to sequence %d, whose request %llu a "
                       "monitor stopped: drop the sequence from the batch (tiller_llama_seq_stopped) "
@@ -435,13 +484,22 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
             return -1;
         }
         a->ids[i] = a->seq_request[s];
-        a->phases[i] = a->seq_prompted[s] ? TILLER_GENERATED : TILLER_PROMPT;
+        if (a->seq_prompt[s] != SIZE_MAX) {
+            /* The host gave the prompt's length: a token is a prompt token by its index in the
+             * sequence, whatever decode carries it (prompts prefilled in chunks). The count is
+             * advanced here for the batch's own tokens, and taken back unless the decode succeeds. */
+            a->phases[i] = a->seq_decoded[s] < a->seq_prompt[s] ? TILLER_PROMPT : TILLER_GENERATED;
+        } else {
+            a->phases[i] = a->seq_prompted[s] ? TILLER_GENERATED : TILLER_PROMPT;
+        }
         a->seqs[i] = s;
+        a->seq_decoded[s]++;
     }
     /* A step's stops are among its requests: at most one per token. */
     if (a->stops_cap < n) {
         uint64_t *st = realloc(a->stops, n * sizeof *st);
         if (st == NULL) {
+            uncount(a, n);
             set_error("tiller_llama_begin: out of memory");
             return -1;
         }
@@ -452,6 +510,7 @@ int tiller_llama_begin(tiller_llama *a, struct llama_batch batch, uint32_t n_uba
     if (tiller_step_open(a->rt, a->ids, a->phases, n, &step) != TILLER_OK) {
         char msg[768];
         tiller_message(msg, sizeof msg);
+        uncount(a, n);
         set_error("tiller_llama_begin: tiller_step_open: %s", msg);
         return -1;
     }
@@ -509,6 +568,9 @@ int tiller_llama_end(tiller_llama *a, int32_t decode_result) {
     }
     tiller_step *step = a->step;
     a->step = NULL;
+    if (decode_result != 0 || a->failed || a->hooked != a->n_hooks) {
+        uncount(a, a->step_tokens);
+    }
     if (decode_result != 0) {
         return end_failed(a, step, "tiller_llama_end: llama_decode returned %d", decode_result);
     }

@@ -21,7 +21,8 @@
  *   tiller_request_end(rt, 7, buf, len, &needed);
  *
  * A token's phase is PROMPT in the first decode of its sequence after tiller_llama_seq_begin and
- * GENERATED afterwards. A batch must fit in one micro-batch (n_tokens <= llama_n_ubatch): the
+ * GENERATED afterwards; a host that prefills prompts in chunks gives the prompt's length with
+ * tiller_llama_seq_prompt, and then a token's phase follows from its index in the sequence. A batch must fit in one micro-batch (n_tokens <= llama_n_ubatch): the
  * adapter opens one Tiller step per decode. Only the CPU backend is supported: a hooked node in
  * device memory is refused with a clear error (llama.cpp's other backends would need
  * ggml_backend_tensor_get/set).
@@ -71,6 +72,11 @@ bool tiller_llama_eval_callback(struct ggml_tensor *t, bool ask, void *user_data
 /* Sequence `seq` now carries Tiller request `request_id` (begun by the host with
  * tiller_request_begin); its next decode is its prompt. */
 int tiller_llama_seq_begin(tiller_llama *a, llama_seq_id seq, uint64_t request_id);
+
+/* The first `n_prompt` tokens sequence `seq` decodes are its prompt (PROMPT), the rest GENERATED,
+ * whichever decodes carry them: for hosts that prefill a prompt in chunks beside other sequences.
+ * Call after tiller_llama_seq_begin and before the sequence's first decode. */
+int tiller_llama_seq_prompt(tiller_llama *a, llama_seq_id seq, size_t n_prompt);
 
 /* Sequence `seq` no longer carries a request (its tokens are refused until bound again). */
 int tiller_llama_seq_end(tiller_llama *a, llama_seq_id seq);

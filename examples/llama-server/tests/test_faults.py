@@ -1,0 +1,246 @@
+"""Operations and faults: the admin endpoints, a full queue, a client that goes away, reloads by
+SIGHUP and by the endpoint (good and broken files), and SIGTERM with requests in flight.
+
+Long generations (LONG tokens, `ignore_eos`) keep a request running while the test acts on the
+server; the tests check that it still was where that matters, so that a faster machine fails
+loudly instead of testing nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import threading
+
+import httpx2
+import openai
+import pytest
+from conftest import CONFIG, TOKEN, greedy, stream, write_config
+
+LONG = 1500
+CTX = 2048
+
+FRESH = """
+[[profile]]
+name = "fresh"
+[[profile.steer]]
+name = "add-0"
+dictionary = "sae"
+op = "add"
+feature = 0
+strength = 2.0
+"""
+
+BROKEN = """
+[[profile]]
+name = "broken"
+[[profile.steer]]
+dictionary = "missing"
+op = "add"
+feature = 1
+strength = 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def faults(start_server, sae, token_file, tmp_path_factory):
+    """A server on its own copy of the config (the reload tests rewrite it), two slots, a queue
+    of one, the admin endpoints on."""
+    folder = tmp_path_factory.mktemp("faults")
+    cfg = write_config(folder, sae[0])
+    s = start_server(cfg, parallel=2, ctx=CTX, extra=["--queue", "1", "--admin-token-file", token_file])
+    yield s, cfg, sae[0]
+    s.close()
+
+
+def error_of(r: httpx2.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) >= {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_admin_endpoints_need_the_right_token(faults):
+    server, _, _ = faults
+    for token in (None, "wrong-token", TOKEN + "x"):
+        for action in ("reload", "pause", "resume"):
+            r = server.admin(action, token=token)
+            assert r.status_code == 401, (action, token, r.text)
+            assert error_of(r)["type"] == "invalid_request_error"
+    before = server.metric("tiller_server_reloads_total", result="ok")
+    r = server.admin("reload")
+    assert r.status_code == 200, r.text
+    assert server.metric("tiller_server_reloads_total", result="ok") == before + 1
+    assert server.admin("pause").status_code == 200
+    assert server.admin("resume").status_code == 200
+
+
+def test_a_full_queue_is_429(faults):
+    """Paused, the queue holds one request (--queue 1); the next is refused at once."""
+    server, _, _ = faults
+    before = server.metric("tiller_server_requests_total", endpoint="completions", status="429")
+    assert server.admin("pause").status_code == 200
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(server.post, "/v1/completions", greedy(4, prompt=[1, 72]))
+            server.wait_metric("tiller_server_queue_depth", 1, timeout=30)
+            r = server.post("/v1/completions", greedy(4, prompt=[1, 73]))
+            assert r.status_code == 429, r.text
+            assert r.headers.get("retry-after") == "1"
+            err = error_of(r)
+            assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+            with pytest.raises(openai.RateLimitError) as info:
+                server.client().completions.create(model="tiny", prompt="x", max_tokens=2)
+            assert info.value.code == "queue_full"
+            assert server.gauge("tiller_server_queue_depth") == 1
+            assert server.admin("resume").status_code == 200
+            done = queued.result()
+            assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
+    finally:
+        server.admin("resume")
+    assert server.metric("tiller_server_requests_total", endpoint="completions", status="429") == before + 2
+
+
+def test_a_client_that_goes_away_frees_its_sequence(faults):
+    server, _, _ = faults
+    before = server.metric("tiller_server_finished_total", endpoint="completions", finish_reason="disconnected")
+    with httpx2.Client(base_url=server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=greedy(LONG, prompt=[1, 72, 105], stream=True)) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    seen += 1
+                    if seen == 3:
+                        break
+            assert server.gauge("tiller_server_running_sequences") == 1, "the generation ended before the client left"
+    server.wait_metric("tiller_server_finished_total", before + 1, endpoint="completions", finish_reason="disconnected")
+    server.wait_metric("tiller_server_running_sequences", 0)
+    # The server goes on serving.
+    r = server.complete(greedy(3, prompt=[1, 72]))
+    assert r["choices"][0]["finish_reason"] == "length"
+
+
+def long_stream(server, **fields):
+    body = greedy(LONG, prompt=[1, 76, 111, 110, 103], stream=True, stream_options={"include_usage": True}, **fields)
+    result = {}
+
+    def run():
+        result["status"], result["events"], result["done"] = stream(server, "/v1/completions", body)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+def finish_and_usage(result) -> tuple[dict, dict]:
+    events = result["events"]
+    assert result["status"] == 200 and result["done"], events[-1:]
+    last = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"] is not None]
+    assert len(last) == 1
+    return last[0], next(e["usage"] for e in reversed(events) if e.get("usage"))
+
+
+def test_sighup_reloads_and_a_running_request_keeps_its_profile(faults):
+    server, cfg, sae_path = faults
+    fresh = greedy(3, prompt=[1, 72], tiller_profile="fresh")
+    r = server.post("/v1/completions", fresh)
+    assert r.status_code == 400 and error_of(r)["code"] == "tiller_profile_unknown"
+    ok = server.metric("tiller_server_reloads_total", result="ok")
+
+    t, result = long_stream(server, tiller_profile="steer")
+    server.wait_metric("tiller_server_running_sequences", 1)
+    write_config(cfg.parent, sae_path, CONFIG + FRESH)
+    server.signal(signal.SIGHUP)
+    server.wait_metric("tiller_server_reloads_total", ok + 1, result="ok")
+    assert server.gauge("tiller_server_running_sequences") == 1, "the long request ended before the reload"
+    # The new profile serves beside the running request.
+    a = server.complete(fresh)
+    assert a["tiller"]["profile"] == "fresh"
+    assert a["tiller"]["steering"] == {"add-0": a["tiller"]["tokens"]}
+    t.join(300)
+    last, usage = finish_and_usage(result)
+    assert last["choices"][0]["finish_reason"] == "length" and usage["completion_tokens"] == LONG
+    # Kept by name through the reload: every token was steered by `steer`.
+    assert last["tiller"]["profile"] == "steer"
+    assert last["tiller"]["steering"] == {"add-2": last["tiller"]["tokens"]}
+
+    # A broken file is refused; the running config keeps serving.
+    write_config(cfg.parent, sae_path, CONFIG + FRESH + BROKEN)
+    server.signal(signal.SIGHUP)
+    server.wait_metric("tiller_server_reloads_total", 1, result="error")
+    assert "missing" in server.log()
+    assert server.metric("tiller_server_reloads_total", result="ok") == ok + 1
+    assert server.complete(fresh)["tiller"]["profile"] == "fresh"
+    r = server.post("/v1/completions", greedy(3, prompt=[1, 72], tiller_profile="broken"))
+    assert r.status_code == 400 and error_of(r)["code"] == "tiller_profile_unknown"
+    write_config(cfg.parent, sae_path, CONFIG + FRESH)
+
+
+def test_the_reload_endpoint(faults):
+    server, cfg, sae_path = faults
+    errors = server.metric("tiller_server_reloads_total", result="error")
+    ok = server.metric("tiller_server_reloads_total", result="ok")
+    write_config(cfg.parent, sae_path, CONFIG + BROKEN)
+    r = server.admin("reload")
+    assert r.status_code == 400
+    err = error_of(r)
+    assert err["type"] == "invalid_request_error" and "missing" in err["message"]
+    assert server.metric("tiller_server_reloads_total", result="error") == errors + 1
+    assert server.complete(greedy(2, prompt=[1, 72], tiller_profile="fresh"))["tiller"]["profile"] == "fresh"
+    # A good file: `fresh` is gone, `steer` serves.
+    write_config(cfg.parent, sae_path, CONFIG)
+    r = server.admin("reload")
+    assert r.status_code == 200, r.text
+    assert server.metric("tiller_server_reloads_total", result="ok") == ok + 1
+    r = server.post("/v1/completions", greedy(2, prompt=[1, 72], tiller_profile="fresh"))
+    assert r.status_code == 400 and error_of(r)["code"] == "tiller_profile_unknown"
+    assert server.complete(greedy(2, prompt=[1, 72], tiller_profile="steer"))["tiller"]["profile"] == "steer"
+
+
+def test_sigterm_drains_then_exits(start_server):
+    """One slot: one request running, one queued, when SIGTERM comes. Both finish in full; new
+    requests meanwhile are answered 503 (on a connection opened before) or refused; exit 0."""
+    server = start_server(None, parallel=1, ctx=CTX)
+    keep = httpx2.Client(base_url=server.url, timeout=60)
+    assert keep.get("/healthz").status_code == 200
+    runs = [long_stream(server), long_stream(server)]
+    server.wait_metric("tiller_server_running_sequences", 1)
+    server.wait_metric("tiller_server_queue_depth", 1)
+    server.signal(signal.SIGTERM)
+
+    outcomes = []
+    try:
+        r = keep.get("/healthz")
+        outcomes.append(("healthz", r.status_code))
+        assert r.status_code == 503 and r.json() == {"status": "draining"}
+    except httpx2.TransportError as e:
+        outcomes.append(("healthz", type(e).__name__))
+    try:
+        r = keep.post("/v1/completions", json=greedy(2, prompt=[1, 72]))
+        outcomes.append(("completions", r.status_code))
+        assert r.status_code == 503
+        assert r.headers.get("retry-after") == "5"
+        err = error_of(r)
+        assert err["type"] == "server_error" and err["code"] == "draining"
+    except httpx2.TransportError as e:
+        outcomes.append(("completions", type(e).__name__))
+    try:
+        with httpx2.Client(base_url=server.url, timeout=30) as fresh:
+            r = fresh.post("/v1/completions", json=greedy(2, prompt=[1, 72]))
+        outcomes.append(("new connection", r.status_code))
+        assert r.status_code == 503
+    except httpx2.TransportError as e:
+        outcomes.append(("new connection", type(e).__name__))
+    still_running = server.proc.poll() is None
+    print(f"during the drain: {outcomes}; the server was {'still' if still_running else 'no longer'} running")
+    assert still_running, "the server exited before the drain could be observed: make LONG longer"
+
+    for t, result in runs:
+        t.join(300)
+        last, usage = finish_and_usage(result)
+        assert last["choices"][0]["finish_reason"] == "length"
+        assert usage["completion_tokens"] == LONG
+    assert server.proc.wait(120) == 0
+    keep.close()
+    server.close()
