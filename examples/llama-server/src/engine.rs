@@ -169,14 +169,14 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `job`, or gives it back with why not.
-    pub fn push(&self, job: Job) -> std::result::Result<(), (Refused, Job)> {
+    /// Queues `job`, or says why not (the job is dropped).
+    pub fn push(&self, job: Job) -> std::result::Result<(), Refused> {
         let mut st = self.lock();
         if st.draining {
-            return Err((Refused::Draining, job));
+            return Err(Refused::Draining);
         }
         if st.jobs.len() >= self.capacity {
-            return Err((Refused::Full, job));
+            return Err(Refused::Full);
         }
         st.jobs.push_back(job);
         self.metrics.queue_depth.set(st.jobs.len() as i64);

@@ -286,7 +286,7 @@ fn begin(
 
 /// Queues a job whose Tiller requests (`ids`) have begun; ends them when it is refused.
 fn enqueue(app: &App, job: Job, ids: &[u64]) -> Result<(), ApiError> {
-    app.queue.push(job).map_err(|(why, _job)| {
+    app.queue.push(job).map_err(|why| {
         if let Some(t) = &app.tiller {
             for &id in ids {
                 t.end(id);

@@ -222,7 +222,8 @@ class Server:
         return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=300, **kw)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         text = self.log_path.read_text(errors="replace")
         return text[-6000:]
 
@@ -260,12 +261,13 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
-        self._log.flush()
 
     def close(self) -> None:
+        """Kills the process (if it still runs); closing twice is harmless."""
         if getattr(self, "http", None) is not None:
             self.http.close()
         self.kill()
+        self._reader.join(10)
         self._log.close()
 
 
@@ -294,8 +296,9 @@ def start_server(tmp_path_factory, binary, tiny):
 @pytest.fixture(scope="session")
 def steer_server(start_server, config) -> Server:
     """The config above, layer 0, chatml chat template, no admin token: the shared server of the
-    API and steering tests."""
-    return start_server(config, extra=["--chat-template", "chatml"])
+    API and steering tests. An f32 KV cache, so that its logits are float32 llama.cpp's, within
+    the reference tolerance (an f16 cache rounds every key and value to 11 bits)."""
+    return start_server(config, extra=["--chat-template", "chatml", "--cache-type", "f32"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,11 +37,11 @@ def client(steer_server):
     return steer_server.client()
 
 
-def completion(client, max_tokens=6, prompt=PROMPT, **kw):
+def completion(client, max_tokens=6, prompt=PROMPT, model="tiny", **kw):
     extra_body = dict(EXTRA)
     extra_body.update(kw.pop("extra_body", {}))
-    return client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                     extra_body=extra_body, **kw)
+    kw.setdefault("temperature", 0)
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, extra_body=extra_body, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +231,9 @@ def test_allowed_overrides_steer(client):
     over = {"steer": [{"dictionary": "sae", "op": "add", "feature": 0, "strength": 3.0}]}
     r = completion(client, max_tokens=4, extra_body={"tiller_overrides": over})
     t = extra(r, "tiller")
-    assert t["steering"] == {"request_override": t["tokens"]}
+    # One rule, the request's own (the runtime names it after the request), on every token.
+    assert list(t["steering"].values()) == [t["tokens"]]
+    assert "add-2" not in t["steering"]
 
 
 def bad_request(call) -> openai.BadRequestError:
@@ -314,12 +316,12 @@ def test_model_alias(start_server):
     s = start_server(None, parallel=1, extra=["--model-alias", "tiny-alias"])
     c = s.client()
     assert [m.id for m in c.models.list().data] == ["tiny-alias"]
-    r = completion(c, max_tokens=2)
+    r = completion(c, max_tokens=2, model="tiny-alias")
     assert r.model == "tiny-alias"
     # Without a config the tiller field is there and null.
     assert extra(r, "tiller") is None
     # A profile needs a config.
-    e = bad_request(lambda: completion(c, extra_body={"tiller_profile": "steer"}))
+    e = bad_request(lambda: completion(c, model="tiny-alias", extra_body={"tiller_profile": "steer"}))
     assert e.code == "tiller_profile_unknown"
     s.close()
 
