@@ -23,9 +23,14 @@ Runs alternate the configurations (forwards, then backwards) to spread the machi
 run starts a fresh server, warms it up with a short request per slot, then measures. The table
 gives the median over runs (and min-max), the ratio against the configuration's reference and
 whether the target holds. Below it, the machine's floor: the model's FLOPs per generated token
-against a float32 matmul measured with NumPy on the same number of threads.
+against a float32 matmul measured with NumPy on the same number of threads. NumPy's BLAS picks the
+widest vector unit the CPU has; llama.cpp here is built with GGML_NATIVE off (AVX2 at most), so on
+a machine with AVX-512 its share of that peak is bounded well below 100%.
 
-    .venv/bin/python examples/llama-server/bench/bench.py                      # all four, 3 runs
+llama-server runs with the KV cache shared between its slots (`--kv-unified`), as
+tiller-llama-server's context does (llama_host.c); `--upstream-split-kv` gives its own default.
+
+    .venv/bin/python examples/llama-server/bench/bench.py                      # all four, 5 runs each
     .venv/bin/python examples/llama-server/bench/bench.py --configs plain,monitor --runs 1 --max-tokens 16
 
 The model, SAE and configs are written once into `--work` (target/bench-llama-server/<sizes>).
@@ -75,16 +80,18 @@ BYTE0 = 3  # the tiny decoder's vocabulary: <unk>, <s>, </s>, then one token per
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
-    p.add_argument("--runs", type=int, default=3, help="runs per configuration (alternating)")
+    p.add_argument("--runs", type=int, default=5, help="runs per configuration (alternating)")
     p.add_argument("--streams", type=int, default=32, help="concurrent streams, and the servers' slots")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (BOS included)")
-    p.add_argument("--max-tokens", type=int, default=96, help="generated tokens per stream")
+    p.add_argument("--max-tokens", type=int, default=128, help="generated tokens per stream")
     p.add_argument("--warmup-tokens", type=int, default=4, help="generated tokens per stream in the warm-up")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="the servers' threads (and the matmul's)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="the servers' threads (and the matmul's)")
     p.add_argument("--batch", type=int, default=512, help="n_batch = n_ubatch of both servers")
     p.add_argument("--ctx-per-seq", type=int, default=0,
                    help="context per sequence (default: prompt + max tokens + 16, rounded up to 256)")
-    p.add_argument("--seed", type=int, default=1, help="the model's seed (the SAE's and the prompts' derive from it)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="the model's seed (the SAE's and the prompts' derive from it)")
     p.add_argument("--n-embd", type=int, default=1024)
     p.add_argument("--n-layer", type=int, default=8)
     p.add_argument("--n-head", type=int, default=16)
@@ -93,13 +100,16 @@ def parse_args(argv=None):
     p.add_argument("--sae-mult", type=int, default=16, help="d_sae = this x n_embd")
     p.add_argument("--layer", type=int, default=4, help="the hooked layer (hook blk.N)")
     p.add_argument("--monitored", type=int, default=64, help="features the monitor watches")
-    p.add_argument("--threshold", type=float, default=3.0,
-                   help="the monitor's threshold (encoder rows are unit vectors; the residual's entries are ~N(0, 1))")
+    p.add_argument("--threshold", type=float, default=6.0,
+                   help="the monitor's threshold; with the default model and SAE, a watched feature "
+                        "is over 6 at a few percent of the generated tokens")
     p.add_argument("--strength", type=float, default=0.25, help="the profiles' add strength and clamp value")
     p.add_argument("--work", type=Path, default=None, help="where the model, SAE and configs are written")
     p.add_argument("--server", type=Path, default=REPO / "target" / "release" / "tiller-llama-server")
-    p.add_argument("--lib", type=Path, default=None, help="libtiller_llama_host.so, passed as the server's --lib")
-    p.add_argument("--upstream", type=Path, default=None, help="llama-server (default: what bench/upstream.sh prints)")
+    p.add_argument("--lib", type=Path, default=None,
+                   help="libtiller_llama_host.so, passed as the server's --lib")
+    p.add_argument("--upstream", type=Path, default=None,
+                   help="llama-server (default: what bench/upstream.sh prints)")
     p.add_argument("--upstream-split-kv", action="store_true",
                    help="run llama-server with its own per-slot KV cache instead of the unified one "
                         "tiller-llama-server's context uses")
@@ -128,16 +138,29 @@ def hparams(a):
     return hp
 
 
-def work_dir(a) -> Path:
-    name = (f"llama-s{a.seed}-e{a.n_embd}-l{a.n_layer}-h{a.n_head}-kv{a.n_head_kv}-ff{a.n_ff}"
-            f"-sae{a.sae_mult * a.n_embd}-L{a.layer}-m{a.monitored}-p{a.streams}"
-            f"-t{a.threshold:g}-s{a.strength:g}")
+def work_root(a) -> Path:
     if a.work is not None:
-        return a.work / name
+        return a.work
     target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
     if not target.is_absolute():
         target = REPO / target
-    return target / "bench-llama-server" / name
+    return target / "bench-llama-server"
+
+
+def model_dir(a) -> Path:
+    """The model's folder, named by its sizes; it holds the SAEs of its layers too."""
+    return work_root(a) / (f"llama-s{a.seed}-e{a.n_embd}-l{a.n_layer}-h{a.n_head}-kv{a.n_head_kv}"
+                           f"-ff{a.n_ff}")
+
+
+def sae_name(a) -> str:
+    return f"sae-{a.n_embd}x{a.sae_mult * a.n_embd}-L{a.layer}"
+
+
+def run_dir(a) -> Path:
+    """The configs and logs, named by what the configs hold."""
+    return model_dir(a) / (f"{sae_name(a)}-m{a.monitored}-p{a.streams}-t{a.threshold:g}"
+                           f"-s{a.strength:g}")
 
 
 def features(a):
@@ -155,7 +178,7 @@ def config_text(a, with_profiles: bool) -> str:
         "",
         "[[dictionary]]",
         'name = "sae"',
-        'path = "sae.onnx"',
+        f'path = "../{sae_name(a)}/sae.onnx"',
         "",
         "[[monitor]]",
         'name = "watch"',
@@ -178,17 +201,21 @@ def config_text(a, with_profiles: bool) -> str:
 
 def prepare(a) -> Path:
     """Writes the model and (when a configuration needs it) the SAE once; later calls with the same
-    sizes reuse them. The configs are small and written every time."""
-    d = work_dir(a)
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "model.ready").is_file():
-        print(f"writing {d / 'model.gguf'}", file=sys.stderr)
-        convert.convert_tiny_llama(a.seed, d / "model.gguf", hp=hparams(a))
-        (d / "model.ready").touch()
-    if any(c in ("monitor", "profiles") for c in a.configs) and not (d / "sae.ready").is_file():
-        print(f"writing {d / 'sae.onnx'}", file=sys.stderr)
-        write_sae(a, d)
-        (d / "sae.ready").touch()
+    sizes reuse them. The configs are small and written every time. Returns the run's folder."""
+    m = model_dir(a)
+    m.mkdir(parents=True, exist_ok=True)
+    if not (m / "model.ready").is_file():
+        print(f"writing {m / 'model.gguf'}", file=sys.stderr)
+        convert.convert_tiny_llama(a.seed, m / "model.gguf", hp=hparams(a))
+        (m / "model.ready").touch()
+    sae = m / sae_name(a)
+    if any(c in ("monitor", "profiles") for c in a.configs) and not (sae / "ready").is_file():
+        print(f"writing {sae / 'sae.onnx'}", file=sys.stderr)
+        sae.mkdir(exist_ok=True)
+        write_sae(a, sae)
+        (sae / "ready").touch()
+    d = run_dir(a)
+    (d / "logs").mkdir(parents=True, exist_ok=True)
     (d / "monitor.toml").write_text(config_text(a, with_profiles=False))
     (d / "profiles.toml").write_text(config_text(a, with_profiles=True))
     return d
@@ -287,11 +314,13 @@ def upstream_binary(a) -> Path:
     return Path(r.stdout.strip().splitlines()[-1])
 
 
-def make_server(a, name: str, d: Path, logs: Path) -> Server:
-    log = logs / f"{name}.log"
+def make_server(a, name: str, d: Path) -> Server:
+    """The server of configuration `name`; `d` is the run's folder (prepare)."""
+    log = d / "logs" / f"{name}.log"
+    model = model_dir(a) / "model.gguf"
     if name == "upstream":
         port = free_port()
-        cmd = [str(upstream_binary(a)), "-m", str(d / "model.gguf"), "--host", "127.0.0.1",
+        cmd = [str(upstream_binary(a)), "-m", str(model), "--host", "127.0.0.1",
                "--port", str(port), "-np", str(a.streams), "-c", str(a.ctx_per_seq * a.streams),
                "-t", str(a.threads), "-tb", str(a.threads), "-b", str(a.batch), "-ub", str(a.batch),
                "--cont-batching", "--no-warmup",
@@ -303,7 +332,7 @@ def make_server(a, name: str, d: Path, logs: Path) -> Server:
         s = Server(name, cmd, log, {"timings_per_token": True}, health_ok)
         s.port = port
         return s
-    cmd = [str(a.server), "--model", str(d / "model.gguf"), "--listen", "127.0.0.1:0",
+    cmd = [str(a.server), "--model", str(model), "--listen", "127.0.0.1:0",
            "--parallel", str(a.streams), "--ctx-size", str(a.ctx_per_seq), "--threads", str(a.threads),
            "--batch", str(a.batch), "--queue", str(max(64, 2 * a.streams)), "--model-alias", "bench"]
     if a.lib is not None:
@@ -364,30 +393,31 @@ def stream(server: Server, body: dict, start: threading.Barrier, out: dict):
 
 def tokens_of(lines):
     """(arrival time, tokens in the chunk) per chunk, the generated tokens from `usage`, and the
-    monitor events the chunks carried."""
-    chunks, usage, predicted, events = [], None, 0, 0
-    for t, data in lines:
-        j = json.loads(data)
-        tiller = j.get("tiller")
-        if isinstance(tiller, dict) and isinstance(tiller.get("events"), list):
-            events += len(tiller["events"])
+    request's Tiller summary (the `tiller` object of the chunk with `finish_reason`; None without).
+
+    The tokens come from `timings.predicted_n` when the server sends it, else from `token_ids`
+    (a chunk without them, such as text held back for an incomplete UTF-8 character and sent at
+    the end, carries none), else one per chunk with text."""
+    parsed = [(t, json.loads(data)) for t, data in lines]
+    choice = [(j.get("choices") or [{}])[0] for _, j in parsed]
+    by_timings = any("predicted_n" in (j.get("timings") or {}) for _, j in parsed)
+    by_ids = any(c.get("token_ids") is not None for c in choice)
+    chunks, usage, predicted, summary = [], None, 0, None
+    for (t, j), c in zip(parsed, choice):
         if j.get("usage"):
             usage = j["usage"].get("completion_tokens", usage)
-        choices = j.get("choices") or []
-        if not choices:
-            continue
-        c = choices[0]
-        timings = j.get("timings")
-        if timings and "predicted_n" in timings:
-            k = timings["predicted_n"] - predicted
-            predicted = timings["predicted_n"]
-        elif c.get("token_ids") is not None:
-            k = len(c["token_ids"])
+        if c.get("finish_reason") is not None and isinstance(j.get("tiller"), dict):
+            summary = j["tiller"]
+        if by_timings:
+            n = (j.get("timings") or {}).get("predicted_n", predicted)
+            k, predicted = n - predicted, n
+        elif by_ids:
+            k = len(c.get("token_ids") or [])
         else:
             k = 1 if c.get("text") else 0
         if k > 0:
             chunks.append((t, k))
-    return chunks, usage, events
+    return chunks, usage, summary
 
 
 def run_once(a, server: Server, max_tokens: int, salt: int, profiles: bool):
@@ -416,9 +446,15 @@ def run_once(a, server: Server, max_tokens: int, salt: int, profiles: bool):
     if errors:
         raise RuntimeError(f"{server.name}: {len(errors)} of {a.streams} streams failed; first: {errors[0]}")
     total, itl, events = 0, [], 0
-    for o in outs:
-        chunks, usage, ev = tokens_of(o["lines"])
-        events += ev
+    for i, o in enumerate(outs):
+        chunks, usage, summary = tokens_of(o["lines"])
+        if summary is not None:
+            events += len(summary.get("events") or [])
+        elif server.name in ("monitor", "profiles"):
+            raise RuntimeError(f"{server.name}: stream {i} ended without a Tiller summary")
+        if profiles and (summary is None or summary.get("profile") != f"p{i}"
+                         or not any((summary.get("steering") or {}).values())):
+            raise RuntimeError(f"{server.name}: stream {i} was not steered by profile p{i}: {summary}")
         n = sum(k for _, k in chunks)
         if usage is not None and usage != n:
             print(f"  note: {server.name}: usage says {usage} tokens, the chunks {n}", file=sys.stderr)
@@ -477,15 +513,9 @@ def matmul_flops(threads: int, m: int, k: int, n: int) -> float:
 # Main.
 
 
-def pct(x: float, lo: float) -> float:
-    return 100.0 * x / lo
-
-
 def main(argv=None):
     a = parse_args(argv)
     d = prepare(a)
-    logs = d / "logs"
-    logs.mkdir(exist_ok=True)
     if any(c != "upstream" for c in a.configs) and not a.server.is_file():
         sys.exit(f"bench.py: {a.server} is missing (build tiller-llama-server, or give --server)")
     if "upstream" in a.configs and a.upstream is None:
@@ -495,11 +525,12 @@ def main(argv=None):
     for r in range(a.runs):
         order = a.configs if r % 2 == 0 else list(reversed(a.configs))
         for name in order:
-            s = make_server(a, name, d, logs)
+            s = make_server(a, name, d)
             try:
                 s.start()
                 run_once(a, s, a.warmup_tokens, salt=1_000_000 + r, profiles=name == "profiles")
-                tokens, window, itl, events = run_once(a, s, a.max_tokens, salt=r, profiles=name == "profiles")
+                tokens, window, itl, events = run_once(a, s, a.max_tokens, salt=r,
+                                                       profiles=name == "profiles")
             except RuntimeError as e:
                 s.stop()
                 sys.exit(f"bench.py: {e}\n--- {s.log} ---\n{s.tail()}")
@@ -508,7 +539,8 @@ def main(argv=None):
             results[name].append((tokens / window, p99, tokens, window))
             print(f"run {r + 1}/{a.runs} {name:9s} {tokens:6d} tokens in {window:7.2f} s: "
                   f"{tokens / window:8.1f} tok/s, inter-token p99 {1e3 * p99:7.1f} ms"
-                  + (f", {events} monitor events" if name in ("monitor", "profiles") else ""), file=sys.stderr)
+                  + (f", {events} monitor events" if name in ("monitor", "profiles") else ""),
+                  file=sys.stderr)
             if not a.keep_logs:
                 s.log.unlink(missing_ok=True)
 
@@ -540,7 +572,7 @@ def main(argv=None):
                 ratio = f"{q:.3f} of {ref}"
                 target = f"≥ {least:.2f}: {'holds' if q >= least else 'misses'}"
         print(f"| {c}: {LABELS[c]} | {med[c]:.1f} ({min(tps):.1f}–{max(tps):.1f}) | {p99:.1f} | "
-              f"{pct(flops, peak):.0f}% | {ratio} | {target} |")
+              f"{100 * flops / peak:.0f}% | {ratio} | {target} |")
     print()
     print(f"Floor: {dense / 1e6:.1f} MFLOP of matmuls per generated token (2 x {dense / 2e6:.1f} M "
           f"parameters) plus {attn / 1e6:.1f} MFLOP of attention at the mean context. NumPy float32 "

@@ -274,7 +274,7 @@ class Server:
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory, binary, tiny):
     """start_server(config=None, *, parallel=4, ctx=CTX, extra=(), model=None) -> Server, stopped at
-    the end of the session (tests that need a fresh server per module close it themselves)."""
+    the end of the test run (tests that need a fresh server per module close it themselves)."""
     started = []
 
     def start(config: Path | None = None, *, parallel: int = 4, ctx: int = CTX, extra=(), model=None) -> Server:

@@ -9,15 +9,17 @@ loudly instead of testing nothing.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
+import socket
 import threading
 
 import httpx2
 import openai
 import pytest
-from conftest import CONFIG, TOKEN, greedy, stream, write_config
+from conftest import CONFIG, TOKEN, greedy, stream, wait_for, write_config
 
-LONG = 1500
+LONG = 2000
 CTX = 2048
 
 FRESH = """
@@ -198,42 +200,80 @@ def test_the_reload_endpoint(faults):
     assert server.complete(greedy(2, prompt=[1, 72], tiller_profile="steer"))["tiller"]["profile"] == "steer"
 
 
+class RawConnection:
+    """One HTTP/1.1 connection by hand, so that a request goes over exactly this socket (a client
+    library would quietly open a new one when the server has closed it)."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.buf = b""
+
+    def request(self, method: str, path: str, body: dict | None = None):
+        """(status, headers, body bytes), or None when the server closed the connection."""
+        data = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        try:
+            self.sock.sendall(head.encode() + data)
+            while b"\r\n\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return None
+                self.buf += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        n = int(headers.get("content-length", "0"))
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        content, self.buf = self.buf[:n], self.buf[n:]
+        return status, headers, content
+
+    def close(self):
+        self.sock.close()
+
+
 def test_sigterm_drains_then_exits(start_server):
-    """One slot: one request running, one queued, when SIGTERM comes. Both finish in full; new
-    requests meanwhile are answered 503 (on a connection opened before) or refused; exit 0."""
+    """One slot: one request running, one queued, when SIGTERM comes. Both finish in full, and the
+    process exits 0. Meanwhile new connections are refused (or answered 503), and an idle connection
+    opened before the signal is closed or, when a request still reaches the server on it, answered
+    503 `draining`: never served."""
     server = start_server(None, parallel=1, ctx=CTX)
-    keep = httpx2.Client(base_url=server.url, timeout=60)
-    assert keep.get("/healthz").status_code == 200
+    opened = [RawConnection(server.url), RawConnection(server.url)]
+    for c in opened:
+        assert c.request("GET", "/healthz")[0] == 200
     runs = [long_stream(server), long_stream(server)]
     server.wait_metric("tiller_server_running_sequences", 1)
     server.wait_metric("tiller_server_queue_depth", 1)
     server.signal(signal.SIGTERM)
 
-    outcomes = []
-    try:
-        r = keep.get("/healthz")
-        outcomes.append(("healthz", r.status_code))
-        assert r.status_code == 503 and r.json() == {"status": "draining"}
-    except httpx2.TransportError as e:
-        outcomes.append(("healthz", type(e).__name__))
-    try:
-        r = keep.post("/v1/completions", json=greedy(2, prompt=[1, 72]))
-        outcomes.append(("completions", r.status_code))
-        assert r.status_code == 503
-        assert r.headers.get("retry-after") == "5"
-        err = error_of(r)
-        assert err["type"] == "server_error" and err["code"] == "draining"
-    except httpx2.TransportError as e:
-        outcomes.append(("completions", type(e).__name__))
-    try:
-        with httpx2.Client(base_url=server.url, timeout=30) as fresh:
-            r = fresh.post("/v1/completions", json=greedy(2, prompt=[1, 72]))
-        outcomes.append(("new connection", r.status_code))
-        assert r.status_code == 503
-    except httpx2.TransportError as e:
-        outcomes.append(("new connection", type(e).__name__))
+    # The signal is handled asynchronously: wait until a new connection is no longer served.
+    new_connection = []
+
+    def draining():
+        try:
+            r = httpx2.post(server.url + "/v1/completions", json=greedy(2, prompt=[1, 72]), timeout=30)
+        except httpx2.TransportError as e:
+            new_connection.append(type(e).__name__)
+            return True
+        if r.status_code == 200:
+            return False
+        new_connection.append(r.status_code)
+        assert r.status_code == 503 and error_of(r)["code"] == "draining"
+        return True
+
+    wait_for(draining, 30, "the server to start draining", server)
+    health = opened[0].request("GET", "/healthz")
+    completion = opened[1].request("POST", "/v1/completions", greedy(2, prompt=[1, 72]))
     still_running = server.proc.poll() is None
-    print(f"during the drain: {outcomes}; the server was {'still' if still_running else 'no longer'} running")
+    print(f"during the drain: a new connection got {new_connection[-1]}; on connections opened before, "
+          f"/healthz got {health and health[:2]}, a completion {completion and completion[:2]}")
     assert still_running, "the server exited before the drain could be observed: make LONG longer"
 
     for t, result in runs:
@@ -242,5 +282,14 @@ def test_sigterm_drains_then_exits(start_server):
         assert last["choices"][0]["finish_reason"] == "length"
         assert usage["completion_tokens"] == LONG
     assert server.proc.wait(120) == 0
-    keep.close()
+    for c in opened:
+        c.close()
     server.close()
+
+    if health is not None:
+        assert health[0] == 503 and json.loads(health[2]) == {"status": "draining"}
+    if completion is not None:
+        status, headers, content = completion
+        assert status == 503 and headers.get("retry-after") == "5"
+        err = json.loads(content)["error"]
+        assert err["type"] == "server_error" and err["code"] == "draining"

@@ -18,7 +18,6 @@ from conftest import (
     decode_base64_embedding,
     extra,
     greedy,
-    sse,
     stream,
 )
 
@@ -309,7 +308,7 @@ def test_models_and_health(client, steer_server):
     assert [m.id for m in models] == ["tiny"]
     assert models[0].object == "model"
     r = steer_server.http.get("/healthz")
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "tiny", "tiller": True}
 
 
 def test_model_alias(start_server):
@@ -322,7 +321,7 @@ def test_model_alias(start_server):
     assert extra(r, "tiller") is None
     # A profile needs a config.
     e = bad_request(lambda: completion(c, model="tiny-alias", extra_body={"tiller_profile": "steer"}))
-    assert e.code == "tiller_profile_unknown"
+    assert e.code == "tiller_disabled" and e.param == "tiller_profile"
     s.close()
 
 

@@ -75,3 +75,65 @@ def test_unsteered_logprobs_equal_the_reference(steer_server, tiny):
     answer = steer_server.complete(greedy(STEPS, prompt=prompt, logprobs=20, return_tokens_as_token_ids=True))
     err, _ = check_against_reference(answer, prompt, weights, None)
     assert err < RTOL
+
+
+PHASE_PROFILES = """
+[[profile]]
+name = "prompt-only"
+[[profile.steer]]
+name = "add-2-prompt"
+dictionary = "sae"
+op = "add"
+feature = 2
+strength = 1.5
+apply_to = "prompt"
+
+[[profile]]
+name = "generated-only"
+[[profile.steer]]
+name = "add-2-generated"
+dictionary = "sae"
+op = "add"
+feature = 2
+strength = 1.5
+apply_to = "generated"
+"""
+
+
+def test_prompts_prefilled_in_chunks_keep_their_phase(start_server, tmp_path, tiny, sae, token_file):
+    """With `--batch 4` an 11-token prompt is prefilled in three decodes, beside another sequence
+    that is generating. Every prompt token is still a prompt token for Tiller (the server gives the
+    adapter the prompt's length), so a rule with `apply_to = "prompt"` edits exactly the 11 prompt
+    positions and one with `apply_to = "generated"` exactly the generated ones, as the reference
+    with the edit on those positions only predicts."""
+    from conftest import CONFIG, paused_schedule, write_config
+
+    sae_path, w_dec = sae
+    _, weights = tiny
+    cfg = write_config(tmp_path, sae_path, CONFIG + PHASE_PROFILES)
+    server = start_server(cfg, parallel=2, extra=["--batch", "4", "--cache-type", "f32", "--admin-token-file", token_file])
+    prompt = [1] + [3 + b for b in b"chunked!!!"]
+    assert len(prompt) == 11
+    edit = STRENGTH * w_dec[FEATURE]
+    for profile, rule, on_prompt in [("prompt-only", "add-2-prompt", True), ("generated-only", "add-2-generated", False)]:
+        # A neighbour queued first, so that the prompt's chunks share decodes with its tokens:
+        # with a batch of 4, its 3 prompt tokens and the prompt's first, then its generated tokens
+        # beside the next chunks.
+        neighbour, answer = paused_schedule(server, [
+            greedy(8, prompt=[1, 72, 105]),
+            greedy(STEPS, prompt=prompt, logprobs=20, return_tokens_as_token_ids=True, tiller_profile=profile),
+        ])
+        assert neighbour["choices"][0]["finish_reason"] == "length"
+        t = answer["tiller"]
+        n = len(prompt) + STEPS - 1  # the last generated token is never decoded
+        assert t["tokens"] == n
+        assert t["steering"] == {rule: len(prompt) if on_prompt else n - len(prompt)}, t["steering"]
+        tokens = prompt + answer["choices"][0]["token_ids"]
+        positions = np.arange(len(tokens))[:, None]
+        mask = positions < len(prompt) if on_prompt else positions >= len(prompt)
+        per_position = np.where(mask, edit[None, :], 0.0)
+        err, plain_err = check_against_reference(answer, prompt, weights, per_position)
+        print(f"{profile}: relative error {err:.2e}, against the unedited reference {plain_err:.2e}")
+        assert err < RTOL
+        if on_prompt:
+            assert plain_err > 100 * err, "the edit does not show in the logprobs"
