@@ -4,8 +4,8 @@
 //! A hook call picks every `1/fvu_sample_rate`-th token a dictionary reads (counted per
 //! dictionary, so sampling follows tokens, not steps: a 512-token prefill gives about 5 rows at the
 //! default rate, a lone token one now and then), copies those rows out, and hands them to one
-//! background worker per runtime through a bounded queue. The worker runs the dictionary's full
-//! encode and decode on them and updates the gauges. The hook never waits for it: when the queue is
+//! background worker per runtime through a bounded queue. The worker gathers a gauge window of rows
+//! (or waits 10 s), runs the dictionary's full encode and decode on them and updates the gauges. The hook never waits for it: when the queue is
 //! full the rows are dropped and counted in `fvu_samples_total{result="dropped"}`.
 //!
 //! The reconstruction is compared with what the dictionary reconstructs: its input for an SAE and a
@@ -36,6 +36,13 @@ const MAX_REST: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sampled tokens per gauge update.
 const WINDOW: usize = 32;
+
+/// How long the worker waits, once a sample has arrived, for a gauge window of them (`WINDOW`
+/// rows) before it measures what it has. A measurement reads all of the dictionary's weights (a
+/// 16× SAE of width 1024 holds 134 MB of f32) whatever the number of rows, so that read is paid
+/// once per window instead of once per sampled token: a server decoding a token per sequence per
+/// step samples one row at a time.
+const GATHER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Which tokens of a dictionary's input are sampled: every `every`-th, counted across calls.
 #[derive(Debug)]
@@ -210,13 +217,18 @@ impl Stop {
 impl Worker {
     /// Starts the worker thread.
     pub(crate) fn start() -> std::io::Result<Self> {
+        Self::start_gathering(GATHER)
+    }
+
+    /// Starts the worker thread, which waits up to `gather` for a window of samples.
+    pub(crate) fn start_gathering(gather: std::time::Duration) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(QUEUE);
         let stop = Arc::new(Stop::default());
         let thread = std::thread::Builder::new()
             .name("tiller-fvu".into())
             .spawn({
                 let stop = stop.clone();
-                move || run(&rx, &stop)
+                move || run(&rx, &stop, gather)
             })?;
         Ok(Self {
             tx: Some(tx),
@@ -263,13 +275,39 @@ impl Drop for Worker {
     }
 }
 
-/// The worker's loop: takes whatever has queued up, and measures consecutive samples of one
-/// dictionary in one batch (its weights are then read once for all of them).
-fn run(rx: &Receiver<Job>, stop: &Stop) {
+/// The worker's loop: gathers samples until a gauge window of rows has arrived, a flush asks, or
+/// `gather` has passed since the first, and measures consecutive samples of one dictionary in one
+/// batch (its weights are then read once for all of them).
+fn run(rx: &Receiver<Job>, stop: &Stop, gather: std::time::Duration) {
     while let Ok(first) = rx.recv() {
+        let deadline = std::time::Instant::now() + gather;
         let mut jobs = vec![first];
-        while jobs.len() < QUEUE {
-            match rx.try_recv() {
+        loop {
+            while jobs.len() < QUEUE {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            let rows: usize = jobs
+                .iter()
+                .map(|j| match j {
+                    Job::Measure(s) => s.n,
+                    Job::Flush(_) => 0,
+                })
+                .sum();
+            if rows >= WINDOW
+                || jobs.len() >= QUEUE
+                || jobs.iter().any(|j| matches!(j, Job::Flush(_)))
+            {
+                break;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // A timeout, or the handle dropped (the queue closed): measure what is here.
+            match rx.recv_timeout(left) {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
@@ -332,10 +370,11 @@ fn measure(group: Vec<Sample>) {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     use ndarray::{Array2, ArrayView2};
 
-    use super::{Meter, QUEUE, Reconstruct, Sample, Sampler, Worker};
+    use super::{Meter, QUEUE, Reconstruct, Sample, Sampler, WINDOW, Worker};
     use crate::metrics::{DictionaryMetrics, Metrics};
 
     #[test]
@@ -428,7 +467,7 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_without_waiting() {
         let (g, release, running) = gated();
-        let w = Worker::start().expect("worker");
+        let w = Worker::start_gathering(Duration::ZERO).expect("worker");
         w.submit(sample(&g, 1));
         running.recv().expect("the first measurement runs");
         for _ in 0..QUEUE {
@@ -458,7 +497,7 @@ mod tests {
     #[test]
     fn dropping_the_worker_waits_for_its_thread() {
         let (g, release, running) = gated();
-        let w = Worker::start().expect("worker");
+        let w = Worker::start_gathering(Duration::ZERO).expect("worker");
         w.submit(sample(&g, 1));
         running.recv().expect("the first measurement runs");
         w.submit(sample(&g, 2));
@@ -481,5 +520,35 @@ mod tests {
             "the worker's thread has ended and let go of its samples"
         );
         releaser.join().expect("releaser");
+    }
+    /// Samples that arrive one row at a time wait for a gauge window of rows and are measured in
+    /// one batch (one read of the dictionary's weights), not one measurement per row; a flush, or
+    /// the end of the wait, measures what has arrived.
+    #[test]
+    fn rows_arriving_one_at_a_time_are_measured_a_window_at_a_time() {
+        let (g, release, _running) = gated();
+        release.send(()).expect("release");
+        let w = Worker::start_gathering(Duration::from_secs(600)).expect("worker");
+        for _ in 0..WINDOW + 3 {
+            w.submit(sample(&g, 1));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        w.flush();
+        let batches = g.batches.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(batches.iter().sum::<usize>(), WINDOW + 3);
+        assert!(
+            batches.len() <= 2 && batches[0] >= WINDOW,
+            "{} rows measured in {} batches ({batches:?})",
+            WINDOW + 3,
+            batches.len()
+        );
+        // A lone sample is measured when the wait ends, without a flush.
+        let (g, release, running) = gated();
+        release.send(()).expect("release");
+        let w = Worker::start_gathering(Duration::from_millis(200)).expect("worker");
+        w.submit(sample(&g, 1));
+        running.recv().expect("measured after the wait");
+        drop(w);
+        assert_eq!(g.meter.gauges.measured.get(), 1);
     }
 }

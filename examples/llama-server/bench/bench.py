@@ -104,6 +104,8 @@ def parse_args(argv=None):
                    help="the monitor's threshold; with the default model and SAE, a watched feature "
                         "is over 6 at a few percent of the generated tokens")
     p.add_argument("--strength", type=float, default=0.25, help="the profiles' add strength and clamp value")
+    p.add_argument("--fvu-sample-rate", type=float, default=None,
+                   help="the config's fvu_sample_rate (default: the runtime's own, 0.01)")
     p.add_argument("--work", type=Path, default=None, help="where the model, SAE and configs are written")
     p.add_argument("--server", type=Path, default=REPO / "target" / "release" / "tiller-llama-server")
     p.add_argument("--lib", type=Path, default=None,
@@ -159,8 +161,9 @@ def sae_name(a) -> str:
 
 def run_dir(a) -> Path:
     """The configs and logs, named by what the configs hold."""
+    fvu = "" if a.fvu_sample_rate is None else f"-fvu{a.fvu_sample_rate:g}"
     return model_dir(a) / (f"{sae_name(a)}-m{a.monitored}-p{a.streams}-t{a.threshold:g}"
-                           f"-s{a.strength:g}")
+                           f"-s{a.strength:g}{fvu}")
 
 
 def features(a):
@@ -175,6 +178,7 @@ def config_text(a, with_profiles: bool) -> str:
     lines = [
         "[runtime]",
         "threads = 1",
+        *([f"fvu_sample_rate = {a.fvu_sample_rate!r}"] if a.fvu_sample_rate is not None else []),
         "",
         "[[dictionary]]",
         'name = "sae"',
