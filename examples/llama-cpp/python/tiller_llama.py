@@ -101,6 +101,8 @@ def _lib() -> ctypes.CDLL:
     lib.tiller_llama_seq_begin.restype = ctypes.c_int
     lib.tiller_llama_seq_end.argtypes = [vp, i32]
     lib.tiller_llama_seq_end.restype = ctypes.c_int
+    lib.tiller_llama_seq_prompt.argtypes = [vp, i32, sz]
+    lib.tiller_llama_seq_prompt.restype = ctypes.c_int
     lib.tiller_llama_begin.argtypes = [vp, llama_cpp.llama_batch, u32]
     lib.tiller_llama_begin.restype = ctypes.c_int
     lib.tiller_llama_end.argtypes = [vp, i32]
@@ -170,6 +172,12 @@ class Adapter:
     def seq_begin(self, seq: int, request_id: int) -> None:
         """Sequence `seq` now carries request `request_id` (begun with `Runtime.begin_request`)."""
         if self._lib.tiller_llama_seq_begin(self._handle(), seq, request_id) != 0:
+            raise _error(self._lib)
+
+    def seq_prompt(self, seq: int, n_prompt: int) -> None:
+        """The first `n_prompt` tokens sequence `seq` decodes are its prompt, whichever decodes carry
+        them (a prompt prefilled in chunks). Call after `seq_begin`, before its first decode."""
+        if self._lib.tiller_llama_seq_prompt(self._handle(), seq, n_prompt) != 0:
             raise _error(self._lib)
 
     def seq_end(self, seq: int) -> None:

@@ -201,6 +201,9 @@ def test_python_adapter_matches_the_c_adapter(model, config):
             assert adapter.decode(ctx, batch) == 0
         for s in range(2):
             assert np.array_equal(np.asarray(logits[s]), logits_of(c_run, s)), f"sequence {s}"
+        # A prompt's length is given before the sequence's first decode, not after.
+        with pytest.raises(AdapterError, match="has decoded 13 tokens already"):
+            adapter.seq_prompt(0, 3)
         summaries = []
         for s in range(2):
             adapter.seq_end(s)

@@ -29,32 +29,62 @@ fn build_host_library(root: &Path) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("build.sh printed nothing").trim())
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh printed nothing")
+            .trim(),
+    )
 }
 
 #[test]
 fn openai_client_against_the_server() {
     if !tiller_llama_cpp::can_build() && std::env::var_os("TILLER_LLAMA_DIR").is_none() {
-        assert!(!required(), "TILLER_REQUIRE_LLAMA=1 but cmake or a C/C++ compiler is missing");
+        assert!(
+            !required(),
+            "TILLER_REQUIRE_LLAMA=1 but cmake or a C/C++ compiler is missing"
+        );
         eprintln!("skipped: llama.cpp cannot be built here (needs cmake, cc and c++)");
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let root = root.canonicalize().expect("the workspace root");
     let lib = build_host_library(&root);
-    let target = lib.parent().and_then(Path::parent).expect("the target folder");
+    let target = lib
+        .parent()
+        .and_then(Path::parent)
+        .expect("the target folder");
     let python = std::env::var("TILLER_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join(".venv/bin/python"));
     let status = Command::new(&python)
-        .args(["-m", "pytest", "examples/llama-server/tests", "-q", "-p", "no:cacheprovider"])
+        .args([
+            "-m",
+            "pytest",
+            "examples/llama-server/tests",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ])
         .current_dir(&root)
-        .env("TILLER_LLAMA_SERVER", env!("CARGO_BIN_EXE_tiller-llama-server"))
+        .env(
+            "TILLER_LLAMA_SERVER",
+            env!("CARGO_BIN_EXE_tiller-llama-server"),
+        )
         .env("TILLER_LLAMA_HOST_LIB", &lib)
         .env("TILLER_LIB", target.join("debug/libtiller.so"))
         .env("TILLER_EXPORT", target.join("debug/tiller-export"))
         .env("TILLER_PYTHON", &python)
         .status()
-        .unwrap_or_else(|e| panic!("cannot run {} ({e}); scripts/test makes .venv", python.display()));
-    assert!(status.success(), "pytest examples/llama-server/tests failed ({status})");
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}); scripts/test makes .venv",
+                python.display()
+            )
+        });
+    assert!(
+        status.success(),
+        "pytest examples/llama-server/tests failed ({status})"
+    );
 }
