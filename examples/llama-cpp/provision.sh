@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Gets llama.cpp the reproducible way: the pinned `llama-cpp-python` sdist from PyPI (it vendors
-# llama.cpp), checked against its SHA-256 and built once into a wheel with cmake (shared libraries,
-# no server, no tests, no examples, GGML_NATIVE off so the binary runs on any x86-64), cached under
-# $TILLER_CACHE_DIR/llama-cpp-python-0.3.36/. Nothing from it is committed.
+# llama.cpp), checked against its SHA-256 (sdist.sh) and built once into a wheel with cmake (shared
+# libraries, no server, no tests, no examples, GGML_NATIVE off so the binary runs on any x86-64),
+# cached under $TILLER_CACHE_DIR/llama-cpp-python-0.3.36/. Nothing from it is committed.
 #
 # The cache folder then holds:
 #   wheel/llama_cpp_python-0.3.36-*.whl   the Python package with libllama.so and libggml*.so
@@ -11,8 +11,8 @@
 # and this script prints that folder. Needs python3 with pip, cmake (3.21 or later) and a C++ compiler.
 #   examples/llama-cpp/provision.sh        # prints the folder (builds on first use: ~8 min on 2 cores)
 set -euo pipefail
-version=0.3.36
-sha256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+here=$(cd "$(dirname "$0")" && pwd)
+version=$("$here/sdist.sh" --version)
 py=${TILLER_PYTHON:-python3}
 cache=${TILLER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tiller}
 dir=$cache/llama-cpp-python-$version
@@ -25,30 +25,8 @@ command -v cmake >/dev/null || { echo "provision.sh: cmake not found (apt-get in
 
 work=$(mktemp -d "$cache/.llama-cpp-python.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-sdist=llama_cpp_python-$version.tar.gz
-# pip cannot download an sdist without preparing its metadata (which builds it): read the
-# address from the package index, as pip does, and check the pinned hash.
-index=${PIP_INDEX_URL:-https://pypi.org/simple}
-url=$("$py" - "$index" "$sdist" <<'PY'
-import re, sys, urllib.request, urllib.parse
-index, name = sys.argv[1].rstrip("/"), sys.argv[2]
-page = urllib.request.urlopen(f"{index}/llama-cpp-python/", timeout=120).read().decode()
-for href in re.findall(r'href="([^"]+)"', page):
-    if href.split("#")[0].endswith("/" + name):
-        print(urllib.parse.urljoin(f"{index}/llama-cpp-python/", href.split("#")[0]))
-        break
-else:
-    sys.exit(f"{name} is not listed in {index}")
-PY
-)
-echo "provision.sh: downloading $url" >&2
-"$py" - "$url" "$work/$sdist" <<'PY'
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=600) as r, open(sys.argv[2], "wb") as f:
-    while chunk := r.read(1 << 20):
-        f.write(chunk)
-PY
-echo "$sha256  $work/$sdist" | sha256sum -c --quiet - || { echo "provision.sh: $sdist does not match its pinned SHA-256" >&2; exit 1; }
+path=$("$here/sdist.sh" "$work")
+sdist=$(basename "$path")
 
 echo "provision.sh: building llama.cpp (cmake, $(nproc) jobs; about 8 minutes on 2 cores)" >&2
 export CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF"

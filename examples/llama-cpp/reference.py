@@ -132,3 +132,19 @@ def minilm_reference(model_dir, texts, layer=-1, edit=None):
     out = json.loads(done.stdout)
     return {"ids": out["ids"], "hidden": [np.asarray(h) for h in out["hidden"]],
             "embeddings": np.asarray(out["embeddings"])}
+
+
+def pick_stop(values, steps, margin=1e-3):
+    """A stop monitor the reference predicts, for two sequences' feature values at their generated
+    tokens (`values[k]`: (tokens, features)): (feature, j, threshold) such that sequence 0 crosses
+    the threshold first at generated token j (1 <= j < steps - 1) and sequence 1 never does, each
+    value at least `margin` (relative to the largest) from the threshold; None when no feature
+    qualifies."""
+    m = margin * max(float(np.abs(v).max()) for v in values)
+    v0, v1 = values
+    for f in range(v0.shape[1]):
+        for j in range(1, steps - 1):
+            below = max(float(v0[:j, f].max()), float(v1[:, f].max()))
+            if v0[j, f] - below > 2 * m:
+                return f, j, (float(v0[j, f]) + below) / 2
+    return None

@@ -81,20 +81,6 @@ def generate(gguf: Path, config: Path | None) -> dict:
     return json.loads(r.stdout)
 
 
-def pick_stop(values: list[np.ndarray]) -> tuple[int, int, float] | None:
-    """(feature, j, threshold): sequence 0 crosses first at generated token j >= 1, short of the
-    last, and sequence 1 never does, each value at least MARGIN (relative) from the threshold."""
-    scale = max(float(np.abs(v).max()) for v in values)
-    margin = MARGIN * scale
-    v0, v1 = values
-    for f in range(v0.shape[1]):
-        for j in range(1, STEPS - 1):
-            below = max(float(v0[:j, f].max()), float(v1[:, f].max()))
-            if v0[j, f] - below > 2 * margin:
-                return f, j, (float(v0[j, f]) + below) / 2
-    return None
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The model, the base run (no Tiller) and a config whose stop is predicted: (gguf, config,
@@ -111,7 +97,7 @@ def setup(tmp_path_factory):
         h0 = reference.llama_forward(weights, tokens)["hidden"][LAYER]
         feats = np.maximum(h0 @ w_dec.T + B_ENC, 0.0)
         values.append(feats[len(p) :])  # the generated tokens, as decodes 1..STEPS feed them
-    picked = pick_stop(values)
+    picked = reference.pick_stop(values, STEPS, MARGIN)
     assert picked is not None, "no feature of the SAE gives a stop the test can predict"
     feature, j, threshold = picked
     print(f"feature {feature}: sequence 0 crosses {threshold:.6f} at generated token {j}")

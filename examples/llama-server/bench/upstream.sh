@@ -9,8 +9,8 @@
 #   examples/llama-server/bench/upstream.sh     # builds on first use (several minutes on 2 cores)
 # CMAKE_BUILD_PARALLEL_LEVEL sets the jobs (default: all cores).
 set -euo pipefail
-version=0.3.36
-sha256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+root=$(cd "$(dirname "$0")/../../.." && pwd)
+version=$("$root/examples/llama-cpp/sdist.sh" --version)
 py=${TILLER_PYTHON:-python3}
 cache=${TILLER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tiller}
 dir=$cache/llama-server-$version
@@ -23,29 +23,8 @@ command -v cmake >/dev/null || { echo "upstream.sh: cmake not found (apt-get ins
 
 work=$(mktemp -d "$cache/.llama-server.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-sdist=llama_cpp_python-$version.tar.gz
-# As provision.sh: the address from the package index, then the pinned hash.
-index=${PIP_INDEX_URL:-https://pypi.org/simple}
-url=$("$py" - "$index" "$sdist" <<'PY'
-import re, sys, urllib.request, urllib.parse
-index, name = sys.argv[1].rstrip("/"), sys.argv[2]
-page = urllib.request.urlopen(f"{index}/llama-cpp-python/", timeout=120).read().decode()
-for href in re.findall(r'href="([^"]+)"', page):
-    if href.split("#")[0].endswith("/" + name):
-        print(urllib.parse.urljoin(f"{index}/llama-cpp-python/", href.split("#")[0]))
-        break
-else:
-    sys.exit(f"{name} is not listed in {index}")
-PY
-)
-echo "upstream.sh: downloading $url" >&2
-"$py" - "$url" "$work/$sdist" <<'PY'
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=600) as r, open(sys.argv[2], "wb") as f:
-    while chunk := r.read(1 << 20):
-        f.write(chunk)
-PY
-echo "$sha256  $work/$sdist" | sha256sum -c --quiet - || { echo "upstream.sh: $sdist does not match its pinned SHA-256" >&2; exit 1; }
+path=$("$root/examples/llama-cpp/sdist.sh" "$work")
+sdist=$(basename "$path")
 tar -xzf "$work/$sdist" -C "$work" "llama_cpp_python-$version/vendor/llama.cpp"
 src=$work/llama_cpp_python-$version/vendor/llama.cpp
 

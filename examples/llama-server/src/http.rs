@@ -110,6 +110,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/pause", post(admin_pause))
         .route("/admin/resume", post(admin_resume))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
@@ -968,4 +969,14 @@ fn not_found_error() -> ApiError {
 
 async fn not_found() -> Response {
     not_found_error().into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "this endpoint does not take that method",
+    )
+    .code("method_not_allowed")
+    .into_response()
 }

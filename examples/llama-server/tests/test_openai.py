@@ -333,6 +333,9 @@ def test_unknown_paths_and_admin_without_a_token_file(client, steer_server):
     assert r.status_code == 404
     err = r.json()["error"]
     assert set(err) >= {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    # A method the endpoint does not take: 405, in the same shape.
+    r = steer_server.http.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     for action in ("reload", "pause", "resume"):
         r = steer_server.admin(action)
         assert r.status_code == 404, action

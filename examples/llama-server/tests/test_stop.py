@@ -40,19 +40,6 @@ apply_to = "generated"
 """
 
 
-def pick_stop(values: list[np.ndarray]):
-    """(feature, j, threshold), or None: prompt 0 crosses first at generated token j (1 <= j <
-    STEPS - 1), prompt 1 never, each value at least MARGIN (relative) from the threshold."""
-    margin = MARGIN * max(float(np.abs(v).max()) for v in values)
-    v0, v1 = values
-    for f in range(v0.shape[1]):
-        for j in range(1, STEPS - 1):
-            below = max(float(v0[:j, f].max()), float(v1[:, f].max()))
-            if v0[j, f] - below > 2 * margin:
-                return f, j, (float(v0[j, f]) + below) / 2
-    return None
-
-
 @pytest.fixture(scope="module")
 def stop_setup(steer_server, tiny, sae, start_server, token_file, tmp_path_factory):
     """(stop server, base generations, j): prompt 0 stops at decode j + 1."""
@@ -64,7 +51,7 @@ def stop_setup(steer_server, tiny, sae, start_server, token_file, tmp_path_facto
         base.append(ids)
         h0 = reference.llama_forward(weights, p + ids)["hidden"][LAYER]
         values.append(np.maximum(h0 @ w_dec.T + B_ENC, 0.0)[len(p):])
-    picked = pick_stop(values)
+    picked = reference.pick_stop(values, STEPS, MARGIN)
     assert picked is not None, "no feature of the SAE gives a stop the test can predict"
     feature, j, threshold = picked
     print(f"feature {feature}: prompt 0 crosses {threshold:.6f} at generated token {j}")
