@@ -51,6 +51,8 @@ fn openai_client_against_the_server() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let root = root.canonicalize().expect("the workspace root");
     let lib = build_host_library(&root);
+    // The embeddings tests convert all-MiniLM-L6-v2: fetched here on a machine that has no copy.
+    let minilm = tiller_minilm::provision::model_dir().expect("all-MiniLM-L6-v2");
     let target = lib
         .parent()
         .and_then(Path::parent)
@@ -76,6 +78,7 @@ fn openai_client_against_the_server() {
         .env("TILLER_LIB", target.join("debug/libtiller.so"))
         .env("TILLER_EXPORT", target.join("debug/tiller-export"))
         .env("TILLER_PYTHON", &python)
+        .env("TILLER_MINILM_DIR", &minilm)
         .status()
         .unwrap_or_else(|e| {
             panic!(

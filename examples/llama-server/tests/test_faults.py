@@ -21,6 +21,9 @@ from conftest import CONFIG, TOKEN, greedy, stream, wait_for, write_config
 
 LONG = 2000
 CTX = 2048
+# A generation the disconnect test leaves long before it could end, however fast the machine: the
+# faults server's context holds it.
+ENDLESS = 60000
 
 FRESH = """
 [[profile]]
@@ -50,7 +53,7 @@ def faults(start_server, sae, token_file, tmp_path_factory):
     of one, the admin endpoints on."""
     folder = tmp_path_factory.mktemp("faults")
     cfg = write_config(folder, sae[0])
-    s = start_server(cfg, parallel=2, ctx=CTX, extra=["--queue", "1", "--admin-token-file", token_file])
+    s = start_server(cfg, parallel=2, ctx=ENDLESS + 16, extra=["--queue", "1", "--admin-token-file", token_file])
     yield s, cfg, sae[0]
     s.close()
 
@@ -107,15 +110,19 @@ def test_a_client_that_goes_away_frees_its_sequence(faults):
     server, _, _ = faults
     before = server.metric("tiller_server_finished_total", endpoint="completions", finish_reason="disconnected")
     with httpx2.Client(base_url=server.url, timeout=60) as c:
-        with c.stream("POST", "/v1/completions", json=greedy(LONG, prompt=[1, 72, 105], stream=True)) as r:
+        with c.stream("POST", "/v1/completions", json=greedy(ENDLESS, prompt=[1, 72, 105], stream=True)) as r:
             assert r.status_code == 200
-            seen = 0
-            for line in r.iter_lines():
+            # The line iterator is kept until the client leaves: dropping it (as a `break` out of a
+            # for loop does) closes the connection at once.
+            lines = r.iter_lines()
+            seen = []
+            while len(seen) < 3:
+                line = next(lines)
                 if line.startswith("data:"):
-                    seen += 1
-                    if seen == 3:
-                        break
-            assert server.gauge("tiller_server_running_sequences") == 1, "the generation ended before the client left"
+                    seen.append(line)
+            assert server.gauge("tiller_server_running_sequences") == 1, (
+                f"the generation ended before the client left: {seen}\n{server.log()}")
+            lines.close()
     server.wait_metric("tiller_server_finished_total", before + 1, endpoint="completions", finish_reason="disconnected")
     server.wait_metric("tiller_server_running_sequences", 0)
     # The server goes on serving.
