@@ -563,12 +563,11 @@ impl Engine {
             };
             tracing::error!("decode of {n} tokens failed: {msg}");
             for s in 0..self.slots.len() {
-                if self.slots[s].as_ref().is_some_and(|sl| sl.in_batch) {
-                    if let Some(sl) = &self.slots[s] {
-                        let _ = sl.job.tx.send(Out::Failed(msg.clone()));
-                    }
-                    self.finish(s, "error");
-                }
+                let Some(sl) = self.slots[s].as_ref().filter(|sl| sl.in_batch) else {
+                    continue;
+                };
+                let _ = sl.job.tx.send(Out::Failed(msg.clone()));
+                self.finish(s, "error");
             }
             return;
         }

@@ -327,6 +327,7 @@ struct Shape {
     token_ids: bool,
     tokens_as_ids: bool,
     include_usage: bool,
+    /// The prompt's tokens when `token_ids` asks for them (else empty).
     prompt_tokens: Vec<i32>,
 }
 
@@ -452,7 +453,11 @@ async fn generate(
         token_ids: common.return_token_ids == Some(true),
         tokens_as_ids: common.return_tokens_as_token_ids == Some(true),
         include_usage: checked.include_usage,
-        prompt_tokens: prompt.clone(),
+        prompt_tokens: if common.return_token_ids == Some(true) {
+            prompt.clone()
+        } else {
+            Vec::new()
+        },
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let job = Job {
