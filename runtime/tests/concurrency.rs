@@ -403,9 +403,12 @@ fn every_scrape_counts_every_ended_step_once() {
         String::from_utf8(buf).unwrap()
     };
     let stop = Arc::new(AtomicBool::new(false));
+    // The steppers start once the scraper has scraped: on a loaded machine they could otherwise
+    // all finish before its thread first ran, and nothing would be scraped while they stepped.
+    let started = Arc::new(std::sync::Barrier::new(THREADS as usize + 1));
     // Scrapes and reloads while the threads step: counts only grow.
     let scraper = {
-        let (rt, stop, cfg) = (rt.clone(), stop.clone(), cfg.clone());
+        let (rt, stop, cfg, started) = (rt.clone(), stop.clone(), cfg.clone(), started.clone());
         std::thread::spawn(move || {
             let mut last = 0.0;
             let mut scrapes = 0;
@@ -416,6 +419,9 @@ fn every_scrape_counts_every_ended_step_once() {
                 assert!(n >= last, "a count went down: {last} then {n}");
                 last = n;
                 scrapes += 1;
+                if scrapes == 1 {
+                    started.wait();
+                }
                 if scrapes % 8 == 0 {
                     rt.reload(Some(&cfg)).unwrap();
                 }
@@ -425,8 +431,9 @@ fn every_scrape_counts_every_ended_step_once() {
     };
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let rt = rt.clone();
+            let (rt, started) = (rt.clone(), started.clone());
             std::thread::spawn(move || {
+                started.wait();
                 rt.begin_request(t + 1, None, None).unwrap();
                 for s in 0..STEPS {
                     let mut x = input(t, s);
